@@ -1,0 +1,34 @@
+# Set-up and entry points.  `make demo` and `make test` each create the virtual environment when it
+# is missing and install what they need; nothing else has to be installed by hand.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.rcengine-installed
+# Without a GPU, install the CPU build of torch first: a bare `torch` requirement pulls a
+# multi-GB CUDA build.  On our CPU machines torch 2.13.0 is a CPU build on local disk.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || { \
+	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
+	  else $(PY) -m pip install -q "$(TORCH_CPU)"; fi; }
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(VENV)/bin/rcengine info
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/attention_error.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

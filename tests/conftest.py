@@ -1,0 +1,37 @@
+"""Shared fixtures: fresh random inputs each run (the seed is printed, so a failure can be
+replayed with RCENGINE_TEST_SEED), and tolerances relative to plain PyTorch."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    seed = int(os.environ.get("RCENGINE_TEST_SEED", random.randrange(2**31)))
+    print(f"RCENGINE_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def plain_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """What plain PyTorch computes at the inputs' precision: softmax(q k^T / sqrt(d)) v, with
+    KV heads repeated for GQA.  ``q: (B, Hq, d)``, ``k, v: (B, Hkv, N, d)`` -> ``(B, Hq, d)``."""
+    g = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(g, dim=1)
+    v = v.repeat_interleave(g, dim=1)
+    p = torch.softmax(torch.einsum("bhd,bhnd->bhn", q, k) / math.sqrt(q.shape[-1]), dim=-1)
+    return torch.einsum("bhn,bhnd->bhd", p, v)
+
+
+def tolerance(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, factor: float = 8.0) -> float:
+    """``factor`` times plain PyTorch's max abs error against float64 at the inputs' precision,
+    floored at a few units in the last place of the largest value."""
+    ref = plain_attention(q.double(), k.double(), v.double())
+    err = (plain_attention(q, k, v).double() - ref).abs().max().item()
+    ulp = torch.finfo(q.dtype).eps * v.double().abs().max().item()
+    return factor * err + 4 * ulp
