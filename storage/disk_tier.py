@@ -1,0 +1,298 @@
+"""The disk tier: mid-region rows in a Zarr v3 store, read in whole blocks through a bounded cache.
+
+Layout (one store per sequence; see ``bench/disk_layout.py`` for the measurements behind it):
+
+- root group attributes: format, version, layout (layers, KV heads, head dim, dtype), block size;
+- ``L{layer}``: ``(Hkv, rows, 2, d)`` raw bits of the model's dtype, uncompressed, one chunk per
+  (KV head, block of ``block_tokens`` neighbouring tokens); attribute ``rows``;
+- ``P{layer}``: ``(rows,)`` int64 token positions.
+
+A gather reads every block that holds a requested row and is not cached, all at once (concurrent
+store reads), verifies each against its checksum (:mod:`.checked_store`), keeps it in an LRU cache
+bounded in bytes, and copies out the rows asked for.  Appended rows wait in host memory until they
+fill a block, which is then written (only when the store is writable; a committed artifact is never
+modified, so rows appended to a reopened store stay in memory and are metered as tier ``cpu``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import FsspecStore, LocalStore
+
+from .block_cache import BlockCache
+from .checked_store import CheckedStore, Ledger
+from .meter import ByteMeter, Counters, process_disk_read_bytes
+from .rows import DTYPES_BY_NAME, dtype_name, from_raw_numpy, pack, raw_numpy_dtype, to_raw_numpy
+from .tier import TierLayout, check_append
+
+FORMAT = "rcengine-kv"
+VERSION = 1
+# 256 tokens a block: see bench/RESULTS.md (disk layout) for the sizes measured against each other.
+DEFAULT_BLOCK_TOKENS = 256
+DEFAULT_CACHE_BYTES = 256 << 20
+
+
+def open_store(location: str | Path, read_only: bool):  # noqa: ANN201 (a zarr Store)
+    """A local folder (the default) or any fsspec URL, e.g. ``memory://kv`` or ``s3://bucket/kv``."""
+    loc = str(location)
+    if "://" in loc and not loc.startswith("file://"):
+        return FsspecStore.from_url(loc, read_only=read_only)
+    return LocalStore(loc.removeprefix("file://"), read_only=read_only)
+
+
+class DiskTier:
+    name = "disk"
+
+    def __init__(
+        self,
+        store: CheckedStore,
+        layout: TierLayout,
+        block_tokens: int,
+        cache_bytes: int,
+        compute_device: torch.device | str,
+        meter: ByteMeter | None,
+        read_only: bool,
+    ) -> None:
+        self.store = store
+        self.layout = layout
+        self.block_tokens = block_tokens
+        self.cache = BlockCache(cache_bytes)
+        self.compute_device = torch.device(compute_device)
+        self.meter = meter if meter is not None else ByteMeter()
+        self.read_only = read_only
+        self._raw = raw_numpy_dtype(layout.dtype)
+        self._group = zarr.open_group(store, mode="r" if read_only else "r+")
+        self._arrays = [self._group[f"L{i}"] for i in range(layout.num_layers)]
+        self._pos_arrays = [self._group[f"P{i}"] for i in range(layout.num_layers)]
+        d, h = layout.head_dim, layout.num_kv_heads
+        self._flushed_blocks = [0] * layout.num_layers  # whole blocks held by the store
+        self._pending = [np.zeros((h, 0, 2, d), self._raw) for _ in range(layout.num_layers)]
+        self._positions: list[np.ndarray] = [np.zeros(0, np.int64) for _ in range(layout.num_layers)]
+        self._positions_written = [0] * layout.num_layers
+        for layer, arr in enumerate(self._arrays):
+            self._load_tail(layer, int(arr.attrs.get("rows", 0)))
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        location: str | Path,
+        layout: TierLayout,
+        block_tokens: int = DEFAULT_BLOCK_TOKENS,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        compute_device: torch.device | str = "cpu",
+        meter: ByteMeter | None = None,
+        overwrite: bool = False,
+    ) -> "DiskTier":
+        """A new, empty store at ``location`` (refused if one exists there, unless ``overwrite``)."""
+        if block_tokens < 1:
+            raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+        store = CheckedStore(open_store(location, read_only=False), Ledger(location=str(location)))
+        attrs = {
+            "format": FORMAT, "version": VERSION, "num_layers": layout.num_layers,
+            "num_kv_heads": layout.num_kv_heads, "head_dim": layout.head_dim,
+            "dtype": dtype_name(layout.dtype), "block_tokens": block_tokens,
+        }
+        try:
+            group = zarr.create_group(store, attributes=attrs, overwrite=overwrite)
+        except zarr.errors.ContainsGroupError as e:
+            raise FileExistsError(f"a store already exists at {location}: choose another location or overwrite it") from e
+        raw = raw_numpy_dtype(layout.dtype)
+        for layer in range(layout.num_layers):
+            group.create_array(
+                f"L{layer}", shape=(layout.num_kv_heads, 0, 2, layout.head_dim), dtype=raw,
+                chunks=(1, block_tokens, 2, layout.head_dim), compressors=None, fill_value=0,
+                attributes={"rows": 0},
+            )
+            group.create_array(f"P{layer}", shape=(0,), dtype=np.int64, chunks=(65536,), compressors=None, fill_value=0)
+        return cls(store, layout, block_tokens, cache_bytes, compute_device, meter, read_only=False)
+
+    @classmethod
+    def open(
+        cls,
+        location: str | Path,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        compute_device: torch.device | str = "cpu",
+        meter: ByteMeter | None = None,
+        checksums: dict[str, str] | None = None,
+    ) -> "DiskTier":
+        """Reopen a store read-only.  With ``checksums`` (from an artifact's manifest) every object
+        read must match its checksum; without, nothing can be verified."""
+        ledger = Ledger(checksums=dict(checksums or {}), strict=checksums is not None, location=str(location))
+        store = CheckedStore(open_store(location, read_only=True), ledger)
+        try:
+            attrs = zarr.open_group(store, mode="r").attrs.asdict()
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"no KV store at {location}") from e
+        if attrs.get("format") != FORMAT:
+            raise ValueError(f"{location} is not an rcengine KV store (format {attrs.get('format')!r})")
+        if attrs.get("version") != VERSION:
+            raise ValueError(f"KV store {location} has format version {attrs.get('version')}, this rcengine reads {VERSION}")
+        layout = TierLayout(attrs["num_layers"], attrs["num_kv_heads"], attrs["head_dim"], DTYPES_BY_NAME[attrs["dtype"]])
+        return cls(store, layout, attrs["block_tokens"], cache_bytes, compute_device, meter, read_only=True)
+
+    def _load_tail(self, layer: int, rows: int) -> None:
+        """On open: whole blocks stay in the store; the last, partial block is read into memory."""
+        b = self.block_tokens
+        full = rows // b
+        self._flushed_blocks[layer] = full
+        if rows > full * b:
+            self._pending[layer] = np.ascontiguousarray(self._arrays[layer][:, full * b : rows])
+        self._positions[layer] = np.asarray(self._pos_arrays[layer][:rows], dtype=np.int64)
+        self._positions_written[layer] = rows
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        check_append(self.layout, layer, keys, values, positions)
+        self._pending[layer] = np.concatenate([self._pending[layer], to_raw_numpy(pack(keys, values))], axis=1)
+        self._positions[layer] = np.concatenate([self._positions[layer], positions.detach().cpu().numpy().astype(np.int64)])
+        if not self.read_only:
+            self._write_full_blocks(layer)
+
+    def _write_full_blocks(self, layer: int) -> None:
+        b = self.block_tokens
+        full = self._pending[layer].shape[1] // b
+        if full == 0:
+            return
+        arr = self._arrays[layer]
+        start = self._flushed_blocks[layer] * b
+        stop = start + full * b
+        if arr.shape[1] < stop:
+            arr.resize((arr.shape[0], stop, *arr.shape[2:]))
+        arr[:, start:stop] = self._pending[layer][:, : full * b]
+        self._pending[layer] = np.ascontiguousarray(self._pending[layer][:, full * b :])
+        for block in range(start // b, stop // b):
+            for head in range(self.layout.num_kv_heads):
+                self.cache.discard((layer, head, block))
+        self._flushed_blocks[layer] += full
+        arr.attrs["rows"] = max(int(arr.attrs.get("rows", 0)), stop)
+
+    def flush(self) -> None:
+        """Write everything appended so far, the last partial blocks and the positions included, so
+        that the store reopens with every row.  The partial blocks stay in memory too, so further
+        appends can complete them."""
+        if self.read_only:
+            raise PermissionError("this KV store was opened read-only; rows appended to it stay in memory")
+        b = self.block_tokens
+        for layer, arr in enumerate(self._arrays):
+            start = self._flushed_blocks[layer] * b
+            rows = start + self._pending[layer].shape[1]
+            if arr.shape[1] != rows:
+                arr.resize((arr.shape[0], rows, *arr.shape[2:]))
+            if rows > start:
+                arr[:, start:rows] = self._pending[layer]
+            arr.attrs["rows"] = rows
+            pos = self._pos_arrays[layer]
+            written = self._positions_written[layer]
+            if pos.shape[0] != rows:
+                pos.resize((rows,))
+            if rows > written:
+                pos[written:rows] = self._positions[layer][written:rows]
+            self._positions_written[layer] = rows
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def num_rows(self, layer: int) -> int:
+        return self._flushed_blocks[layer] * self.block_tokens + self._pending[layer].shape[1]
+
+    def positions(self, layer: int) -> np.ndarray:
+        return self._positions[layer]
+
+    def _chunk_key(self, layer: int, head: int, block: int) -> str:
+        arr = self._arrays[layer]
+        return f"{arr.path}/{arr.metadata.encode_chunk_key((head, block, 0, 0))}"
+
+    def _read_blocks(self, layer: int, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
+        """Read whole blocks ``(head, block)`` concurrently; each is verified by the store."""
+        if not wanted:
+            return {}
+        keys = [self._chunk_key(layer, h, b) for h, b in wanted]
+        proto = default_buffer_prototype()
+
+        async def fetch() -> list:
+            return await asyncio.gather(*(self.store.get(k, proto) for k in keys))
+
+        shape = (self.block_tokens, 2, self.layout.head_dim)
+        out = {}
+        for (h, b), buf, key in zip(wanted, sync(fetch()), keys, strict=True):
+            if buf is None:
+                raise FileNotFoundError(f"chunk {key!r} is missing from the KV store {self.store.ledger.location}")
+            out[(h, b)] = np.frombuffer(buf.to_bytes(), dtype=self._raw).reshape(shape)
+        return out
+
+    def gather(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ids: (Hkv, K)`` int64 row ids -> keys, values ``(Hkv, K, d)`` on the compute device."""
+        lay, b = self.layout, self.block_tokens
+        ids_np = ids.detach().cpu().numpy().astype(np.int64, copy=False)
+        h, k = ids_np.shape
+        n = self.num_rows(layer)
+        if ids_np.size and (ids_np.min() < 0 or ids_np.max() >= n):
+            raise IndexError(f"row ids must lie in 0..{n - 1} for layer {layer}, got {ids_np.min()}..{ids_np.max()}")
+        stored = self._flushed_blocks[layer] * b
+        plan, have, wanted = [], {}, []
+        for head in range(h):
+            sel = np.nonzero(ids_np[head] < stored)[0]
+            blocks = np.unique(ids_np[head, sel] // b)
+            plan.append((sel, blocks))
+            for block in blocks.tolist():
+                cached = self.cache.get((layer, head, block))
+                if cached is None:
+                    wanted.append((head, block))
+                else:
+                    have[(head, block)] = cached
+        disk_before, bytes_before = process_disk_read_bytes(), self.store.ledger.bytes_read
+        fetched = self._read_blocks(layer, wanted)
+        disk_after = process_disk_read_bytes()
+        for (head, block), arr in fetched.items():
+            self.cache.put((layer, head, block), arr)
+        have.update(fetched)
+
+        out = np.empty((h, k, 2, lay.head_dim), self._raw)
+        store_rows = 0
+        for head, (sel, blocks) in enumerate(plan):
+            idh = ids_np[head]
+            store_rows += sel.size
+            if sel.size:
+                order = sel[np.argsort(idh[sel] // b, kind="stable")]
+                starts = np.searchsorted(idh[order] // b, blocks)
+                for block, lo, hi in zip(blocks.tolist(), starts.tolist(), [*starts[1:].tolist(), order.size], strict=True):
+                    rows = order[lo:hi]
+                    out[head, rows] = have[(head, block)][idh[rows] - block * b]
+            rest = np.nonzero(idh >= stored)[0]
+            if rest.size:
+                out[head, rest] = self._pending[layer][head, idh[rest] - stored]
+
+        rb = lay.row_bytes
+        to_device = self.compute_device.type == "cuda"
+        disk_read = 0 if disk_before is None or disk_after is None else disk_after - disk_before
+        self.meter.record("disk", layer, Counters(
+            logical=store_rows * rb, physical=self.store.ledger.bytes_read - bytes_before,
+            h2d=store_rows * rb if to_device else 0, disk_read=disk_read,
+            cache_hits=sum(len(bl) for _, bl in plan) - len(wanted), cache_misses=len(wanted),
+            rows=store_rows, gathers=1,
+        ))
+        memory_rows = h * k - store_rows
+        if memory_rows:
+            self.meter.record("cpu", layer, Counters(
+                logical=memory_rows * rb, physical=memory_rows * rb, h2d=memory_rows * rb if to_device else 0, rows=memory_rows,
+            ))
+        rows_t = from_raw_numpy(out, lay.dtype).to(self.compute_device)
+        return rows_t[:, :, 0], rows_t[:, :, 1]
+
+    @property
+    def checksums(self) -> dict[str, str]:
+        """Checksum of every object written to the store, by key (for an artifact's manifest)."""
+        return dict(self.store.ledger.checksums)
+
+    def close(self) -> None:
+        self.cache.clear()
+        self.store.close()

@@ -1,0 +1,171 @@
+"""The key index: one FAISS inner-product index per (layer, KV head).
+
+A search takes the G queries of a KV-head group and returns one merged set of K row ids, ranked by
+the largest score any query of the group gives a row.  The merge is exact for exact per-query
+search: a row of the group's true Top-K is in the Top-K of the query that scores it highest.
+
+Kinds: ``flat`` (exact, the default), ``ivf`` (nlist lists, nprobe searched; trained on the rows
+added before the first search), ``hnsw`` (M links, ef_search).  Row ids are the order rows were
+added, the same as the storage tiers' row ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import faiss
+import numpy as np
+import torch
+
+from .meter import ByteMeter
+
+IndexKind = Literal["flat", "ivf", "hnsw"]
+# FAISS wants at least 39 training points per IVF list; fewer lists are used for short contexts.
+_IVF_POINTS_PER_LIST = 39
+
+
+@dataclass(frozen=True, slots=True)
+class IndexSpec:
+    kind: IndexKind = "flat"
+    nlist: int = 256
+    nprobe: int = 16
+    hnsw_m: int = 32
+    ef_search: int = 128
+    ef_construction: int = 80
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("flat", "ivf", "hnsw"):
+            raise ValueError(f"index kind {self.kind!r} is unknown: use flat, ivf or hnsw")
+        if min(self.nlist, self.nprobe, self.hnsw_m, self.ef_search, self.ef_construction) < 1:
+            raise ValueError(f"index parameters must be positive: {self}")
+
+
+class KeyIndex:
+    """Indexes for every (layer, KV head) of one sequence."""
+
+    def __init__(self, spec: IndexSpec, num_layers: int, num_kv_heads: int, head_dim: int, meter: ByteMeter | None = None) -> None:
+        self.spec = spec
+        self.head_dim = head_dim
+        self.meter = meter if meter is not None else ByteMeter()
+        self._indexes = [[self._new() for _ in range(num_kv_heads)] for _ in range(num_layers)]
+        # IVF rows added before training, per (layer, head).
+        self._untrained: list[list[list[np.ndarray]]] = [[[] for _ in range(num_kv_heads)] for _ in range(num_layers)]
+
+    def _new(self) -> faiss.Index:
+        d = self.head_dim
+        if self.spec.kind == "hnsw":
+            index = faiss.IndexHNSWFlat(d, self.spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efConstruction = self.spec.ef_construction
+            return index
+        return faiss.IndexFlatIP(d)  # ivf: replaced by a trained IVF index before first search
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._indexes)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self._indexes[0])
+
+    def num_rows(self, layer: int, head: int = 0) -> int:
+        pending = sum(x.shape[0] for x in self._untrained[layer][head])
+        return self._indexes[layer][head].ntotal + pending
+
+    def add(self, layer: int, keys: torch.Tensor) -> None:
+        """Append rows: ``keys: (Hkv, n, d)`` (any float dtype; searched in float32)."""
+        if keys.shape[0] != self.num_kv_heads or keys.shape[-1] != self.head_dim:
+            raise ValueError(f"keys of shape {tuple(keys.shape)} do not fit {self.num_kv_heads} KV heads of dim {self.head_dim}")
+        x = keys.detach().to("cpu", torch.float32).numpy()
+        for head in range(self.num_kv_heads):
+            rows = np.ascontiguousarray(x[head])
+            if self.spec.kind == "ivf" and not self._is_trained(layer, head):
+                self._untrained[layer][head].append(rows)
+            else:
+                self._indexes[layer][head].add(rows)
+
+    def _is_trained(self, layer: int, head: int) -> bool:
+        return isinstance(self._indexes[layer][head], faiss.IndexIVFFlat)
+
+    def _train(self, layer: int, head: int) -> None:
+        parts = self._untrained[layer][head]
+        rows = np.concatenate(parts) if parts else np.zeros((0, self.head_dim), np.float32)
+        nlist = max(1, min(self.spec.nlist, rows.shape[0] // _IVF_POINTS_PER_LIST))
+        quantizer = faiss.IndexFlatIP(self.head_dim)
+        index = faiss.IndexIVFFlat(quantizer, self.head_dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        if rows.shape[0]:
+            index.train(rows)
+            index.add(rows)
+        else:
+            index.train(np.zeros((1, self.head_dim), np.float32))
+        index.nprobe = min(self.spec.nprobe, nlist)
+        self._indexes[layer][head] = index
+        self._untrained[layer][head] = []
+
+    def search(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``queries: (Hkv, G, d)`` -> ``ids: (Hkv, k)`` int64 and ``valid: (Hkv, k)`` bool.
+
+        Ids are best first; where fewer than ``k`` rows were found the rest are 0 and invalid."""
+        q = queries.detach().to("cpu", torch.float32).numpy()
+        h, g, _ = q.shape
+        ids = np.zeros((h, k), np.int64)
+        valid = np.zeros((h, k), bool)
+        if k == 0:
+            return torch.from_numpy(ids), torch.from_numpy(valid)
+        for head in range(h):
+            if self.spec.kind == "ivf" and not self._is_trained(layer, head):
+                self._train(layer, head)
+            index = self._indexes[layer][head]
+            if index.ntotal == 0:
+                continue
+            kk = min(k, index.ntotal)
+            scores, found, vectors = self._search(index, np.ascontiguousarray(q[head]), kk)
+            merged = merge_group(scores, found, k)
+            ids[head, : merged.size] = merged
+            valid[head, : merged.size] = True
+            self.meter.record_index(layer, vectors * self.head_dim * 4, vectors)
+        return torch.from_numpy(ids), torch.from_numpy(valid)
+
+    def _search(self, index: faiss.Index, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Scores and ids ``(G, k)``, and the number of key vectors touched (FAISS's counters)."""
+        if isinstance(index, faiss.IndexIVFFlat):
+            faiss.cvar.indexIVF_stats.reset()
+            scores, found = index.search(q, k)
+            return scores, found, int(faiss.cvar.indexIVF_stats.ndis) + q.shape[0] * index.nlist
+        if isinstance(index, faiss.IndexHNSWFlat):
+            index.hnsw.efSearch = max(self.spec.ef_search, k)
+            faiss.cvar.hnsw_stats.reset()
+            scores, found = index.search(q, k)
+            return scores, found, int(faiss.cvar.hnsw_stats.ndis)
+        scores, found = index.search(q, k)
+        return scores, found, index.ntotal  # a flat search reads every key once for the group
+
+    # -- persistence --------------------------------------------------------------------------
+
+    def serialize(self, layer: int, head: int) -> bytes:
+        if self.spec.kind == "ivf" and not self._is_trained(layer, head):
+            self._train(layer, head)
+        return faiss.serialize_index(self._indexes[layer][head]).tobytes()
+
+    def load(self, layer: int, head: int, data: bytes) -> None:
+        """Replace one index by a serialised one (its bytes must come from a verified source)."""
+        index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        if index.d != self.head_dim:
+            raise ValueError(f"serialised index has dim {index.d}, expected {self.head_dim}")
+        if isinstance(index, faiss.IndexIVFFlat):
+            index.nprobe = min(self.spec.nprobe, index.nlist)
+        self._indexes[layer][head] = index
+        self._untrained[layer][head] = []
+
+
+def merge_group(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """``scores, ids: (G, k')`` per-query results (-1 = none) -> up to ``k`` distinct ids ranked
+    by their best score over the group, best first."""
+    s, i = scores.reshape(-1), ids.reshape(-1)
+    keep = i >= 0
+    s, i = s[keep], i[keep]
+    order = np.argsort(-s, kind="stable")
+    s, i = s[order], i[order]
+    _, first = np.unique(i, return_index=True)  # first occurrence = best score of that id
+    first.sort()
+    return i[first][:k]

@@ -1,0 +1,172 @@
+"""The tier protocol, and the two in-memory tiers (compute device, host memory).
+
+A tier holds the offloaded mid-region rows of one sequence, for every layer: per layer, row ``i``
+is the ``i``-th token written, for every KV head.  Shapes:
+
+- ``append(layer, keys, values, positions)``: ``keys, values: (Hkv, n, d)``, ``positions: (n,)``
+  the tokens' positions in the sequence.  The prefill writes its mid rows this way, chunk by
+  chunk; tokens spilled from the tail later are appended the same way.
+- ``gather(layer, ids) -> (keys, values)``: ``ids: (Hkv, K)`` row ids per KV head (each head its
+  own set) -> ``(Hkv, K, d)`` each, on the compute device, bit-identical to what was written, in
+  the order asked.  Every gather is metered.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from .meter import ByteMeter, Counters
+from .rows import check_dtype, pack, row_bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TierLayout:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        check_dtype(self.dtype)
+        if min(self.num_layers, self.num_kv_heads, self.head_dim) < 1:
+            raise ValueError(f"layout sizes must be positive: {self}")
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one token's key + value for one KV head."""
+        return row_bytes(self.head_dim, self.dtype)
+
+
+@runtime_checkable
+class KVTier(Protocol):
+    name: str
+    layout: TierLayout
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None: ...
+
+    def gather(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def num_rows(self, layer: int) -> int: ...
+
+    def positions(self, layer: int) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+def check_append(layout: TierLayout, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+    if not 0 <= layer < layout.num_layers:
+        raise IndexError(f"layer {layer} is outside 0..{layout.num_layers - 1}")
+    h, _, d = keys.shape
+    if (h, d) != (layout.num_kv_heads, layout.head_dim) or keys.dtype != layout.dtype:
+        raise ValueError(
+            f"rows of shape {tuple(keys.shape)} {keys.dtype} do not fit the tier's layout "
+            f"({layout.num_kv_heads} KV heads, head dim {layout.head_dim}, {layout.dtype})"
+        )
+    if positions.shape != (keys.shape[1],):
+        raise ValueError(f"{keys.shape[1]} rows need {keys.shape[1]} positions, got shape {tuple(positions.shape)}")
+
+
+class MemoryTier:
+    """Rows in one tensor per layer, ``(Hkv, capacity, 2, d)``, on the compute device (tier
+    "device") or in host memory (tier "cpu").  Host memory is pinned when CUDA is present; the GPU
+    then reads the rows it needs straight from host memory (zero-copy, through a device view of the
+    pinned buffer) when cupy is installed, else rows are selected on the CPU and copied."""
+
+    def __init__(
+        self,
+        name: str,
+        layout: TierLayout,
+        storage_device: torch.device | str,
+        compute_device: torch.device | str = "cpu",
+        meter: ByteMeter | None = None,
+        initial_capacity: int = 1024,
+    ) -> None:
+        self.name = name
+        self.layout = layout
+        self.storage_device = torch.device(storage_device)
+        self.compute_device = torch.device(compute_device)
+        self.meter = meter if meter is not None else ByteMeter()
+        self._pinned = self.storage_device.type == "cpu" and self.compute_device.type == "cuda"
+        self._zero_copy = self._pinned and importlib.util.find_spec("cupy") is not None
+        self._rows: list[torch.Tensor] = [self._alloc(initial_capacity) for _ in range(layout.num_layers)]
+        self._views: list[torch.Tensor | None] = [self._device_view(r) for r in self._rows]
+        self._n = [0] * layout.num_layers
+        self._positions: list[list[np.ndarray]] = [[] for _ in range(layout.num_layers)]
+
+    def _alloc(self, capacity: int) -> torch.Tensor:
+        lay = self.layout
+        t = torch.empty(lay.num_kv_heads, capacity, 2, lay.head_dim, dtype=lay.dtype, device=self.storage_device)
+        return t.pin_memory() if self._pinned else t
+
+    def _device_view(self, host: torch.Tensor) -> torch.Tensor | None:
+        """A CUDA tensor aliasing the pinned host buffer (UVA), or None."""
+        if not self._zero_copy:
+            return None
+        import cupy
+
+        nbytes = host.numel() * host.element_size()
+        mem = cupy.cuda.UnownedMemory(host.data_ptr(), nbytes, owner=host, device_id=self.compute_device.index or 0)
+        arr = cupy.ndarray((nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
+        return torch.from_dlpack(arr).view(host.dtype).view(host.shape)
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        check_append(self.layout, layer, keys, values, positions)
+        n, m = self._n[layer], keys.shape[1]
+        if n + m > self._rows[layer].shape[1]:
+            grown = self._alloc(max(2 * self._rows[layer].shape[1], n + m))
+            grown[:, :n].copy_(self._rows[layer][:, :n])
+            self._rows[layer] = grown
+            self._views[layer] = self._device_view(grown)
+        self._rows[layer][:, n : n + m].copy_(pack(keys, values))
+        self._n[layer] = n + m
+        self._positions[layer].append(positions.detach().cpu().numpy().astype(np.int64))
+
+    def gather(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ids: (Hkv, K)`` int64 row ids (< num_rows) -> keys, values ``(Hkv, K, d)``."""
+        lay = self.layout
+        rows = self._rows[layer]
+        h, k = ids.shape
+        cap = rows.shape[1]
+        src = self._views[layer] if self._views[layer] is not None else rows
+        offsets = torch.arange(h, device=src.device)[:, None] * cap
+        flat = (ids.to(src.device) + offsets).reshape(-1)  # (Hkv K,)
+        out = src.view(h * cap, 2 * lay.head_dim).index_select(0, flat)
+        out = out.view(h, k, 2, lay.head_dim).to(self.compute_device, non_blocking=True)
+        nbytes = h * k * lay.row_bytes
+        crossed = nbytes if self.compute_device.type == "cuda" and self.storage_device.type == "cpu" else 0
+        self.meter.record(self.name, layer, Counters(logical=nbytes, physical=nbytes, h2d=crossed, rows=h * k, gathers=1))
+        return out[:, :, 0], out[:, :, 1]
+
+    def num_rows(self, layer: int) -> int:
+        return self._n[layer]
+
+    def positions(self, layer: int) -> np.ndarray:
+        parts = self._positions[layer]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def rows(self, layer: int) -> torch.Tensor:
+        """All rows of ``layer``, ``(Hkv, n, 2, d)`` (unmetered; for persisting)."""
+        return self._rows[layer][:, : self._n[layer]]
+
+    @property
+    def zero_copy(self) -> bool:
+        return self._zero_copy
+
+    def close(self) -> None:
+        self._rows = []
+        self._views = []
+
+
+def device_tier(layout: TierLayout, device: torch.device | str, meter: ByteMeter | None = None) -> MemoryTier:
+    """Everything on the compute device (offload target ``device``)."""
+    return MemoryTier("device", layout, device, device, meter)
+
+
+def host_tier(layout: TierLayout, compute_device: torch.device | str = "cpu", meter: ByteMeter | None = None) -> MemoryTier:
+    """Host memory (offload target ``cpu``): pinned and read zero-copy when CUDA is present."""
+    return MemoryTier("cpu", layout, "cpu", compute_device, meter)

@@ -1,0 +1,187 @@
+"""One contract for every tier: exact gathers, appends, positions, and exact meter counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from rcengine.storage import ByteMeter, DiskTier, TierLayout, device_tier, host_tier
+
+LAYOUT = TierLayout(num_layers=2, num_kv_heads=3, head_dim=8, dtype=torch.bfloat16)
+BLOCK = 16
+
+
+def _make(kind, tmp_path, meter):
+    if kind == "device":
+        return device_tier(LAYOUT, "cpu", meter)
+    if kind == "cpu":
+        return host_tier(LAYOUT, "cpu", meter)
+    if kind == "disk":
+        return DiskTier.create(tmp_path / "kv.zarr", LAYOUT, block_tokens=BLOCK, cache_bytes=1 << 20, meter=meter)
+    if kind == "disk-nocache":
+        return DiskTier.create(tmp_path / "kv.zarr", LAYOUT, block_tokens=BLOCK, cache_bytes=0, meter=meter)
+    if kind == "disk-url":
+        return DiskTier.create(f"memory://{tmp_path.name}/kv.zarr", LAYOUT, block_tokens=BLOCK, meter=meter)
+    raise AssertionError(kind)
+
+
+TIERS = ["device", "cpu", "disk", "disk-nocache", "disk-url"]
+
+
+def _fill(tier, gen, sizes=(37, 5, 64, 1, 23)):
+    """Append chunks to every layer; return the reference rows ``(L, Hkv, n, 2, d)``."""
+    refs = []
+    for layer in range(LAYOUT.num_layers):
+        ks, vs = [], []
+        pos = 0
+        for n in sizes:
+            k = torch.randn(3, n, 8, generator=gen).to(torch.bfloat16)
+            v = torch.randn(3, n, 8, generator=gen).to(torch.bfloat16)
+            tier.append(layer, k, v, torch.arange(pos, pos + n) * 2 + layer)
+            pos += n
+            ks.append(k)
+            vs.append(v)
+        refs.append(torch.stack([torch.cat(ks, 1), torch.cat(vs, 1)], dim=2))
+    return refs
+
+
+def _bits(t):
+    return t.contiguous().view(torch.int16)
+
+
+@pytest.mark.parametrize("kind", TIERS)
+def test_gather_is_exact_and_ordered(kind, tmp_path, gen):
+    tier = _make(kind, tmp_path, ByteMeter())
+    refs = _fill(tier, gen)
+    n = sum((37, 5, 64, 1, 23))
+    for layer in range(2):
+        assert tier.num_rows(layer) == n
+        np.testing.assert_array_equal(tier.positions(layer), np.arange(n) * 2 + layer)
+        ids = torch.randint(0, n, (3, 40), generator=gen)  # duplicates and any order
+        ids[0, :3] = torch.tensor([n - 1, 0, n - 1])
+        k, v = tier.gather(layer, ids)
+        assert k.shape == v.shape == (3, 40, 8) and k.dtype == torch.bfloat16
+        for h in range(3):
+            assert torch.equal(_bits(k[h]), _bits(refs[layer][h, ids[h], 0]))
+            assert torch.equal(_bits(v[h]), _bits(refs[layer][h, ids[h], 1]))
+    tier.close()
+
+
+@pytest.mark.parametrize("kind", ["device", "cpu"])
+def test_memory_tier_meter_is_exact(kind, tmp_path, gen):
+    meter = ByteMeter()
+    tier = _make(kind, tmp_path, meter)
+    _fill(tier, gen)
+    tier.gather(1, torch.randint(0, 100, (3, 7), generator=gen))
+    meter.next_step()
+    tier.gather(0, torch.randint(0, 100, (3, 5), generator=gen))
+    rb = 2 * 8 * 2
+    assert meter.totals(tier=kind, step=0).logical == 3 * 7 * rb
+    assert meter.totals(tier=kind, layer=0).physical == 3 * 5 * rb
+    assert meter.totals().rows == 3 * 12
+    s = meter.summary()
+    assert s["by_tier"][kind]["logical"] == 3 * 12 * rb
+    assert [p["step"] for p in s["per_step"]] == [0, 1]
+
+
+def test_disk_meter_counts_whole_blocks_and_cache_hits(tmp_path, gen):
+    meter = ByteMeter()
+    tier = _make("disk", tmp_path, meter)
+    _fill(tier, gen, sizes=(100,))  # 6 whole blocks of 16 in the store, 4 rows pending in memory
+    block_bytes = BLOCK * 2 * 8 * 2
+    ids = torch.tensor([[0, 1, 17, 97], [40, 40, 41, 99], [95, 3, 20, 60]])
+    tier.gather(0, ids)
+    # Distinct (head, block) pairs read: h0 {0, 1}, h1 {2}, h2 {5, 0, 1, 3} -> 7 blocks.
+    disk = meter.totals(tier="disk")
+    assert (disk.cache_misses, disk.cache_hits) == (7, 0)
+    assert disk.physical == 7 * block_bytes
+    assert disk.logical == 10 * 32  # rows 97 and 99 are past the last whole block (96)
+    assert meter.totals(tier="cpu").logical == 2 * 32
+    meter.next_step()
+    tier.gather(0, ids)
+    again = meter.totals(tier="disk", step=1)
+    assert (again.cache_misses, again.cache_hits, again.physical) == (0, 7, 0)
+
+
+def test_disk_cache_stays_in_bound(tmp_path, gen):
+    block_bytes = BLOCK * 2 * 8 * 2
+    tier = DiskTier.create(tmp_path / "kv.zarr", LAYOUT, block_tokens=BLOCK, cache_bytes=3 * block_bytes)
+    refs = _fill(tier, gen, sizes=(160,))
+    for _ in range(10):
+        ids = torch.randint(0, 160, (3, 6), generator=gen)
+        k, _ = tier.gather(1, ids)
+        assert tier.cache.nbytes <= 3 * block_bytes
+        assert torch.equal(_bits(k[2]), _bits(refs[1][2, ids[2], 0]))
+    assert tier.cache.peak_bytes <= 3 * block_bytes
+
+
+def test_disk_reopen_and_append_to_read_only(tmp_path, gen):
+    meter = ByteMeter()
+    tier = _make("disk", tmp_path, meter)
+    refs = _fill(tier, gen)
+    tier.flush()
+    checksums = tier.checksums
+    tier.close()
+    again = DiskTier.open(tmp_path / "kv.zarr", checksums=checksums, meter=meter)
+    n = again.num_rows(0)
+    assert n == 130
+    ids = torch.arange(n).repeat(3, 1)
+    k, v = again.gather(0, ids)
+    assert torch.equal(_bits(k), _bits(refs[0][:, :, 0]))
+    # A reopened store is never modified: new rows stay in memory and are served from there.
+    extra_k = torch.randn(3, 20, 8, generator=gen).to(torch.bfloat16)
+    again.append(0, extra_k, extra_k, torch.arange(20))
+    k2, _ = again.gather(0, torch.tensor([[n + 19], [n], [1]]))
+    assert torch.equal(_bits(k2[0, 0]), _bits(extra_k[0, 19]))
+    with pytest.raises(PermissionError):
+        again.flush()
+    assert DiskTier.open(tmp_path / "kv.zarr", checksums=checksums).num_rows(0) == 130
+
+
+def test_disk_flush_then_more_rows(tmp_path, gen):
+    """Flushing a partial block and appending more rewrites that block correctly."""
+    tier = _make("disk", tmp_path, ByteMeter())
+    ka = torch.randn(3, 10, 8, generator=gen).to(torch.bfloat16)
+    kb = torch.randn(3, 30, 8, generator=gen).to(torch.bfloat16)
+    for layer in range(2):
+        tier.append(layer, ka, ka, torch.arange(10))
+    tier.flush()
+    for layer in range(2):
+        tier.append(layer, kb, kb, torch.arange(10, 40))
+    tier.flush()
+    reopened = DiskTier.open(tmp_path / "kv.zarr", checksums=tier.checksums)
+    k, _ = reopened.gather(1, torch.arange(40).repeat(3, 1))
+    assert torch.equal(_bits(k), _bits(torch.cat([ka, kb], 1)))
+
+
+@pytest.mark.parametrize("kind", TIERS)
+def test_bad_input_is_refused(kind, tmp_path, gen):
+    tier = _make(kind, tmp_path, ByteMeter())
+    with pytest.raises(ValueError, match="layout"):
+        tier.append(0, torch.zeros(2, 4, 8, dtype=torch.bfloat16), torch.zeros(2, 4, 8, dtype=torch.bfloat16), torch.arange(4))
+    with pytest.raises(ValueError, match="positions"):
+        tier.append(0, torch.zeros(3, 4, 8, dtype=torch.bfloat16), torch.zeros(3, 4, 8, dtype=torch.bfloat16), torch.arange(3))
+    with pytest.raises(IndexError):
+        tier.append(5, torch.zeros(3, 4, 8, dtype=torch.bfloat16), torch.zeros(3, 4, 8, dtype=torch.bfloat16), torch.arange(4))
+
+
+def test_disk_refuses_out_of_range_ids_and_existing_store(tmp_path, gen):
+    tier = _make("disk", tmp_path, ByteMeter())
+    _fill(tier, gen, sizes=(20,))
+    with pytest.raises(IndexError, match="row ids"):
+        tier.gather(0, torch.tensor([[0], [20], [1]]))
+    with pytest.raises(FileExistsError):
+        DiskTier.create(tmp_path / "kv.zarr", LAYOUT)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_other_dtypes_round_trip(tmp_path, gen, dtype):
+    layout = TierLayout(1, 2, 4, dtype)
+    tier = DiskTier.create(tmp_path / "kv.zarr", layout, block_tokens=4)
+    k = torch.randn(2, 9, 4, generator=gen).to(dtype)
+    tier.append(0, k, -k, torch.arange(9))
+    tier.flush()
+    back = DiskTier.open(tmp_path / "kv.zarr", checksums=tier.checksums)
+    kk, vv = back.gather(0, torch.arange(9).repeat(2, 1))
+    assert kk.dtype == dtype and torch.equal(kk, k) and torch.equal(vv, -k)
