@@ -64,6 +64,11 @@ def _fs(location: str | Path) -> tuple[fsspec.AbstractFileSystem, str, bool]:
     return fs, (str(Path(path).resolve()) if local else path), local
 
 
+def _join(fs: fsspec.AbstractFileSystem, root: str, name: str, local: bool) -> str:
+    path = f"{root}/{name}"
+    return path if local else fs.unstrip_protocol(path)
+
+
 def _fsync_tree(root: Path) -> None:
     for dirpath, _, files in os.walk(root):
         for name in files:
@@ -109,8 +114,8 @@ class ArtifactWriter:
 
     @property
     def kv_location(self) -> str:
-        """Where the KV store goes (create a DiskTier there)."""
-        return f"{self.root}/{KV_STORE}"
+        """Where the KV store goes (create a DiskTier there): a path, or a URL for remote ones."""
+        return _join(self.fs, self.root, KV_STORE, self.local)
 
     def put_bytes(self, name: str, data: bytes) -> None:
         if "/" in name or name in (MANIFEST, KV_STORE) or name.startswith("."):
@@ -224,7 +229,7 @@ class Artifact:
 
     @property
     def kv_location(self) -> str:
-        return f"{self.root}/{KV_STORE}"
+        return _join(self.fs, self.root, KV_STORE, isinstance(self.fs, LocalFileSystem))
 
     @property
     def kv_checksums(self) -> dict[str, str]:

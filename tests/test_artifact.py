@@ -230,6 +230,7 @@ def test_url_artifact_round_trip(tmp_path):
     url = f"memory://{tmp_path.name}/doc"
     ref = write_artifact(url)
     art = Artifact.open(url, expect_fingerprint=MODEL)
+    assert art.kv_location.startswith("memory://")  # never a local path
     tier = DiskTier.open(art.kv_location, checksums=art.kv_checksums)
     k, _ = tier.gather(0, torch.arange(50).repeat(2, 1))
     assert torch.equal(k.view(torch.int16), ref["k"][0].view(torch.int16))
