@@ -75,7 +75,8 @@ class MemoryTier:
     """Rows in one tensor per layer, ``(Hkv, capacity, 2, d)``, on the compute device (tier
     "device") or in host memory (tier "cpu").  Host memory is pinned when CUDA is present; the GPU
     then reads the rows it needs straight from host memory (zero-copy, through a device view of the
-    pinned buffer) when cupy is installed, else rows are selected on the CPU and copied."""
+    pinned buffer) when cupy is installed, else rows are selected on the CPU and copied
+    (``zero_copy=False`` forces that, for comparison)."""
 
     def __init__(
         self,
@@ -85,6 +86,7 @@ class MemoryTier:
         compute_device: torch.device | str = "cpu",
         meter: ByteMeter | None = None,
         initial_capacity: int = 1024,
+        zero_copy: bool | None = None,
     ) -> None:
         self.name = name
         self.layout = layout
@@ -92,7 +94,10 @@ class MemoryTier:
         self.compute_device = torch.device(compute_device)
         self.meter = meter if meter is not None else ByteMeter()
         self._pinned = self.storage_device.type == "cpu" and self.compute_device.type == "cuda"
-        self._zero_copy = self._pinned and importlib.util.find_spec("cupy") is not None
+        can = self._pinned and importlib.util.find_spec("cupy") is not None
+        if zero_copy and not can:
+            raise ValueError("zero-copy reads need pinned host memory, a CUDA compute device and cupy")
+        self._zero_copy = can if zero_copy is None else zero_copy
         self._rows: list[torch.Tensor] = [self._alloc(initial_capacity) for _ in range(layout.num_layers)]
         self._views: list[torch.Tensor | None] = [self._device_view(r) for r in self._rows]
         self._n = [0] * layout.num_layers
@@ -167,6 +172,9 @@ def device_tier(layout: TierLayout, device: torch.device | str, meter: ByteMeter
     return MemoryTier("device", layout, device, device, meter)
 
 
-def host_tier(layout: TierLayout, compute_device: torch.device | str = "cpu", meter: ByteMeter | None = None) -> MemoryTier:
+def host_tier(
+    layout: TierLayout, compute_device: torch.device | str = "cpu", meter: ByteMeter | None = None,
+    initial_capacity: int = 1024, zero_copy: bool | None = None,
+) -> MemoryTier:
     """Host memory (offload target ``cpu``): pinned and read zero-copy when CUDA is present."""
-    return MemoryTier("cpu", layout, "cpu", compute_device, meter)
+    return MemoryTier("cpu", layout, "cpu", compute_device, meter, initial_capacity, zero_copy)

@@ -185,3 +185,15 @@ def test_other_dtypes_round_trip(tmp_path, gen, dtype):
     back = DiskTier.open(tmp_path / "kv.zarr", checksums=tier.checksums)
     kk, vv = back.gather(0, torch.arange(9).repeat(2, 1))
     assert kk.dtype == dtype and torch.equal(kk, k) and torch.equal(vv, -k)
+
+
+def test_all_zero_blocks_are_stored_and_verified(tmp_path):
+    tier = DiskTier.create(tmp_path / "kv.zarr", LAYOUT, block_tokens=BLOCK)
+    zeros = torch.zeros(3, 40, 8, dtype=torch.bfloat16)
+    for layer in range(2):
+        tier.append(layer, zeros, zeros, torch.arange(40))
+    tier.flush()
+    reopened = DiskTier.open(tmp_path / "kv.zarr", checksums=tier.checksums)
+    k, v = reopened.gather(0, torch.arange(40).repeat(3, 1))
+    assert not k.any() and not v.any()
+    assert reopened.meter.totals(tier="disk").cache_misses == 3 * 2  # blocks 0 and 1 of 3 heads

@@ -1,0 +1,43 @@
+"""CUDA paths against the CPU reference (skipped on machines without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rcengine.engine import EstimatorSpec, LayerContext
+from rcengine.storage import TierLayout, host_tier
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.parametrize("zero_copy", [True, False])
+def test_host_tier_gathers_onto_the_gpu_exactly(gen, zero_copy):
+    pytest.importorskip("cupy") if zero_copy else None
+    lay = TierLayout(2, 4, 64, torch.bfloat16)
+    tier = host_tier(lay, "cuda", zero_copy=zero_copy)
+    k = torch.randn(4, 3000, 64, generator=gen).to(torch.bfloat16)
+    v = torch.randn(4, 3000, 64, generator=gen).to(torch.bfloat16)
+    tier.append(1, k[:, :1000], v[:, :1000], torch.arange(1000))
+    tier.append(1, k[:, 1000:], v[:, 1000:], torch.arange(1000, 3000))  # grows: a new view
+    assert tier.zero_copy is zero_copy
+    ids = torch.randint(0, 3000, (4, 256), generator=gen)
+    gk, gv = tier.gather(1, ids.cuda())
+    assert gk.is_cuda
+    for h in range(4):
+        assert torch.equal(gk[h].cpu().view(torch.int16), k[h, ids[h]].view(torch.int16))
+        assert torch.equal(gv[h].cpu().view(torch.int16), v[h, ids[h]].view(torch.int16))
+    assert tier.meter.totals().h2d == 4 * 256 * lay.row_bytes
+
+
+def test_attention_on_gpu_matches_cpu(gen):
+    q = torch.randn(1, 8, 64, generator=gen)
+    k = torch.randn(1, 2, 4096, 64, generator=gen)
+    v = torch.randn(1, 2, 4096, 64, generator=gen)
+    for kind in ("favor", "centroid"):
+        cpu = LayerContext.build(k, v, 4, 64, EstimatorSpec(kind, 32, seed=1))
+        gpu = LayerContext.build(k.cuda(), v.cuda(), 4, 64, EstimatorSpec(kind, 32, seed=1))
+        for method in ("dense", "topk", "rc"):
+            a = cpu.attend(q, method, 40)
+            b = gpu.attend(q.cuda(), method, 40).cpu()
+            assert torch.allclose(a, b, rtol=1e-3, atol=1e-4), (kind, method)
