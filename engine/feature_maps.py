@@ -186,3 +186,20 @@ def build_feature_map(
 
 def _layer_seed(seed: int, layer: int) -> int:
     return (seed * 1_000_003 + layer) % (2**63)
+
+
+def feature_map_tensors(fmap: FeatureMap) -> dict[str, torch.Tensor]:
+    """The tensors that define a map, for persisting (see :func:`feature_map_from_tensors`)."""
+    if isinstance(fmap, FavorFeatures):
+        return {"W": fmap.W}
+    if isinstance(fmap, CentroidFeatures):
+        return {"centroids": fmap.centroids}
+    raise TypeError(f"cannot persist a feature map of type {type(fmap).__name__}")
+
+
+def feature_map_from_tensors(kind: str, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> FeatureMap:
+    if kind == "favor":
+        return FavorFeatures(tensors["W"].to(device))
+    if kind == "centroid":
+        return CentroidFeatures(tensors["centroids"].to(device))
+    raise ValueError(f"estimator kind {kind!r} has no persisted form")

@@ -72,20 +72,24 @@ class ByteMeter:
         self._reads.clear()
         self._index.clear()
 
-    def totals(self, tier: str | None = None, layer: int | None = None, step: int | None = None) -> Counters:
-        """Sum of the counters that match every given key."""
+    def totals(self, tier: str | None = None, layer: int | None = None, step: int | None = None, since: int | None = None) -> Counters:
+        """Sum of the counters that match every given key (``since``: steps from that one on)."""
         out = Counters()
         for (t, l, s), c in self._reads.items():
-            if (tier is None or t == tier) and (layer is None or l == layer) and (step is None or s == step):
+            if (tier is None or t == tier) and (layer is None or l == layer) and _step_ok(s, step, since):
                 out.add(c)
         return out
 
-    def index_totals(self, layer: int | None = None, step: int | None = None) -> IndexCounters:
+    def index_totals(self, layer: int | None = None, step: int | None = None, since: int | None = None) -> IndexCounters:
         out = IndexCounters()
         for (l, s), c in self._index.items():
-            if (layer is None or l == layer) and (step is None or s == step):
+            if (layer is None or l == layer) and _step_ok(s, step, since):
                 out.add(c)
         return out
+
+    def tiers(self, since: int | None = None) -> list[str]:
+        """Tiers read from (at or after step ``since``)."""
+        return sorted({t for t, _, s in self._reads if _step_ok(s, None, since)})
 
     def summary(self) -> dict:
         """A plain, JSON-ready dict: run totals, by tier, by tier and layer, per step, selection."""
@@ -104,6 +108,10 @@ class ByteMeter:
             "index": asdict(self.index_totals()),
             "index_by_layer": {str(l): asdict(self.index_totals(layer=l)) for l in layers},
         }
+
+
+def _step_ok(s: int, step: int | None, since: int | None) -> bool:
+    return (step is None or s == step) and (since is None or s >= since)
 
 
 def process_disk_read_bytes() -> int | None:

@@ -1,0 +1,58 @@
+"""One typed configuration for the engine: method, budget, anchors, estimator, index, offload."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..storage import IndexSpec
+from ..storage.disk_tier import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES
+from .feature_maps import EstimatorSpec
+
+Method = Literal["dense", "sink-tail", "topk", "rc"]
+Offload = Literal["device", "cpu", "disk"]
+METHODS: tuple[str, ...] = ("dense", "sink-tail", "topk", "rc")
+OFFLOADS: tuple[str, ...] = ("device", "cpu", "disk")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """How a document is held and attended.
+
+    - ``method``: ``dense`` (every mid token read from the tier each step: the read-everything
+      baseline), ``sink-tail`` (anchors only), ``topk`` (anchors + Top-K), ``rc`` (Top-K +
+      completion).
+    - ``budget``: retrieved tokens as a fraction of the mid-region, in (0, 1].
+    - ``sink`` / ``tail``: anchor tokens kept on the device at the start / end of the prompt;
+      generated tokens join the tail, which spills its oldest ``spill`` tokens to the tier, the
+      index and the summary once it holds ``tail + spill``.
+    - ``offload``: where the mid-region lives: ``device``, ``cpu`` (host memory) or ``disk`` (Zarr
+      at ``store``, a temporary folder if None).
+    """
+
+    method: Method = "rc"
+    budget: float = 0.02
+    sink: int = 4
+    tail: int = 64
+    spill: int = 32
+    estimator: EstimatorSpec = field(default_factory=lambda: EstimatorSpec("centroid", num_features=64))
+    index: IndexSpec = field(default_factory=IndexSpec)
+    offload: Offload = "cpu"
+    store: str | None = None
+    block_tokens: int = DEFAULT_BLOCK_TOKENS
+    cache_bytes: int = DEFAULT_CACHE_BYTES
+    prefill_chunk: int = 1024
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method {self.method!r} is unknown: use one of {', '.join(METHODS)}")
+        if self.offload not in OFFLOADS:
+            raise ValueError(f"offload {self.offload!r} is unknown: use one of {', '.join(OFFLOADS)}")
+        if not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget}")
+        if self.sink < 0 or self.tail < 1 or self.spill < 1:
+            raise ValueError(f"need sink >= 0, tail >= 1 and spill >= 1, got {self.sink}, {self.tail}, {self.spill}")
+        if self.prefill_chunk < 1 or self.block_tokens < 1 or self.cache_bytes < 0:
+            raise ValueError("prefill_chunk and block_tokens must be >= 1 and cache_bytes >= 0")
+        if self.method == "rc" and self.estimator.kind == "none":
+            raise ValueError("method 'rc' needs an estimator (favor or centroid); use method 'topk' for none")

@@ -1,0 +1,106 @@
+"""The seam with transformers: everything that depends on its version lives here.
+
+rcengine plugs into transformers' own extension points, with no copy of model code:
+
+- an attention function registered as ``"rcengine"`` (``AttentionInterface``): it reads the
+  active :class:`RCCache` and computes prefill or decode attention with it;
+- a mask function registered under the same name (``AttentionMaskInterface``): it returns no mask,
+  since rcengine's attention applies causality itself;
+- our Cache (cache.py), passed as ``past_key_values``.
+
+Tested with transformers 5.17 (GPU machine) and 5.23 (PyPI); pyproject pins that range.  Outside
+an :func:`active` block the attention falls back to transformers' SDPA, so a model loaded with
+rcengine's attention still runs stock code paths (``model.generate``) unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+import torch
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from .cache import RCCache
+from .layer_attention import decode_attention, prefill_attention
+
+ATTN_IMPLEMENTATION = "rcengine"
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+_ACTIVE: ContextVar[RCCache | None] = ContextVar("rcengine_active_cache", default=None)
+
+
+@contextlib.contextmanager
+def active(cache: RCCache) -> Iterator[RCCache]:
+    """Within this block, the model's attention layers use ``cache``'s method."""
+    token = _ACTIVE.set(cache)
+    try:
+        yield cache
+    finally:
+        _ACTIVE.reset(token)
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):  # noqa: ANN001, ANN003, ANN202
+    """transformers attention interface: ``query (B, Hq, T, d)``, ``key/value (B, Hkv, T, d)``
+    (the new tokens only: our cache keeps the rest) -> ``((B, T, Hq, d), None)``."""
+    cache = _ACTIVE.get()
+    if cache is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if cache.phase == "prefill":
+        return prefill_attention(cache, module.layer_idx, query, scale), None
+    return decode_attention(cache, module.layer_idx, query, scale), None
+
+
+def _mask(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    """No mask while rcengine attends (it applies causality itself); SDPA's mask otherwise."""
+    if _ACTIVE.get() is not None:
+        return None
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> None:
+    """Register the attention and mask functions (idempotent)."""
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _attention)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _mask)
+
+
+def use_rcengine_attention(model: PreTrainedModel) -> None:
+    register()
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+def check_supported(config) -> None:  # noqa: ANN001 (a transformers PretrainedConfig)
+    """Refuse architectures rcengine does not handle, with the reason."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"model type {model_type!r} is not supported: rcengine runs rotary-attention decoders of the "
+            f"{', '.join(SUPPORTED_MODEL_TYPES)} families"
+        )
+    window = getattr(config, "sliding_window", None)
+    use_window = getattr(config, "use_sliding_window", window is not None)
+    if window is not None and use_window and window < getattr(config, "max_position_embeddings", window + 1):
+        raise ValueError(f"sliding-window attention (window {window}) is not supported: rcengine attends over the whole context")
+    heads, kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    if heads % kv:
+        raise ValueError(f"{heads} attention heads do not split into {kv} KV-head groups")
+
+
+def kv_shape(config) -> tuple[int, int, int]:  # noqa: ANN001
+    """(layers, KV heads, head dim) of a supported config."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    return config.num_hidden_layers, kv, head_dim
+
+
+def forward_logits(model: PreTrainedModel, input_ids: torch.Tensor, cache: RCCache, start: int) -> torch.Tensor:
+    """One forward over ``input_ids (1, T)`` at positions ``start..start+T-1`` under ``cache``;
+    -> logits of the last position ``(1, vocab)`` in float32."""
+    positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
+    with active(cache):
+        out = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1].float()

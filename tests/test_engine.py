@@ -1,0 +1,190 @@
+"""The engine on tiny Llama, Qwen2 and Mistral models against stock transformers decoding."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from rcengine.engine.config import EngineConfig
+from rcengine.engine.hf_integration import forward_logits
+from rcengine.engine.sampling import SamplingConfig
+from rcengine.engine.session import Engine
+from tiny_models import FAMILIES, save_tiny_model
+
+PROMPT_LEN, NEW = 300, 12
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {family: save_tiny_model(root / family, family) for family in FAMILIES}
+
+
+def _prompt(seed: int = 1, n: int = PROMPT_LEN) -> list[int]:
+    return torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _engine(path: Path, **kw) -> Engine:
+    base = {"sink": 4, "tail": 16, "spill": 4, "budget": 1.0}
+    return Engine.load(path, EngineConfig(**(base | kw)), show_progress=False)
+
+
+def _decode_logits(engine: Engine, ids: list[int], new: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy decoding through the engine, keeping every step's logits ``(new, vocab)``."""
+    doc = engine.prefill(ids)
+    logits, out, rows = doc.last_logits, [], []
+    with torch.no_grad():
+        for i in range(new):
+            rows.append(logits[0])
+            out.append(int(logits[0].argmax()))
+            logits = forward_logits(engine.lm.model, torch.tensor([[out[-1]]]), doc.cache, len(ids) + i)
+    spilled = doc.cache.state[0].spilled
+    assert doc.cache.tier.num_rows(0) == len(ids) - engine.config.sink - engine.config.tail + spilled
+    doc.close()
+    return out, torch.stack(rows), spilled
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("method", ["topk", "rc"])
+def test_full_budget_matches_stock_decoding(models, family, method):
+    engine = _engine(models[family], method=method)
+    ids = _prompt()
+    model = engine.lm.model
+    stock = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False)[0, PROMPT_LEN:].tolist()
+    ours, logits, spilled = _decode_logits(engine, ids, NEW)
+    assert ours == stock
+    assert spilled > 0  # the tail (16 + 4) overflowed and spilled into the tier, index and summary
+    with torch.no_grad():  # teacher-forced stock logits at the same positions
+        ref = model(torch.tensor([ids + ours])).logits[0, PROMPT_LEN - 1 : PROMPT_LEN - 1 + NEW].float()
+    assert torch.allclose(logits, ref, rtol=1e-4, atol=1e-4), (logits - ref).abs().max()
+    # generate() through the public API gives the same tokens (and spills: tail 16 + spill 4 < 12 new)
+    answer = engine.generate(ids, SamplingConfig(max_new_tokens=NEW))
+    assert answer.token_ids == stock
+
+
+def test_cpu_and_disk_offload_are_identical(models, tmp_path):
+    ids = _prompt(seed=3)
+    cpu = _decode_logits(_engine(models["llama"], method="rc", budget=0.05, offload="cpu"), ids, NEW)
+    disk = _decode_logits(_engine(models["llama"], method="rc", budget=0.05, offload="disk", store=str(tmp_path)), ids, NEW)
+    dev = _decode_logits(_engine(models["llama"], method="rc", budget=0.05, offload="device"), ids, NEW)
+    assert cpu[0] == disk[0] == dev[0]
+    assert torch.equal(cpu[1], disk[1]) and torch.equal(cpu[1], dev[1])
+    assert not list(tmp_path.iterdir())  # the scratch store is removed with its document
+
+
+@pytest.mark.parametrize("method", ["dense", "topk", "rc", "sink-tail"])
+def test_metered_bytes_match_the_layout(models, method):
+    engine = _engine(models["llama"], method=method, budget=0.1, offload="cpu")
+    doc = engine.prefill(_prompt(seed=5))
+    answer = doc.ask(_prompt(seed=6, n=7), SamplingConfig(max_new_tokens=5))
+    layers, heads, dim = engine.lm.kv_shape
+    mid = PROMPT_LEN - 4 - 16
+    per_row = 2 * dim * 4  # key + value, float32
+    retrieved = mid if method == "dense" else (0 if method == "sink-tail" else -(-mid // 10))
+    steps = answer.stats["decode_steps"]  # one forward per new token but the last (or all, ending at EOS)
+    assert answer.new_tokens - 1 <= steps <= answer.new_tokens
+    queries = 7 + steps
+    assert answer.stats["queries"] == queries
+    assert answer.stats["bytes"]["logical"] == layers * heads * retrieved * per_row * queries
+    assert answer.stats["bytes"]["by_tier"].get("cpu", {"physical": 0})["physical"] == answer.stats["bytes"]["logical"]
+    if method in ("topk", "rc"):  # a flat index reads every mid key once per query and KV head
+        assert answer.stats["bytes"]["index"] == layers * heads * mid * dim * 4 * queries
+    assert answer.stats["token_equivalent"]["support"] == pytest.approx(retrieved)
+
+
+def test_questions_leave_the_document_unchanged(models):
+    engine = _engine(models["qwen2"], method="rc", budget=0.05)
+    doc = engine.prefill(_prompt(seed=7))
+    q1, q2 = _prompt(seed=8, n=9), _prompt(seed=9, n=4)
+    a1 = doc.ask(q1, SamplingConfig(max_new_tokens=6))
+    doc.ask(q2, SamplingConfig(max_new_tokens=30))  # longer than tail + spill: nothing may spill
+    assert doc.cache.tier.num_rows(0) == PROMPT_LEN - 4 - 16
+    assert doc.ask(q1, SamplingConfig(max_new_tokens=6)).token_ids == a1.token_ids
+
+
+_REOPEN = textwrap.dedent(
+    """
+    import json, sys
+    from rcengine.engine.config import EngineConfig
+    from rcengine.engine.sampling import SamplingConfig
+    from rcengine.engine.session import Engine
+    engine = Engine.load(sys.argv[1], EngineConfig(method="rc", budget=0.05), show_progress=False)
+    doc = engine.open(sys.argv[2])
+    print(json.dumps(doc.ask(json.loads(sys.argv[3]), SamplingConfig(max_new_tokens=8)).token_ids))
+    """
+)
+
+
+def test_persisted_document_reopens_in_a_new_process(models, tmp_path):
+    engine = _engine(models["mistral"], method="rc", budget=0.05, offload="disk")
+    question = _prompt(seed=11, n=6)
+    doc = engine.prefill(_prompt(seed=10), store=tmp_path / "doc")
+    here = doc.ask(question, SamplingConfig(max_new_tokens=8)).token_ids
+    doc.close()
+    reopened = engine.open(tmp_path / "doc")
+    assert reopened.ask(question, SamplingConfig(max_new_tokens=8)).token_ids == here
+    out = subprocess.run([sys.executable, "-c", _REOPEN, str(models["mistral"]), str(tmp_path / "doc"), json.dumps(question)],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == here
+    # Reading starts from the store: no KV row was loaded at open.
+    assert reopened.meter.totals(step=0).logical == 0
+
+
+def test_persisted_from_cpu_offload_and_reopened_into_memory(models, tmp_path):
+    engine = _engine(models["llama"], method="topk", budget=0.05, offload="cpu")
+    question = _prompt(seed=13, n=5)
+    doc = engine.prefill(_prompt(seed=12), store=tmp_path / "doc")
+    here = doc.ask(question, SamplingConfig(max_new_tokens=6)).token_ids
+    for offload in ("disk", "cpu"):
+        assert engine.open(tmp_path / "doc", offload=offload).ask(question, SamplingConfig(max_new_tokens=6)).token_ids == here
+
+
+def test_store_made_by_another_model_is_refused(models, tmp_path):
+    from rcengine.storage import ModelMismatchError
+
+    _engine(models["llama"], offload="disk").prefill(_prompt(), store=tmp_path / "doc").close()
+    with pytest.raises(ModelMismatchError, match="llama.*qwen2"):
+        _engine(models["qwen2"]).open(tmp_path / "doc")
+
+
+def test_bad_input(models, tmp_path):
+    engine = _engine(models["llama"])
+    with pytest.raises(ValueError, match="exceed"):
+        engine.generate(_prompt(n=4090), SamplingConfig(max_new_tokens=10))
+    with pytest.raises(ValueError, match="empty"):
+        engine.prefill([])
+    with pytest.raises(ValueError, match="budget"):
+        EngineConfig(budget=0.0)
+
+
+def test_unsupported_architectures_are_refused(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from rcengine.engine.model_loader import load_model
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="'gpt2' is not supported"):
+        load_model(tmp_path / "gpt2")
+    path = save_tiny_model(tmp_path / "windowed", "mistral")
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(cfg | {"sliding_window": 64}))
+    with pytest.raises(ValueError, match="sliding-window"):
+        load_model(path)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_sampling_is_seeded(models):
+    engine = _engine(models["llama"], method="rc", budget=0.05)
+    s = SamplingConfig(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=4)
+    a = engine.generate(_prompt(), s).token_ids
+    assert a == engine.generate(_prompt(), s).token_ids
+    streamed: list[str] = []
+    answer = engine.generate(_prompt(), s, on_text=streamed.append)
+    assert "".join(streamed) == answer.text
