@@ -2,6 +2,11 @@
 
 Top-K retrieval from an offloaded KV cache plus a fixed-size linear-attention estimate of the
 tokens that were not read, merged before one normalisation (arXiv 2604.05438).
+
+    from rcengine import Engine, EngineConfig
+    engine = Engine.load("path/to/model", EngineConfig(method="rc", budget=0.02, offload="disk"))
+    doc = engine.prefill(open("book.txt").read(), store="book.rcs")
+    print(doc.ask("\\nQuestion: Who wrote the letter?\\nAnswer:").text)
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -18,7 +23,12 @@ from .engine import (
     retrieval_count,
     topk_attention,
 )
-from .storage import available_tiers
+from .engine.config import METHODS, OFFLOADS, EngineConfig
+from .engine.demo import demo_prompt
+from .engine.model_loader import LoadedModel, default_model_path, load_model
+from .engine.sampling import SamplingConfig
+from .engine.session import Answer, Document, Engine
+from .storage import ArtifactError, CorruptChunkError, IndexSpec, ModelMismatchError, available_tiers
 
 try:
     __version__ = version("rcengine")
@@ -26,7 +36,8 @@ except PackageNotFoundError:  # imported from a source tree that was not install
     __version__ = "0+unknown"
 
 __all__ = [
-    "CentroidFeatures", "EstimatorSpec", "FavorFeatures", "LayerContext", "Summary", "TokenCost",
-    "__version__", "available_tiers", "dense_attention", "rc_attention", "retrieval_count",
-    "topk_attention",
+    "METHODS", "OFFLOADS", "Answer", "ArtifactError", "CentroidFeatures", "CorruptChunkError", "Document", "Engine",
+    "EngineConfig", "EstimatorSpec", "FavorFeatures", "IndexSpec", "LayerContext", "LoadedModel", "ModelMismatchError",
+    "SamplingConfig", "Summary", "TokenCost", "__version__", "available_tiers", "default_model_path", "demo_prompt",
+    "dense_attention", "load_model", "rc_attention", "retrieval_count", "topk_attention",
 ]

@@ -1,24 +1,248 @@
-"""``rcengine``: the typer app.  Thin: it parses, calls the public API, and prints."""
+"""``rcengine``: the typer app.  Thin: it parses, calls the public API, and prints.
+
+Results go to stdout, progress to stderr.  Bad input ends with one line on stderr and exit code 2.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import sys
+from collections.abc import Callable
+from enum import Enum
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
 
 import typer
 
 import rcengine
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Long-context decoding with retrieval-completion attention.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
 _PACKAGES = ("torch", "transformers", "numpy", "faiss-cpu", "zarr", "safetensors", "psutil", "typer", "rich")
+# Errors that mean bad input or bad stored data: one line, exit 2.
+_USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError,
+                rcengine.ArtifactError, rcengine.CorruptChunkError)
+
+
+class MethodName(str, Enum):
+    dense = "dense"
+    sink_tail = "sink-tail"
+    topk = "topk"
+    rc = "rc"
+
+
+class OffloadName(str, Enum):
+    device = "device"
+    cpu = "cpu"
+    disk = "disk"
+
+
+class EstimatorName(str, Enum):
+    centroid = "centroid"
+    favor = "favor"
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except _USER_ERRORS as e:
+            _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+    return wrapper
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _budget(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"{value} is not a fraction in (0, 1] (2 % is 0.02)")
+    return value
+
+
+def _config(method: MethodName, budget: float, offload: OffloadName, store: Path | None, sink: int, tail: int,
+            estimator: EstimatorName, features: int) -> rcengine.EngineConfig:
+    return rcengine.EngineConfig(
+        method=method.value, budget=budget, offload=offload.value, sink=sink, tail=tail,
+        estimator=rcengine.EstimatorSpec(estimator.value, features), store=str(store) if store else None,
+    )
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a text file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"{path} is empty")
+    return text
+
+
+def _answer_json(answer: rcengine.Answer) -> dict[str, Any]:
+    s = answer.stats
+    return {
+        "text": answer.text, "prompt_tokens": answer.prompt_tokens, "new_tokens": answer.new_tokens,
+        "method": s["method"], "offload": s["offload"], "budget": s["budget"],
+        "bytes": {"logical": s["bytes"]["logical"], "physical": s["bytes"]["physical"], "by_tier": s["bytes"]["by_tier"],
+                  "index": s["bytes"]["index"]},
+        "decode_ms_per_token": s["timings_ms"]["decode_per_token"], "stats": s,
+    }
+
+
+def _stream(as_json: bool) -> Callable[[str], None] | None:
+    if as_json:
+        return None
+    return lambda piece: (sys.stdout.write(piece), sys.stdout.flush())
+
+
+# Options shared by the commands that decode.
+MODEL = typer.Option(None, "--model", help="Local model folder (default: the embedded model).")
+METHOD = typer.Option(MethodName.rc, "--method", help="dense, sink-tail, topk or rc.")
+BUDGET = typer.Option(0.02, "--budget", callback=_budget, help="Retrieved tokens as a fraction of the mid-region, in (0, 1].")
+MAX_NEW = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate at most.")
+AS_JSON = typer.Option(False, "--json", help="Print one JSON object instead of streaming text.")
+SINK = typer.Option(4, "--sink", min=0, help="Anchor tokens kept at the start.")
+TAIL = typer.Option(64, "--tail", min=1, help="Anchor tokens kept at the end (generated tokens join them).")
+ESTIMATOR = typer.Option(EstimatorName.centroid, "--estimator", help="Completion estimator for rc.")
+FEATURES = typer.Option(64, "--features", min=2, help="Centroids or random features per KV head.")
+TEMPERATURE = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy.")
+TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0)
+SEED = typer.Option(None, "--seed")
+STOP = typer.Option(None, "--stop", help="Stop at this string (repeatable).")
+DEVICE = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present).")
+TRUST = typer.Option(False, "--trust-remote-code", help="Allow the model folder's own code to run.")
 
 
 @app.callback()
 def _root() -> None:
     """Long-context decoding with retrieval-completion attention."""
+
+
+@app.command()
+@_user_errors
+def generate(
+    prompt: str = typer.Argument(None, help="The prompt (default: the embedded long document and question)."),
+    prompt_file: Path = typer.Option(None, "--prompt-file", help="Read the prompt from this file."),
+    model: Path = MODEL,
+    offload: OffloadName = typer.Option(OffloadName.cpu, "--offload", help="Where the mid-region KV lives."),
+    store: Path = typer.Option(None, "--store", help="Persist the prefill there (a folder), to reopen with `ask`."),
+    method: MethodName = METHOD,
+    budget: float = BUDGET,
+    max_new_tokens: int = MAX_NEW,
+    as_json: bool = AS_JSON,
+    sink: int = SINK,
+    tail: int = TAIL,
+    estimator: EstimatorName = ESTIMATOR,
+    features: int = FEATURES,
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    seed: int = SEED,
+    stop: list[str] = STOP,
+    device: str = DEVICE,
+    trust_remote_code: bool = TRUST,
+) -> None:
+    """Prefill a prompt and continue it, reading the offloaded KV cache through the chosen method."""
+    if prompt is not None and prompt_file is not None:
+        raise ValueError("give a prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        text = _read_text(prompt_file)
+    elif prompt is not None:
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+        text = prompt
+    else:
+        text = rcengine.demo_prompt().prompt
+    _quiet_transformers()
+    cfg = _config(method, budget, offload, None, sink, tail, estimator, features)
+    engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
+    sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()))
+    answer = engine.generate(text, sampling, on_text=_stream(as_json), store=store)
+    _finish(answer, as_json)
+
+
+@app.command()
+@_user_errors
+def prefill(
+    file: Path = typer.Argument(..., help="The document, a UTF-8 text file."),
+    store: Path = typer.Option(..., "--store", help="Folder to persist the prefill in."),
+    model: Path = MODEL,
+    sink: int = SINK,
+    tail: int = TAIL,
+    estimator: EstimatorName = ESTIMATOR,
+    features: int = FEATURES,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
+    device: str = DEVICE,
+    trust_remote_code: bool = TRUST,
+) -> None:
+    """Prefill a document once and persist it; ask it questions later with `rcengine ask`."""
+    text = _read_text(file)
+    _quiet_transformers()
+    cfg = _config(MethodName.rc, 0.02, OffloadName.disk, None, sink, tail, estimator, features)
+    engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
+    doc = engine.prefill(text, store=store, overwrite=overwrite)
+    typer.echo(json.dumps({"store": str(store), "tokens": doc.tokens, "prefill_ms": round(doc.prefill_ms, 1)}))
+    doc.close()
+
+
+@app.command()
+@_user_errors
+def ask(
+    store: Path = typer.Argument(..., help="A store made by `rcengine prefill` (or generate --store)."),
+    question: str = typer.Argument(..., help="The question, appended to the document as it is."),
+    model: Path = MODEL,
+    method: MethodName = METHOD,
+    budget: float = BUDGET,
+    max_new_tokens: int = MAX_NEW,
+    as_json: bool = AS_JSON,
+    offload: OffloadName = typer.Option(OffloadName.disk, "--offload", help="disk reads the store; cpu/device copy it in."),
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    seed: int = SEED,
+    stop: list[str] = STOP,
+    device: str = DEVICE,
+    trust_remote_code: bool = TRUST,
+) -> None:
+    """Answer a question about a persisted document, without recomputing its prefill."""
+    if not question.strip():
+        raise ValueError("the question is empty")
+    _quiet_transformers()
+    cfg = rcengine.EngineConfig(method=method.value, budget=budget)
+    engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
+    doc = engine.open(store, offload=offload.value)
+    sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()))
+    answer = doc.ask(question, sampling, on_text=_stream(as_json))
+    doc.close()
+    _finish(answer, as_json)
+
+
+def _finish(answer: rcengine.Answer, as_json: bool) -> None:
+    if as_json:
+        typer.echo(json.dumps(_answer_json(answer)))
+        return
+    typer.echo("")
+    s = answer.stats
+    ms = s["timings_ms"]["decode_per_token"]
+    typer.echo(
+        f"[{answer.prompt_tokens} prompt + {answer.new_tokens} new tokens, {s['method']} on {s['offload']}, "
+        f"budget {s['budget']:g}: {s['bytes']['logical'] / 1e6:.2f} MB read ({s['bytes']['physical'] / 1e6:.2f} MB moved), "
+        f"{'-' if ms is None else f'{ms:.1f}'} ms/token]",
+        err=True,
+    )
 
 
 def _version(name: str) -> str:
@@ -38,16 +262,18 @@ def _device() -> str:
 
 @app.command()
 def info(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
-    """Versions, compute device, and the storage tiers available here."""
+    """Versions, compute device, storage tiers, and the embedded default model."""
+    default = rcengine.default_model_path()
     report = {
         "rcengine": rcengine.__version__,
         "python": platform.python_version(),
         "packages": {name: _version(name) for name in _PACKAGES},
         "device": _device(),
         "tiers": {t.name: {"available": t.available, "detail": t.detail} for t in rcengine.available_tiers()},
+        "default_model": str(default) if (default / "config.json").exists() else None,
     }
     if as_json:
-        print(json.dumps(report, indent=2))
+        typer.echo(json.dumps(report, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
@@ -59,6 +285,7 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print one JSON obje
         table.add_row(name, ver)
     for name, tier in report["tiers"].items():
         table.add_row(f"tier {name}", ("yes: " if tier["available"] else "no: ") + tier["detail"])
+    table.add_row("default model", report["default_model"] or "not in this build")
     Console().print(table)
 
 

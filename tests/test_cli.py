@@ -1,21 +1,94 @@
-"""The command line, run as a user runs it."""
+"""The command line, run as a user runs it: results on stdout, one-line errors with exit code 2."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
+
+from tiny_models import save_tiny_model
+
+
+def rc(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rcengine.cli.app", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("cli") / "llama", "llama", max_positions=512)
+
+
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("cli") / "qwen2", "qwen2")
+
+
+PROMPT = "Rivers run to the sea, and the sea is never full. " * 12
 
 
 def test_info_json():
-    out = subprocess.run([sys.executable, "-m", "rcengine.cli.app", "info", "--json"], capture_output=True, text=True, check=True)
+    out = rc("info", "--json")
+    assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert report["packages"]["torch"] != "not installed"
     assert {"cpu", "disk"} <= set(report["tiers"])
     assert report["tiers"]["cpu"]["available"] is True
 
 
-def test_unknown_command_exits_2():
-    out = subprocess.run([sys.executable, "-m", "rcengine.cli.app", "frobnicate"], capture_output=True, text=True)
-    assert out.returncode == 2
+def test_generate_json(model, tmp_path):
+    out = rc("generate", PROMPT, "--model", str(model), "--offload", "disk", "--method", "rc", "--budget", "0.1",
+             "--max-new-tokens", "5", "--json", "--tail", "16")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    for key in ("text", "prompt_tokens", "new_tokens", "method", "offload", "budget", "bytes", "decode_ms_per_token"):
+        assert key in result
+    assert {"logical", "physical", "by_tier"} <= set(result["bytes"])
+    assert result["method"] == "rc" and result["offload"] == "disk" and result["budget"] == 0.1
+    assert result["bytes"]["logical"] > 0 and "disk" in result["bytes"]["by_tier"]
+
+
+def test_prefill_then_ask_matches_generate_store(model, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(PROMPT)
+    out = rc("prefill", str(doc), "--store", str(tmp_path / "store"), "--model", str(model), "--tail", "16")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["tokens"] > 0
+    a = rc("ask", str(tmp_path / "store"), " What?", "--model", str(model), "--json", "--max-new-tokens", "4")
+    b = rc("ask", str(tmp_path / "store"), " What?", "--model", str(model), "--json", "--max-new-tokens", "4")
+    assert a.returncode == 0, a.stderr
+    assert json.loads(a.stdout)["text"] == json.loads(b.stdout)["text"]
+
+
+def _assert_one_line_error(out: subprocess.CompletedProcess, fragment: str) -> None:
+    assert out.returncode == 2, (out.returncode, out.stderr)
     assert "Traceback" not in out.stderr
+    assert fragment in out.stderr, out.stderr
+
+
+def test_bad_input_exits_2_with_one_line(model, other_model, tmp_path):
+    _assert_one_line_error(rc("generate", "--prompt-file", str(tmp_path / "missing.txt"), "--model", str(model)), "does not exist")
+    (tmp_path / "empty.txt").write_text("  \n")
+    _assert_one_line_error(rc("generate", "--prompt-file", str(tmp_path / "empty.txt"), "--model", str(model)), "is empty")
+    _assert_one_line_error(rc("generate", "hi", "--model", str(model), "--budget", "1.5"), "(0, 1]")
+    _assert_one_line_error(rc("generate", "hi", "--model", str(model), "--budget", "0"), "(0, 1]")
+    _assert_one_line_error(rc("generate", "word " * 600, "--model", str(model)), "positions")
+    _assert_one_line_error(rc("generate", "hi", "--model", str(tmp_path / "nomodel")), "does not exist")
+    (tmp_path / "afile").write_text("x")
+    _assert_one_line_error(rc("generate", PROMPT, "--model", str(model), "--store", str(tmp_path / "afile" / "store")), "cannot write")
+    _assert_one_line_error(rc("frobnicate"), "")
+
+
+def test_store_of_another_model_is_refused_and_kept(model, other_model, tmp_path):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(PROMPT)
+    assert rc("prefill", str(doc), "--store", str(tmp_path / "store"), "--model", str(model)).returncode == 0
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*"))
+    manifest = (tmp_path / "store" / "manifest.json").read_bytes()
+    _assert_one_line_error(rc("ask", str(tmp_path / "store"), "hi", "--model", str(other_model)), "was made with model llama")
+    _assert_one_line_error(rc("prefill", str(doc), "--store", str(tmp_path / "store"), "--model", str(model)), "already exists")
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*")) == before
+    assert (tmp_path / "store" / "manifest.json").read_bytes() == manifest
+    assert rc("ask", str(tmp_path / "store"), "hi", "--model", str(model), "--max-new-tokens", "2").returncode == 0
