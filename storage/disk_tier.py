@@ -248,12 +248,15 @@ class DiskTier:
         except FileNotFoundError:
             return None
         try:
-            parts = []
-            while chunk := os.read(fd, 1 << 22):
-                parts.append(chunk)
+            size = os.fstat(fd).st_size
+            data = os.read(fd, size)  # one exact-size buffer (a larger one would be kept allocated)
+            while len(data) < size:  # short reads happen on some file systems
+                more = os.read(fd, size - len(data))
+                if not more:
+                    break
+                data += more
         finally:
             os.close(fd)
-        data = b"".join(parts)
         ledger.verify(key, data)
         ledger.bytes_read += len(data)
         ledger.objects_read += 1
@@ -268,38 +271,38 @@ class DiskTier:
         if ids_np.size and (ids_np.min() < 0 or ids_np.max() >= n):
             raise IndexError(f"row ids must lie in 0..{n - 1} for layer {layer}, got {ids_np.min()}..{ids_np.max()}")
         stored = self._flushed_blocks[layer] * b
-        plan, have, wanted = [], {}, []
+        out = np.empty((h, k, 2, lay.head_dim), self._raw)
+        store_rows = hits = misses = 0
+        disk_before, bytes_before = process_disk_read_bytes(), self.store.ledger.bytes_read
+        # Head by head, so that blocks read but not kept by the cache are let go at once: the
+        # memory a gather holds beyond the cache is one head's blocks.
         for head in range(h):
-            sel = np.nonzero(ids_np[head] < stored)[0]
-            blocks = np.unique(ids_np[head, sel] // b)
-            plan.append((sel, blocks))
+            idh = ids_np[head]
+            sel = np.nonzero(idh < stored)[0]
+            blocks = np.unique(idh[sel] // b)
+            have, wanted = {}, []
             for block in blocks.tolist():
                 cached = self.cache.get((layer, head, block))
                 if cached is None:
                     wanted.append((head, block))
                 else:
-                    have[(head, block)] = cached
-        disk_before, bytes_before = process_disk_read_bytes(), self.store.ledger.bytes_read
-        fetched = self._read_blocks(layer, wanted)
-        disk_after = process_disk_read_bytes()
-        for (head, block), arr in fetched.items():
-            self.cache.put((layer, head, block), arr)
-        have.update(fetched)
-
-        out = np.empty((h, k, 2, lay.head_dim), self._raw)
-        store_rows = 0
-        for head, (sel, blocks) in enumerate(plan):
-            idh = ids_np[head]
+                    have[block] = cached
+            for (_, block), arr in self._read_blocks(layer, wanted).items():
+                self.cache.put((layer, head, block), arr)
+                have[block] = arr
+            hits += len(blocks) - len(wanted)
+            misses += len(wanted)
             store_rows += sel.size
             if sel.size:
                 order = sel[np.argsort(idh[sel] // b, kind="stable")]
                 starts = np.searchsorted(idh[order] // b, blocks)
                 for block, lo, hi in zip(blocks.tolist(), starts.tolist(), [*starts[1:].tolist(), order.size], strict=True):
                     rows = order[lo:hi]
-                    out[head, rows] = have[(head, block)][idh[rows] - block * b]
+                    out[head, rows] = have[block][idh[rows] - block * b]
             rest = np.nonzero(idh >= stored)[0]
             if rest.size:
                 out[head, rest] = self._pending[layer][head, idh[rest] - stored]
+        disk_after = process_disk_read_bytes()
 
         rb = lay.row_bytes
         to_device = self.compute_device.type == "cuda"
@@ -307,7 +310,7 @@ class DiskTier:
         self.meter.record("disk", layer, Counters(
             logical=store_rows * rb, physical=self.store.ledger.bytes_read - bytes_before,
             h2d=store_rows * rb if to_device else 0, disk_read=disk_read,
-            cache_hits=sum(len(bl) for _, bl in plan) - len(wanted), cache_misses=len(wanted),
+            cache_hits=hits, cache_misses=misses,
             rows=store_rows, gathers=1,
         ))
         memory_rows = h * k - store_rows

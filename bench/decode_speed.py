@@ -1,0 +1,234 @@
+"""Decode speed and memory: stock transformers vs rcengine's dense-offloaded and rc, side by side.
+
+For each context length, one prompt of random tokens is prefilled twice: by stock transformers
+(DynamicCache, SDPA) and by rcengine (persisted to a store).  The store is then reopened once per
+variant, on the cpu tier (host memory) and the disk tier (Zarr + block cache), with methods
+``dense`` (reads every mid token every step) and ``rc`` at budgets 1 % and 2 %.  All variants
+decode in interleaved rounds, so machine noise hits them alike; the table gives ms per token and
+its ratio to stock decoding measured in the same run, bytes read per token, and KV bytes resident.
+
+Then, in a fresh process, the longest document is reopened on the disk tier with a small block
+cache and decoded: its peak resident memory growth over the loaded model is compared with the
+block-cache bound plus the in-memory parts (anchors, summaries, key index).
+
+    python bench/decode_speed.py [--lengths 4096,16384,32768] [--model DIR] [--quick]
+
+Writes JSON (default bench/out/decode_speed.json, or $OUT/decode_speed.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from rcengine import Engine, EngineConfig, SamplingConfig  # noqa: E402
+from rcengine.engine.progress import progress_bar  # noqa: E402
+
+VARIANTS = [("dense", 1.0), ("rc", 0.01), ("rc", 0.02)]
+TIERS = ["cpu", "disk"]
+
+
+def bench_model(root: Path) -> Path:
+    """A random Llama of a small real shape (4 layers, 4 q / 2 KV heads of dim 64) for timing."""
+    from tiny_models import save_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = root / "bench-llama"
+    tok = save_tokenizer(path)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64, max_position_embeddings=65536, bos_token_id=tok.bos_token_id,
+                      eos_token_id=None, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def stock_decoder(model, ids: list[int], chunk: int):  # noqa: ANN001, ANN201
+    """Prefill with stock transformers; return a function that decodes one token and its cache."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    dev = next(model.parameters()).device
+    x = torch.tensor([ids], device=dev)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        for s in range(0, len(ids), chunk):
+            logits = model(input_ids=x[:, s : s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    state = {"token": int(logits[0, -1].argmax()), "pos": len(ids)}
+
+    def step() -> None:
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([[state["token"]]], device=dev), past_key_values=cache, use_cache=True,
+                        position_ids=torch.tensor([[state["pos"]]], device=dev))
+        state["token"] = int(out.logits[0, -1].argmax())
+        state["pos"] += 1
+
+    kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    return step, kv_bytes
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="4096,16384,32768")
+    parser.add_argument("--model", type=Path, default=None, help="a local model folder (default: a random bench-shaped Llama)")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--tokens-per-round", type=int, default=4)
+    parser.add_argument("--cache-mb", type=int, default=8, help="block-cache bound for the memory check")
+    parser.add_argument("--quick", action="store_true", help="lengths 2048 and 4096, 3 rounds")
+    out_dir = Path(os.environ.get("OUT", "bench/out"))
+    parser.add_argument("--out", type=Path, default=out_dir / "decode_speed.json")
+    args = parser.parse_args()
+    lengths = [2048, 4096] if args.quick else [int(x) for x in args.lengths.split(",")]
+    rounds = 3 if args.quick else args.rounds
+    work = Path(tempfile.mkdtemp(prefix="rc-decode-speed-"))
+    model_path = args.model or bench_model(work)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    base = Engine.load(model_path, EngineConfig(offload="cpu"), show_progress=True)
+    vocab = base.lm.model.config.vocab_size
+    rows, memory = [], None
+    for n in lengths:
+        ids = torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        t0 = time.perf_counter()
+        stock_step, stock_kv = stock_decoder(base.lm.model, ids, 1024)
+        stock_prefill_s = time.perf_counter() - t0
+        base.lm.model.set_attn_implementation("rcengine")
+        store = work / f"doc-{n}"
+        t0 = time.perf_counter()
+        base.prefill(ids, store=store).close()
+        rc_prefill_s = time.perf_counter() - t0
+        docs = {}
+        for tier in TIERS:
+            for method, budget in VARIANTS:
+                eng = Engine(base.lm, EngineConfig(method=method, budget=budget), show_progress=False)
+                docs[(tier, method, budget)] = eng.open(store, offload=tier)
+        seconds = {key: [] for key in [("stock", "-", 0.0), *docs]}
+        bytes_per_token = {key: [] for key in docs}
+        question = [ids[-1]]
+        sampling = SamplingConfig(max_new_tokens=args.tokens_per_round + 1)
+        with progress_bar(f"decoding at {n} tokens (rounds)", rounds) as advance:
+            for _ in range(rounds):
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(args.tokens_per_round):
+                    stock_step()
+                sync()
+                seconds[("stock", "-", 0.0)].append((time.perf_counter() - t0) / args.tokens_per_round)
+                for key, doc in docs.items():
+                    answer = doc.ask(question, sampling)
+                    steps = answer.stats["decode_steps"]
+                    seconds[key].append(answer.stats["timings_ms"]["decode_per_token"] / 1e3)
+                    bytes_per_token[key].append(answer.stats["bytes"]["logical"] / answer.stats["queries"])
+                    assert steps == args.tokens_per_round
+                advance(1)
+        stock_ms = 1e3 * statistics.median(seconds[("stock", "-", 0.0)])
+        for key, values in seconds.items():
+            tier, method, budget = key
+            ms = 1e3 * statistics.median(values)
+            doc = docs.get(key)
+            row = {"tokens": n, "variant": "stock transformers" if tier == "stock" else f"{method} {budget:g}", "tier": tier,
+                   "ms_per_token": ms, "vs_stock": ms / stock_ms,
+                   "bytes_per_token": statistics.median(bytes_per_token[key]) if key in bytes_per_token else None,
+                   "kv_bytes_resident": stock_kv if doc is None else _resident(doc)}
+            if tier == "stock":
+                row["prefill_s"] = stock_prefill_s
+            elif method == "dense":
+                row["prefill_s"] = rc_prefill_s
+            rows.append(row)
+        for doc in docs.values():
+            doc.close()
+    memory = _memory_check(model_path, work / f"doc-{lengths[-1]}", args.cache_mb << 20)
+    meta = {"date": date.today().isoformat(),
+            "machine": f"{platform.node()} ({os.cpu_count()} cpus, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, torch {torch.__version__})",
+            "model": str(args.model or "random bench Llama: 4 layers, hidden 256, 4 q / 2 KV heads, d 64"),
+            "dtype": str(base.lm.dtype), "device": str(base.lm.device), "rounds": rounds, "tokens_per_round": args.tokens_per_round}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"meta": meta, "rows": rows, "memory": memory}, indent=1))
+    print(f"{'tokens':>7} {'variant':<20}{'tier':<6}{'ms/token':>10}{'vs stock':>10}{'KB read/token':>15}{'KV MB resident':>16}")
+    for r in rows:
+        read = "-" if r["bytes_per_token"] is None else f"{r['bytes_per_token'] / 1e3:.1f}"
+        print(f"{r['tokens']:>7} {r['variant']:<20}{r['tier']:<6}{r['ms_per_token']:>10.2f}{r['vs_stock']:>10.2f}{read:>15}"
+              f"{r['kv_bytes_resident'] / 1e6:>16.2f}")
+    print("memory check:", json.dumps(memory))
+    print(f"wrote {args.out}")
+
+
+def _resident(doc) -> int:  # noqa: ANN001
+    """KV bytes the document holds in memory: anchors and tail, summaries, the tier's rows (cpu)
+    or the most its block cache held (disk); the key index's copy of the keys is not included."""
+    cache = doc.cache
+    total = 0
+    for st in cache.state:
+        total += st.sink_k.numel() * st.sink_k.element_size() * 2
+        total += st.tail.k.numel() * st.tail.k.element_size() * 2
+        if st.summary is not None:
+            total += sum(t.numel() * t.element_size() for t in st.summary.state_dict().values())
+    tier = cache.tier
+    if hasattr(tier, "cache"):
+        total += tier.cache.peak_bytes
+    else:
+        total += sum(tier.rows(layer).numel() * tier.rows(layer).element_size() for layer in range(cache.num_layers))
+    return total
+
+
+_MEMORY_PROBE = textwrap.dedent(
+    """
+    import json, resource, sys, torch
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    from rcengine import Engine, EngineConfig, SamplingConfig
+    def rss():
+        status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+        return {k: int(status[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
+    engine = Engine.load(sys.argv[1], EngineConfig(method="rc", budget=0.02, cache_bytes=int(sys.argv[3])), show_progress=False)
+    engine.lm.model(torch.tensor([[1, 2, 3]]))  # warm up allocator and kernels
+    before = rss()
+    doc = engine.open(sys.argv[2])
+    opened = rss()
+    answer = doc.ask([5], SamplingConfig(max_new_tokens=16))
+    after = rss()
+    cache = doc.cache
+    index_bytes = sum(cache.index._indexes[l][h].ntotal * cache.head_dim * 4 for l in range(cache.num_layers) for h in range(cache.num_kv_heads))
+    mid = sum(cache.tier.num_rows(l) for l in range(cache.num_layers))
+    kv_bytes = mid * cache.num_kv_heads * cache.tier.layout.row_bytes
+    print(json.dumps({"before": before, "opened": opened, "after": after, "cache_bound": int(sys.argv[3]),
+                      "cache_peak": cache.tier.cache.peak_bytes, "index_bytes": index_bytes, "mid_kv_bytes": kv_bytes,
+                      "disk_physical": answer.stats["bytes"]["physical"]}))
+    """
+)
+
+
+def _memory_check(model: Path, store: Path, cache_bytes: int) -> dict:
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(model), str(store), str(cache_bytes)],
+                         capture_output=True, text=True, check=True)
+    m = json.loads(out.stdout.strip().splitlines()[-1])
+    growth = m["after"]["VmHWM"] - m["before"]["VmRSS"]
+    m["peak_growth_bytes"] = growth
+    m["bound_without_index"] = m["cache_bound"]
+    m["within_cache_bound"] = growth <= m["cache_bound"]
+    m["within_cache_bound_plus_index"] = growth <= m["cache_bound"] + m["index_bytes"]
+    return m
+
+
+if __name__ == "__main__":
+    main()
