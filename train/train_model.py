@@ -1,0 +1,187 @@
+"""Train rcengine's embedded default model (run on the GPU machine; see train/README.md).
+
+    python train/train_model.py --data .train_data --out OUT [--init DIR] [--phases 2048:300,8192:150,16384:90]
+
+A Llama-architecture model (rotary positions, 4 query heads sharing 2 KV heads of dim 64) is
+trained from scratch, or continued from ``--init``, on the natural-English corpus mixed with task
+examples from the train split of the task suite (engine/tasks.py): short sequences first, then
+long ones.  Each phase is ``SEQ:SECONDS``; the learning rate follows a time-based warmup and
+cosine schedule over all phases.  Writes the model (safetensors, bf16) with its tokenizer, and
+appends one JSON line per logged step to OUT/train_log.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("rc_tasks", ROOT / "engine" / "tasks.py")
+tasks = importlib.util.module_from_spec(_spec)
+sys.modules["rc_tasks"] = tasks
+_spec.loader.exec_module(tasks)
+
+# Model shape (about 7.4 M parameters with tied embeddings).
+MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 8, "num_attention_heads": 4,
+         "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 32768, "rope_theta": 500000.0}
+TASK_WEIGHTS = {"niah_single_number": 3, "niah_single_word": 2, "niah_multikey": 2, "niah_multivalue": 1, "niah_multiquery": 1,
+                "variable_tracking": 1, "common_words": 0.5, "frequent_words": 0.5, "qa_facts": 1.5}
+TASK_SHARE = 0.5  # rows that are task examples; the rest are plain text windows
+ANSWER_WEIGHT = 5.0  # loss weight of answer tokens
+
+
+class Data:
+    def __init__(self, folder: Path) -> None:
+        self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.bos, self.eos, self.pad = (self.tok.token_to_id(t) for t in ("<s>", "</s>", "<pad>"))
+        self.tokens = {s: np.fromfile(folder / f"{s}.u16", dtype=np.uint16) for s in ("train", "dev", "eval")}
+
+    def count(self, text: str) -> int:
+        return len(self.tok.encode(text).ids)
+
+    def haystack(self, split: str):  # noqa: ANN201
+        arr = self.tokens["train" if split == "train" else split]
+
+        def fn(rng: random.Random, n_chars: int) -> str:
+            n = min(len(arr) - 1, int(n_chars / 2.5) + 64)
+            start = rng.randrange(0, max(1, len(arr) - n))
+            text = self.tok.decode(arr[start : start + n].tolist()).replace("</s>", " ")
+            return text[:n_chars]
+
+        return fn
+
+    def generator(self, split: str) -> "tasks.TaskGenerator":
+        return tasks.TaskGenerator(split, self.haystack(split), self.count)
+
+    def task_row(self, gen: "tasks.TaskGenerator", task: str, seq: int, seed: int) -> tuple[list[int], list[float]]:
+        length = seq - 64
+        while True:  # the answer must fit: shorten the context until it does
+            ex = gen.example(task, length, seed)
+            prompt = [self.bos] + self.tok.encode(ex.prompt).ids
+            answer = self.tok.encode(" " + ", ".join(ex.answers) + ".").ids + [self.eos]
+            over = len(prompt) + len(answer) - seq
+            if over <= 0:
+                return prompt + answer, [1.0] * len(prompt) + [ANSWER_WEIGHT] * len(answer)
+            length -= over + 32
+
+    def text_row(self, rng: random.Random, seq: int) -> tuple[list[int], list[float]]:
+        arr = self.tokens["train"]
+        start = rng.randrange(0, len(arr) - seq)
+        return [self.bos] + arr[start : start + seq - 1].tolist(), [1.0] * seq
+
+
+class Rows(torch.utils.data.IterableDataset):
+    def __init__(self, folder: Path, seq: int, seed: int) -> None:
+        self.folder, self.seq, self.seed = folder, seq, seed
+
+    def __iter__(self):  # noqa: ANN204
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info else 0
+        data = Data(self.folder)
+        gen = data.generator("train")
+        rng = random.Random(self.seed * 1000 + wid)
+        names, weights = list(TASK_WEIGHTS), list(TASK_WEIGHTS.values())
+        while True:
+            if rng.random() < TASK_SHARE:
+                ids, w = data.task_row(gen, rng.choices(names, weights)[0], self.seq, rng.randrange(1 << 30))
+            else:
+                ids, w = data.text_row(rng, self.seq)
+            pad = self.seq - len(ids)
+            yield torch.tensor(ids + [data.pad] * pad), torch.tensor(w + [0.0] * pad)
+
+
+def lr_at(progress: float, peak: float, warmup: float = 0.03) -> float:
+    if progress < warmup:
+        return peak * progress / warmup
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup)))))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=Path(".train_data"))
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--init", type=Path, default=None, help="continue from this model folder")
+    parser.add_argument("--phases", default="2048:300,8192:150,16384:90", help="SEQ:SECONDS,...")
+    parser.add_argument("--tokens-per-step", type=int, default=65536)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="a 2-layer model and short phases, for a smoke test")
+    args = parser.parse_args()
+    torch.manual_seed(args.seed)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    data = Data(args.data)
+    shape = dict(MODEL, num_hidden_layers=2, hidden_size=128, intermediate_size=256) if args.tiny else MODEL
+    if args.init:
+        model = LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32, attn_implementation="sdpa")
+    else:
+        cfg = LlamaConfig(vocab_size=data.tok.get_vocab_size(), bos_token_id=data.bos, eos_token_id=data.eos, pad_token_id=data.pad,
+                          tie_word_embeddings=True, **shape)
+        model = LlamaForCausalLM(cfg)
+        model.set_attn_implementation("sdpa")
+    model.to(dev).train()
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1, fused=dev.type == "cuda")
+    phases = [(int(a), float(b)) for a, b in (p.split(":") for p in args.phases.split(","))]
+    total = sum(s for _, s in phases)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = open(args.out / "train_log.jsonl", "a")
+    log.write(json.dumps({"event": "start", "params": params, "phases": phases, "init": str(args.init), "lr": args.lr,
+                          "tokens_per_step": args.tokens_per_step, "device": str(dev)}) + "\n")
+    start, step, tokens = time.time(), 0, 0
+    done = 0.0
+    for seq, seconds in phases:
+        batch = max(1, args.tokens_per_step // seq)
+        loader = torch.utils.data.DataLoader(Rows(args.data, seq, args.seed + seq), batch_size=batch, num_workers=args.workers,
+                                             pin_memory=dev.type == "cuda", prefetch_factor=4 if args.workers else None)
+        phase_start = time.time()
+        for ids, weights in loader:
+            elapsed = time.time() - phase_start
+            if elapsed >= seconds:
+                break
+            for group in opt.param_groups:
+                group["lr"] = lr_at((done + elapsed) / total, args.lr)
+            ids, weights = ids.to(dev, non_blocking=True), weights.to(dev, non_blocking=True)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+                logits = model(input_ids=ids).logits
+            loss_tok = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
+                                                         reduction="none")
+            w = weights[:, 1:].reshape(-1)
+            loss = (loss_tok * w).sum() / w.sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            step += 1
+            tokens += ids.numel()
+            if step % 25 == 0:
+                rec = {"step": step, "seq": seq, "loss": round(loss.item(), 4), "lr": opt.param_groups[0]["lr"], "tokens": tokens,
+                       "elapsed_s": round(time.time() - start, 1), "tokens_per_s": round(tokens / (time.time() - start))}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                print(json.dumps(rec), flush=True)
+        done += seconds
+        del loader
+    model.eval()
+    model.to(torch.bfloat16).save_pretrained(args.out / "model", safe_serialization=True)
+    fast = PreTrainedTokenizerFast(tokenizer_object=data.tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(args.out / "model")
+    log.write(json.dumps({"event": "end", "steps": step, "tokens": tokens, "seconds": round(time.time() - start, 1)}) + "\n")
+    log.close()
+    print(f"saved {args.out / 'model'} after {step} steps, {tokens} tokens")
+
+
+if __name__ == "__main__":
+    main()
