@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/rcengine info
+	$(VENV)/bin/rcengine generate --offload disk --method rc --budget 0.02
 
 test: $(STAMP)
 	$(PY) -m pytest -q

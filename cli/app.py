@@ -166,7 +166,10 @@ def generate(
             raise ValueError("the prompt is empty")
         text = prompt
     else:
-        text = rcengine.demo_prompt().prompt
+        demo = rcengine.demo_prompt()
+        text = demo.prompt
+        typer.echo(f"[embedded demo: {len(demo.document)} characters of text, then: {demo.question.strip().splitlines()[0]}"
+                   f" (expected: {demo.answer})]", err=True)
     _quiet_transformers()
     cfg = _config(method, budget, offload, None, sink, tail, estimator, features)
     engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)

@@ -55,10 +55,11 @@ def fetch(out: Path) -> list[dict]:
 
 
 def _licence(text: str) -> str:
-    found = re.findall(r"^License:\s*(.+)$", text, flags=re.M)
+    short = r"[\w.+-]+(?:\s+(?:or|and)\s+[\w.+-]+)*"
+    found = [f.strip() for f in re.findall(r"^License:\s*(.+)$", text, flags=re.M) if re.fullmatch(short, f.strip())]
     if found:
         return ", ".join(sorted(set(f.strip() for f in found)))
-    for key in ("GNU General Public License", "WordNet", "Python Software Foundation", "PSF"):
+    for key in ("Python Software Foundation", "WordNet", "GNU General Public License"):
         if key in text:
             return key
     return text.strip().splitlines()[0][:120]

@@ -45,7 +45,7 @@ class Data:
     def __init__(self, folder: Path) -> None:
         self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.bos, self.eos, self.pad = (self.tok.token_to_id(t) for t in ("<s>", "</s>", "<pad>"))
-        self.tokens = {s: np.fromfile(folder / f"{s}.u16", dtype=np.uint16) for s in ("train", "dev", "eval")}
+        self.tokens = {s: np.fromfile(folder / f"{s}.u16", dtype=np.uint16) for s in ("train", "dev", "eval") if (folder / f"{s}.u16").exists()}
 
     def count(self, text: str) -> int:
         return len(self.tok.encode(text).ids)
