@@ -38,8 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from rcengine import Engine, EngineConfig, SamplingConfig  # noqa: E402
 from rcengine.engine.progress import progress_bar  # noqa: E402
 
-VARIANTS = [("dense", 1.0), ("rc", 0.01), ("rc", 0.02)]
-TIERS = ["cpu", "disk"]
+# (tier, method, budget, keys in memory): a document reopened on the disk tier reads its keys from
+# the store at each search unless they are loaded into memory.
+VARIANTS = [(tier, method, budget, False) for tier in ("cpu", "disk") for method, budget in (("dense", 1.0), ("rc", 0.01), ("rc", 0.02))]
+VARIANTS.append(("disk", "rc", 0.02, True))
 
 
 def bench_model(root: Path) -> Path:
@@ -118,11 +120,10 @@ def main() -> None:
         base.prefill(ids, store=store).close()
         rc_prefill_s = time.perf_counter() - t0
         docs = {}
-        for tier in TIERS:
-            for method, budget in VARIANTS:
-                eng = Engine(base.lm, EngineConfig(method=method, budget=budget), show_progress=False)
-                docs[(tier, method, budget)] = eng.open(store, offload=tier)
-        seconds = {key: [] for key in [("stock", "-", 0.0), *docs]}
+        for tier, method, budget, keys_in_memory in VARIANTS:
+            eng = Engine(base.lm, EngineConfig(method=method, budget=budget, keys_in_memory=keys_in_memory), show_progress=False)
+            docs[(tier, method, budget, keys_in_memory)] = eng.open(store, offload=tier)
+        seconds = {key: [] for key in [("stock", "-", 0.0, False), *docs]}
         bytes_per_token = {key: [] for key in docs}
         question = [ids[-1]]
         sampling = SamplingConfig(max_new_tokens=args.tokens_per_round + 1)
@@ -133,7 +134,7 @@ def main() -> None:
                 for _ in range(args.tokens_per_round):
                     stock_step()
                 sync()
-                seconds[("stock", "-", 0.0)].append((time.perf_counter() - t0) / args.tokens_per_round)
+                seconds[("stock", "-", 0.0, False)].append((time.perf_counter() - t0) / args.tokens_per_round)
                 for key, doc in docs.items():
                     answer = doc.ask(question, sampling)
                     steps = answer.stats["decode_steps"]
@@ -141,12 +142,13 @@ def main() -> None:
                     bytes_per_token[key].append(answer.stats["bytes"]["logical"] / answer.stats["queries"])
                     assert steps == args.tokens_per_round
                 advance(1)
-        stock_ms = 1e3 * statistics.median(seconds[("stock", "-", 0.0)])
+        stock_ms = 1e3 * statistics.median(seconds[("stock", "-", 0.0, False)])
         for key, values in seconds.items():
-            tier, method, budget = key
+            tier, method, budget, keys_in_memory = key
             ms = 1e3 * statistics.median(values)
             doc = docs.get(key)
-            row = {"tokens": n, "variant": "stock transformers" if tier == "stock" else f"{method} {budget:g}", "tier": tier,
+            name = "stock transformers" if tier == "stock" else f"{method} {budget:g}" + (" keys in memory" if keys_in_memory else "")
+            row = {"tokens": n, "variant": name, "tier": tier,
                    "ms_per_token": ms, "vs_stock": ms / stock_ms,
                    "bytes_per_token": statistics.median(bytes_per_token[key]) if key in bytes_per_token else None,
                    "kv_bytes_resident": stock_kv if doc is None else _resident(doc)}
@@ -157,17 +159,17 @@ def main() -> None:
             rows.append(row)
         for doc in docs.values():
             doc.close()
-    memory = _memory_check(model_path, work / f"doc-{lengths[-1]}", args.cache_mb << 20)
+    memory = _memory_check(model_path, work / f"doc-{lengths[0]}", work / f"doc-{lengths[-1]}", args.cache_mb << 20)
     meta = {"date": date.today().isoformat(),
             "machine": f"{platform.node()} ({os.cpu_count()} cpus, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, torch {torch.__version__})",
             "model": str(args.model or "random bench Llama: 4 layers, hidden 256, 4 q / 2 KV heads, d 64"),
             "dtype": str(base.lm.dtype), "device": str(base.lm.device), "rounds": rounds, "tokens_per_round": args.tokens_per_round}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows, "memory": memory}, indent=1))
-    print(f"{'tokens':>7} {'variant':<20}{'tier':<6}{'ms/token':>10}{'vs stock':>10}{'KB read/token':>15}{'KV MB resident':>16}")
+    print(f"{'tokens':>7} {'variant':<34}{'tier':<6}{'ms/token':>10}{'vs stock':>10}{'KB read/token':>15}{'KV MB resident':>16}")
     for r in rows:
         read = "-" if r["bytes_per_token"] is None else f"{r['bytes_per_token'] / 1e3:.1f}"
-        print(f"{r['tokens']:>7} {r['variant']:<20}{r['tier']:<6}{r['ms_per_token']:>10.2f}{r['vs_stock']:>10.2f}{read:>15}"
+        print(f"{r['tokens']:>7} {r['variant']:<34}{r['tier']:<6}{r['ms_per_token']:>10.2f}{r['vs_stock']:>10.2f}{read:>15}"
               f"{r['kv_bytes_resident'] / 1e6:>16.2f}")
     print("memory check:", json.dumps(memory))
     print(f"wrote {args.out}")
@@ -200,33 +202,50 @@ _MEMORY_PROBE = textwrap.dedent(
     def rss():
         status = dict(line.split(":", 1) for line in open("/proc/self/status"))
         return {k: int(status[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
-    engine = Engine.load(sys.argv[1], EngineConfig(method="rc", budget=0.02, cache_bytes=int(sys.argv[3])), show_progress=False)
-    engine.lm.model(torch.tensor([[1, 2, 3]]))  # warm up allocator and kernels
+    import gc
+    engine = Engine.load(sys.argv[1], EngineConfig(method="rc", budget=0.02, cache_bytes=int(sys.argv[4])), show_progress=False)
+    warm = engine.open(sys.argv[2])  # a short document first: every code path once (BLAS buffers, threads)
+    warm.ask([5], SamplingConfig(max_new_tokens=4))
+    warm.close()
+    del warm
+    gc.collect()
     before = rss()
-    doc = engine.open(sys.argv[2])
+    doc = engine.open(sys.argv[3])
     opened = rss()
     answer = doc.ask([5], SamplingConfig(max_new_tokens=16))
     after = rss()
     cache = doc.cache
-    index_bytes = sum(cache.index._indexes[l][h].ntotal * cache.head_dim * 4 for l in range(cache.num_layers) for h in range(cache.num_kv_heads))
+    from rcengine.storage import StreamedFlatIndex
+    index_bytes = sum(0 if isinstance(cache.index._indexes[l][h], StreamedFlatIndex) else cache.index._indexes[l][h].ntotal * cache.head_dim * 4
+                      for l in range(cache.num_layers) for h in range(cache.num_kv_heads))
+    state_bytes = 0
+    for st in cache.state:
+        tensors = [st.sink_k, st.sink_v, st.tail.k, st.tail.v]
+        if st.summary is not None:
+            tensors += list(st.summary.state_dict().values()) + [getattr(st.feature_map, "centroids", getattr(st.feature_map, "W", None))]
+        state_bytes += sum(t.numel() * t.element_size() for t in tensors if t is not None)
     mid = sum(cache.tier.num_rows(l) for l in range(cache.num_layers))
     kv_bytes = mid * cache.num_kv_heads * cache.tier.layout.row_bytes
-    print(json.dumps({"before": before, "opened": opened, "after": after, "cache_bound": int(sys.argv[3]),
-                      "cache_peak": cache.tier.cache.peak_bytes, "index_bytes": index_bytes, "mid_kv_bytes": kv_bytes,
+    print(json.dumps({"before": before, "opened": opened, "after": after, "cache_bound": int(sys.argv[4]),
+                      "cache_peak": cache.tier.cache.peak_bytes, "index_resident_bytes": index_bytes, "document_state_bytes": state_bytes,
+                      "mid_kv_bytes": kv_bytes, "mid_keys_fp32_bytes": mid * cache.num_kv_heads * cache.head_dim * 4,
                       "disk_physical": answer.stats["bytes"]["physical"]}))
     """
 )
 
 
-def _memory_check(model: Path, store: Path, cache_bytes: int) -> dict:
-    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(model), str(store), str(cache_bytes)],
+def _memory_check(model: Path, warm_store: Path, store: Path, cache_bytes: int) -> dict:
+    """Peak resident memory growth of reopening ``store`` on the disk tier and decoding 16 tokens,
+    in a fresh process, after a short document has warmed every code path."""
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(model), str(warm_store), str(store), str(cache_bytes)],
                          capture_output=True, text=True, check=True)
     m = json.loads(out.stdout.strip().splitlines()[-1])
-    growth = m["after"]["VmHWM"] - m["before"]["VmRSS"]
+    growth = m["after"]["VmHWM"] - m["before"]["VmRSS"]  # VmHWM: the peak, ever
     m["peak_growth_bytes"] = growth
-    m["bound_without_index"] = m["cache_bound"]
-    m["within_cache_bound"] = growth <= m["cache_bound"]
-    m["within_cache_bound_plus_index"] = growth <= m["cache_bound"] + m["index_bytes"]
+    # What reopening may hold beyond the model: the block cache (bounded) and the document's small
+    # device state (anchors, tail, summaries), plus one block of keys being searched (4 MiB).
+    m["bound_bytes"] = m["cache_bound"] + m["document_state_bytes"] + (4 << 20)
+    m["within_bound"] = growth <= m["bound_bytes"]
     return m
 
 

@@ -28,6 +28,9 @@ class EngineConfig:
       index and the summary once it holds ``tail + spill``.
     - ``offload``: where the mid-region lives: ``device``, ``cpu`` (host memory) or ``disk`` (Zarr
       at ``store``, a temporary folder if None).
+    - ``keys_in_memory``: for a document reopened on the disk tier, load the flat key index's keys
+      into memory (faster selection; memory grows with the document).  By default they stay in the
+      store and each search reads them block by block, so memory stays within the block cache.
     """
 
     method: Method = "rc"
@@ -42,6 +45,7 @@ class EngineConfig:
     block_tokens: int = DEFAULT_BLOCK_TOKENS
     cache_bytes: int = DEFAULT_CACHE_BYTES
     prefill_chunk: int = 1024
+    keys_in_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from ..storage import (
@@ -151,7 +152,13 @@ class Engine:
         cache = RCCache(cfg, layers, heads, dim, self.lm.dtype, dev, tier, index, meter)
         for layer, st in enumerate(cache.state):
             for head in range(heads):
-                index.load(layer, head, art.read_bytes(f"index-L{layer}-H{head}.bin"))
+                if cfg.index.kind != "flat":
+                    index.load(layer, head, art.read_bytes(f"index-L{layer}-H{head}.bin"))
+                elif cfg.offload == "disk" and not cfg.keys_in_memory:
+                    reader = art.block_reader(_keys_file(layer, head))
+                    index.attach_streamed(layer, head, reader, reader.size // (4 * dim))
+                else:
+                    index.load_keys(layer, head, np.frombuffer(art.read_bytes(_keys_file(layer, head)), dtype=np.float32).reshape(-1, dim))
             p = f"L{layer}."
             st.prefill = None
             st.sink_k, st.sink_v = anchors[p + "sink_k"].to(dev), anchors[p + "sink_v"].to(dev)
@@ -241,7 +248,10 @@ class Engine:
                 summaries.update({p + "map." + k: v for k, v in feature_map_tensors(st.feature_map).items()})
                 summaries.update({p + "summary." + k: v for k, v in st.summary.state_dict().items()})
             for head in range(heads):
-                writer.put_bytes(f"index-L{layer}-H{head}.bin", cache.index.serialize(layer, head))
+                if cfg.index.kind == "flat":  # plain keys: searched in memory or read block by block
+                    writer.put_bytes(_keys_file(layer, head), cache.index.keys(layer, head).tobytes(), block_bytes=KEY_BLOCK_ROWS * dim * 4)
+                else:
+                    writer.put_bytes(f"index-L{layer}-H{head}.bin", cache.index.serialize(layer, head))
         writer.put_tensors("anchors", anchors)
         writer.put_tensors("summaries", summaries)
         meta = {
@@ -379,6 +389,14 @@ class Document:
 
     def __exit__(self, *exc) -> None:  # noqa: ANN002
         self.close()
+
+
+# Rows of float32 keys per verified block of a persisted flat index (4 MiB at head dim 64).
+KEY_BLOCK_ROWS = 16384
+
+
+def _keys_file(layer: int, head: int) -> str:
+    return f"keys-L{layer}-H{head}.f32"
 
 
 def _safe_prefix(text: str, stops: tuple[str, ...]) -> int:

@@ -40,7 +40,7 @@ from fsspec.implementations.local import LocalFileSystem
 from .checked_store import CorruptChunkError, crc32c_hex
 
 FORMAT = "rcengine-prefill"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: flat key indexes stored as plain block-checksummed key files
 MANIFEST = "manifest.json"
 KV_STORE = "kv.zarr"
 
@@ -117,12 +117,19 @@ class ArtifactWriter:
         """Where the KV store goes (create a DiskTier there): a path, or a URL for remote ones."""
         return _join(self.fs, self.root, KV_STORE, self.local)
 
-    def put_bytes(self, name: str, data: bytes) -> None:
+    def put_bytes(self, name: str, data: bytes, block_bytes: int | None = None) -> None:
+        """A file.  With ``block_bytes`` each block of that size also gets a checksum, so that the
+        file can be read block by block, each verified (:meth:`Artifact.block_reader`)."""
         if "/" in name or name in (MANIFEST, KV_STORE) or name.startswith("."):
             raise ValueError(f"{name!r} is not a valid artifact file name")
         with self.fs.open(f"{self.root}/{name}", "wb") as f:
             f.write(data)
-        self._files[name] = {"crc32c": crc32c_hex(data), "bytes": len(data)}
+        entry: dict[str, Any] = {"crc32c": crc32c_hex(data), "bytes": len(data)}
+        if block_bytes is not None:
+            view = memoryview(data)
+            entry["block_bytes"] = block_bytes
+            entry["blocks"] = [crc32c_hex(view[i : i + block_bytes]) for i in range(0, len(data), block_bytes)]
+        self._files[name] = entry
 
     def put_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
         """Tensors as ``NAME.safetensors`` (contiguous CPU copies)."""
@@ -254,3 +261,43 @@ class Artifact:
 
     def read_tensors(self, name: str) -> dict[str, torch.Tensor]:
         return safetensors.torch.load(self.read_bytes(f"{name}.safetensors"))
+
+    def block_reader(self, name: str) -> "BlockReader":
+        """Read a file written with block checksums one verified block at a time (nothing of it is
+        kept in memory between reads)."""
+        entry = self.manifest["files"].get(name)
+        if entry is None or "blocks" not in entry:
+            raise ArtifactError(f"{self.location} has no block-checksummed file {name!r}")
+        return BlockReader(self.fs, f"{self.root}/{name}", name, self.location, entry)
+
+
+class BlockReader:
+    """Verified reads of fixed-size blocks of one artifact file."""
+
+    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, name: str, location: str, entry: dict[str, Any]) -> None:
+        self.fs, self.path, self.name, self.location = fs, path, name, location
+        self.block_bytes: int = entry["block_bytes"]
+        self.size: int = entry["bytes"]
+        self._crcs: list[str] = entry["blocks"]
+        self.bytes_read = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._crcs)
+
+    def read(self, block: int) -> bytes:
+        offset = block * self.block_bytes
+        want = min(self.block_bytes, self.size - offset)
+        try:
+            with self.fs.open(self.path, "rb") as f:
+                f.seek(offset)
+                data = f.read(want)
+        except FileNotFoundError:
+            raise CorruptChunkError(f"file {self.name!r} of {self.location} is missing") from None
+        if len(data) != want or crc32c_hex(data) != self._crcs[block]:
+            raise CorruptChunkError(
+                f"block {block} of file {self.name!r} of {self.location} fails its checksum: "
+                "the artifact is corrupt; re-run the prefill or restore it from a copy"
+            )
+        self.bytes_read += len(data)
+        return data

@@ -41,6 +41,54 @@ class IndexSpec:
             raise ValueError(f"index parameters must be positive: {self}")
 
 
+class StreamedFlatIndex:
+    """Exact inner-product search over keys kept in a file, read block by block at every search.
+
+    Holds no key in memory but rows added later (tokens spilled after reopening).  ``reader``
+    gives verified blocks of float32 rows (``num_blocks``, ``read(i) -> bytes``).  Mimics the FAISS
+    calls KeyIndex makes (``ntotal``, ``add``, ``search``)."""
+
+    def __init__(self, reader, rows: int, dim: int) -> None:  # noqa: ANN001 (storage.artifact.BlockReader or alike)
+        self.reader, self.rows, self.d = reader, rows, dim
+        self._extra: list[np.ndarray] = []
+
+    @property
+    def ntotal(self) -> int:
+        return self.rows + sum(x.shape[0] for x in self._extra)
+
+    def add(self, rows: np.ndarray) -> None:
+        self._extra.append(np.array(rows, dtype=np.float32, copy=True))
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``q: (G, d)`` -> scores and ids ``(G, k)``, best first (ids -1 past the rows there are)."""
+        g = q.shape[0]
+        best_s = np.empty((g, 0), np.float32)
+        best_i = np.empty((g, 0), np.int64)
+        offset = 0
+
+        def merge(x: np.ndarray) -> None:
+            nonlocal best_s, best_i, offset
+            cand_s = np.concatenate([best_s, q @ x.T], axis=1)
+            cand_i = np.concatenate([best_i, np.broadcast_to(np.arange(offset, offset + x.shape[0]), (g, x.shape[0]))], axis=1)
+            if cand_s.shape[1] > k:
+                keep = np.argpartition(-cand_s, k - 1, axis=1)[:, :k]
+                cand_s, cand_i = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
+            best_s, best_i = cand_s, cand_i
+            offset += x.shape[0]
+
+        for block in range(self.reader.num_blocks):
+            merge(np.frombuffer(self.reader.read(block), dtype=np.float32).reshape(-1, self.d))
+        for x in self._extra:
+            merge(x)
+        order = np.argsort(-best_s, axis=1, kind="stable")
+        scores, ids = np.take_along_axis(best_s, order, 1), np.take_along_axis(best_i, order, 1)
+        if scores.shape[1] < k:
+            pad = k - scores.shape[1]
+            scores = np.concatenate([scores, np.full((g, pad), -np.inf, np.float32)], axis=1)
+            ids = np.concatenate([ids, np.full((g, pad), -1, np.int64)], axis=1)
+        return scores, ids
+
+
 class KeyIndex:
     """Indexes for every (layer, KV head) of one sequence."""
 
@@ -137,10 +185,29 @@ class KeyIndex:
             faiss.cvar.hnsw_stats.reset()
             scores, found = index.search(q, k)
             return scores, found, int(faiss.cvar.hnsw_stats.ndis)
-        scores, found = index.search(q, k)
+        scores, found = index.search(q, k)  # flat, resident or streamed
         return scores, found, index.ntotal  # a flat search reads every key once for the group
 
     # -- persistence --------------------------------------------------------------------------
+
+    def keys(self, layer: int, head: int) -> np.ndarray:
+        """A flat index's keys, ``(n, d)`` float32 (for persisting them as a plain file)."""
+        index = self._indexes[layer][head]
+        if not isinstance(index, faiss.IndexFlat):
+            raise TypeError(f"only flat indexes hold their keys plainly, not {type(index).__name__}")
+        return index.reconstruct_n(0, index.ntotal)
+
+    def load_keys(self, layer: int, head: int, keys: np.ndarray) -> None:
+        """A resident flat index over ``keys: (n, d)`` float32."""
+        index = faiss.IndexFlatIP(self.head_dim)
+        index.add(np.ascontiguousarray(keys, dtype=np.float32))
+        self._indexes[layer][head] = index
+        self._untrained[layer][head] = []
+
+    def attach_streamed(self, layer: int, head: int, reader, rows: int) -> None:  # noqa: ANN001
+        """A flat index whose keys stay in a file (see :class:`StreamedFlatIndex`)."""
+        self._indexes[layer][head] = StreamedFlatIndex(reader, rows, self.head_dim)
+        self._untrained[layer][head] = []
 
     def serialize(self, layer: int, head: int) -> bytes:
         if self.spec.kind == "ivf" and not self._is_trained(layer, head):

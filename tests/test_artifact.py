@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rcengine.storage.artifact import FORMAT_VERSION
 from rcengine.storage import (
     Artifact,
     ArtifactError,
@@ -118,7 +119,7 @@ def test_missing_or_broken_manifest(tmp_path):
     manifest.write_text(text[: len(text) // 2])
     with pytest.raises(ArtifactError, match="not valid JSON"):
         Artifact.open(tmp_path / "doc")
-    manifest.write_text(text.replace('"format_version": 1', '"format_version": 99'))
+    manifest.write_text(text.replace(f'"format_version": {FORMAT_VERSION}', '"format_version": 99'))
     with pytest.raises(ArtifactError, match="format version 99"):
         Artifact.open(tmp_path / "doc")
     manifest.unlink()
@@ -236,3 +237,18 @@ def test_url_artifact_round_trip(tmp_path):
     assert torch.equal(k.view(torch.int16), ref["k"][0].view(torch.int16))
     manifest = json.loads(art.fs.cat(f"{art.root}/manifest.json"))
     assert manifest["kv_checksums"]
+
+
+def test_block_reader_verifies_each_block(tmp_path):
+    data = bytes(range(256)) * 40  # 10240 bytes: blocks of 4096, 4096, 2048
+    with ArtifactWriter(tmp_path / "doc") as w:
+        w.put_bytes("keys.f32", data, block_bytes=4096)
+        w.commit(MODEL, {}, {})
+    reader = Artifact.open(tmp_path / "doc").block_reader("keys.f32")
+    assert reader.num_blocks == 3
+    assert b"".join(reader.read(i) for i in range(3)) == data
+    _flip(tmp_path / "doc" / "keys.f32", 5000)
+    reader = Artifact.open(tmp_path / "doc").block_reader("keys.f32")
+    assert reader.read(0) == data[:4096]  # other blocks still read
+    with pytest.raises(CorruptChunkError, match="block 1 of file 'keys.f32'"):
+        reader.read(1)

@@ -15,6 +15,7 @@ from rcengine.engine.config import EngineConfig
 from rcengine.engine.hf_integration import forward_logits
 from rcengine.engine.sampling import SamplingConfig
 from rcengine.engine.session import Engine
+from rcengine.storage import StreamedFlatIndex
 from tiny_models import FAMILIES, save_tiny_model
 
 PROMPT_LEN, NEW = 300, 12
@@ -132,8 +133,13 @@ def test_persisted_document_reopens_in_a_new_process(models, tmp_path):
     out = subprocess.run([sys.executable, "-c", _REOPEN, str(models["mistral"]), str(tmp_path / "doc"), json.dumps(question)],
                          capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == here
-    # Reading starts from the store: no KV row was loaded at open.
+    # Reading starts from the store: no KV row was loaded at open, and the keys the index searches
+    # stay in the store too (read block by block at each search) unless asked for in memory.
     assert reopened.meter.totals(step=0).logical == 0
+    assert isinstance(reopened.cache.index._indexes[0][0], StreamedFlatIndex)
+    in_memory = Engine(engine.lm, EngineConfig(method="rc", budget=0.05, keys_in_memory=True), show_progress=False).open(tmp_path / "doc")
+    assert not isinstance(in_memory.cache.index._indexes[0][0], StreamedFlatIndex)
+    assert in_memory.ask(question, SamplingConfig(max_new_tokens=8)).token_ids == here
 
 
 def test_persisted_from_cpu_offload_and_reopened_into_memory(models, tmp_path):

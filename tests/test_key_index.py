@@ -122,3 +122,44 @@ def test_bad_spec_and_keys():
         IndexSpec("ivf", nprobe=0)
     with pytest.raises(ValueError, match="do not fit"):
         KeyIndex(IndexSpec(), 1, H, D).add(0, torch.zeros(3, 5, D))
+
+
+class _Blocks:
+    """An in-memory stand-in for an artifact's block reader."""
+
+    def __init__(self, keys: np.ndarray, rows: int) -> None:
+        data = np.ascontiguousarray(keys, dtype=np.float32).tobytes()
+        step = rows * keys.shape[1] * 4
+        self.blocks = [data[i : i + step] for i in range(0, len(data), step)]
+        self.reads = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def read(self, i: int) -> bytes:
+        self.reads += 1
+        return self.blocks[i]
+
+
+def test_streamed_flat_equals_resident_flat(gen):
+    k, _ = _data(gen, 2500)
+    extra, _ = _data(gen, 300)
+    resident = KeyIndex(IndexSpec("flat"), 1, H, D)
+    resident.add(0, k)
+    resident.add(0, extra)
+    streamed = KeyIndex(IndexSpec("flat"), 1, H, D)
+    readers = []
+    for h in range(H):
+        readers.append(_Blocks(resident.keys(0, h)[:2500], rows=700))  # 4 blocks, the last partial
+        streamed.attach_streamed(0, h, readers[-1], 2500)
+    streamed.add(0, extra)  # rows added after reopening stay in memory
+    assert streamed.num_rows(0, 1) == 2800
+    for count in (1, 40, 3000):
+        q = torch.randn(H, G, D, generator=gen)
+        ids_r, valid_r = resident.search(0, q, count)
+        ids_s, valid_s = streamed.search(0, q, count)
+        assert torch.equal(valid_r, valid_s)
+        for h in range(H):
+            assert set(ids_r[h][valid_r[h]].tolist()) == set(ids_s[h][valid_s[h]].tolist())
+    assert all(r.reads == 3 * 4 for r in readers)  # every search reads every block once
