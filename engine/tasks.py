@@ -91,11 +91,12 @@ class TaskGenerator:
         """Haystack of ``length`` tokens minus the question and inserts, with the inserts placed at
         sentence boundaries at the given depths.  Returns (context, depth of the first insert)."""
         budget = length - self.count_tokens(question) - sum(self.count_tokens(s) for s in inserts) - 8
-        text = self.haystack(rng, max(budget, 1) * 4)
-        # Trim to the token budget (text is ~4 characters a token; refine once).
-        n = self.count_tokens(text)
-        if n > budget:
-            text = text[: max(0, int(len(text) * budget / n))]
+        text = self.haystack(rng, max(budget, 1) * 8)  # more than enough: tokens are < 8 characters
+        for _ in range(3):  # trim to the token budget by proportion, refining
+            n = self.count_tokens(text)
+            if n <= budget:
+                break
+            text = text[: max(0, int(len(text) * budget / n * 0.995))]
         cuts = []
         for d in depths:
             pos = int(len(text) * d)
