@@ -74,11 +74,11 @@ def _budget(value: float) -> float:
     return value
 
 
-def _config(method: MethodName, budget: float, offload: OffloadName, store: Path | None, sink: int, tail: int,
+def _config(method: MethodName, budget: float, offload: OffloadName, sink: int, tail: int,
             estimator: EstimatorName, features: int) -> rcengine.EngineConfig:
     return rcengine.EngineConfig(
         method=method.value, budget=budget, offload=offload.value, sink=sink, tail=tail,
-        estimator=rcengine.EstimatorSpec(estimator.value, features), store=str(store) if store else None,
+        estimator=rcengine.EstimatorSpec(estimator.value, features),
     )
 
 
@@ -171,7 +171,7 @@ def generate(
         typer.echo(f"[embedded demo: {len(demo.document)} characters of text, then: {demo.question.strip().splitlines()[0]}"
                    f" (expected: {demo.answer})]", err=True)
     _quiet_transformers()
-    cfg = _config(method, budget, offload, None, sink, tail, estimator, features)
+    cfg = _config(method, budget, offload, sink, tail, estimator, features)
     engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
     sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()))
     answer = engine.generate(text, sampling, on_text=_stream(as_json), store=store)
@@ -195,7 +195,7 @@ def prefill(
     """Prefill a document once and persist it; ask it questions later with `rcengine ask`."""
     text = _read_text(file)
     _quiet_transformers()
-    cfg = _config(MethodName.rc, 0.02, OffloadName.disk, None, sink, tail, estimator, features)
+    cfg = _config(MethodName.rc, 0.02, OffloadName.disk, sink, tail, estimator, features)
     engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
     doc = engine.prefill(text, store=store, overwrite=overwrite)
     typer.echo(json.dumps({"store": str(store), "tokens": doc.tokens, "prefill_ms": round(doc.prefill_ms, 1)}))

@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
 from .attention import dense_attention, group_queries, rc_attention, topk_attention
+from .config import METHODS, Method
 from .feature_maps import EstimatorSpec, FeatureMap, build_feature_map
 from .retrieval import gather_tokens, group_topk
 from .summary import Summary
-
-Method = Literal["dense", "sink-tail", "topk", "rc"]
-METHODS: tuple[Method, ...] = ("dense", "sink-tail", "topk", "rc")
 
 
 @dataclass
