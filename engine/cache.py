@@ -207,6 +207,3 @@ class RCCache(Cache):
         if st.summary is not None:
             st.summary.fold(st.feature_map.key_logits(k), v)
         st.spilled += k.shape[2]
-
-    def mid_rows(self, layer: int) -> int:
-        return self.tier.num_rows(layer)

@@ -36,7 +36,7 @@ from ..storage import (
     host_tier,
 )
 from ..storage.rows import dtype_name
-from .budget import TokenCost, retrieval_count
+from .budget import retrieval_count
 from .cache import RCCache, _Growable
 from .config import EngineConfig
 from .feature_maps import EstimatorSpec, feature_map_from_tensors, feature_map_tensors
@@ -362,8 +362,8 @@ class Document:
             by_tier[t] = {"logical": c.logical, "physical": c.physical, "h2d": c.h2d, "disk_read": c.disk_read,
                           "cache_hits": c.cache_hits, "cache_misses": c.cache_misses}
         index_bytes = meter.index_totals(since=first_step).bytes
-        layers, heads, dim = cache.num_layers, cache.num_kv_heads, cache.head_dim
-        row = TokenCost(dim, torch.finfo(cache.dtype).bits // 8, 0).token_bytes
+        layers, heads = cache.num_layers, cache.num_kv_heads
+        row = cache.tier.layout.row_bytes
         logical = sum(v["logical"] for v in by_tier.values())
         tokens_read = logical / (row * layers * heads * queries) if queries else 0.0
         st = cache.state[0]

@@ -104,6 +104,3 @@ class Summary:
             if tuple(state[name].shape) != shape:
                 raise ValueError(f"summary {name} has shape {tuple(state[name].shape)}, expected {shape}")
         return summary
-
-    def to(self, device: torch.device | str) -> "Summary":
-        return Summary(**{name: getattr(self, name).to(device) for name in _FIELDS})
