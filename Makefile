@@ -8,7 +8,7 @@ STAMP := $(VENV)/.rcengine-installed
 # multi-GB CUDA build.  On our CPU machines torch 2.13.0 is a CPU build on local disk.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-io bench-io-quick clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,13 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/attention_error.py
+
+# The I/O-versus-quality report (DESIGN.md 2): report.json, report.md and plots in bench/out/.
+bench-io: $(STAMP)
+	$(VENV)/bin/rcengine bench-io --out bench/out/bench-io
+
+bench-io-quick: $(STAMP)
+	$(VENV)/bin/rcengine bench-io --quick --out bench/out/bench-io-quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

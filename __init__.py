@@ -25,6 +25,8 @@ from .engine import (
 )
 from .engine.config import METHODS, OFFLOADS, EngineConfig
 from .engine.demo import demo_prompt
+from .engine.io_bench import BenchIOConfig, run_bench_io
+from .engine.io_report import overview_table, write_report
 from .engine.model_loader import LoadedModel, default_model_path, load_model
 from .engine.sampling import SamplingConfig
 from .engine.session import Answer, Document, Engine
@@ -36,8 +38,9 @@ except PackageNotFoundError:  # imported from a source tree that was not install
     __version__ = "0+unknown"
 
 __all__ = [
-    "METHODS", "OFFLOADS", "Answer", "ArtifactError", "CentroidFeatures", "CorruptChunkError", "Document", "Engine",
+    "METHODS", "OFFLOADS", "Answer", "ArtifactError", "BenchIOConfig", "CentroidFeatures", "CorruptChunkError", "Document", "Engine",
     "EngineConfig", "EstimatorSpec", "FavorFeatures", "IndexSpec", "LayerContext", "LoadedModel", "ModelMismatchError",
     "SamplingConfig", "Summary", "TokenCost", "__version__", "available_tiers", "default_model_path", "demo_prompt",
-    "dense_attention", "load_model", "rc_attention", "retrieval_count", "topk_attention",
+    "dense_attention", "load_model", "overview_table", "rc_attention", "retrieval_count", "run_bench_io", "topk_attention",
+    "write_report",
 ]

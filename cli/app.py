@@ -248,6 +248,92 @@ def _finish(answer: rcengine.Answer, as_json: bool) -> None:
     )
 
 
+def _csv(value: str, convert: Callable[[str], Any], what: str) -> tuple:
+    try:
+        items = tuple(convert(x.strip()) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{what} {value!r} is not a comma-separated list (e.g. {_CSV_EXAMPLES[what]})") from None
+    if not items:
+        raise ValueError(f"{what} is empty (e.g. {_CSV_EXAMPLES[what]})")
+    return items
+
+
+_CSV_EXAMPLES = {"--lengths": "4096,8192", "--tasks": "niah_single_number,common_words", "--budgets": "0.005,0.01,0.02,0.04",
+                 "--estimators": "centroid,favor", "--tiers": "cpu,disk"}
+
+
+def _bandwidths(values: list[str]) -> tuple[tuple[str, float], ...]:
+    """``NAME=GB/s`` pairs (``ssd=1.9``) -> (name, bytes per second)."""
+    out = []
+    for v in values:
+        name, sep, rate = v.partition("=")
+        try:
+            gbps = float(rate if sep else name)
+        except ValueError:
+            raise ValueError(f"--io-bandwidth {v!r} is not NAME=GB/s (e.g. ssd=1.9 or pcie=55)") from None
+        if gbps <= 0:
+            raise ValueError(f"--io-bandwidth {v!r} must be positive")
+        out.append((name if sep else f"{gbps:g}GB/s", gbps * 1e9))
+    return tuple(out)
+
+
+@app.command("bench-io")
+@_user_errors
+def bench_io(
+    quick: bool = typer.Option(False, "--quick", help="A small run (one length, two tasks, two budgets): what CI runs."),
+    model: Path = MODEL,
+    lengths: str = typer.Option(None, "--lengths", help="Context lengths in tokens, comma-separated (default 4096,8192,16384)."),
+    tasks: str = typer.Option(None, "--tasks", help="Task names, comma-separated (default: all nine)."),
+    examples: int = typer.Option(None, "--examples", min=1, help="Examples per task and length (default 2)."),
+    budgets: str = typer.Option(None, "--budgets", help="Budgets as fractions, comma-separated (default 0.005,0.01,0.02,0.04)."),
+    estimators: str = typer.Option(None, "--estimators", help="rc estimators, comma-separated (default centroid,favor)."),
+    tiers: str = typer.Option(None, "--tiers", help="Offload tiers, comma-separated (default cpu,disk)."),
+    io_bandwidth: list[str] = typer.Option(None, "--io-bandwidth", help="NAME=GB/s for the modelled time (repeatable; default ssd=1.9, pcie=55)."),
+    max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Greedy answer length cap (default 32)."),
+    out: Path = typer.Option(Path("bench-io"), "--out", help="Folder for report.json, report.md and the plots."),
+    workdir: Path = typer.Option(None, "--workdir", help="Where scratch stores go (default: a temporary folder)."),
+    device: str = DEVICE,
+    trust_remote_code: bool = TRUST,
+) -> None:
+    """Measure what each byte read buys: quality, bytes and time of every method, budget and tier."""
+    base = rcengine.BenchIOConfig.quick() if quick else rcengine.BenchIOConfig()
+    changes: dict[str, Any] = {}
+    if lengths is not None:
+        changes["lengths"] = _csv(lengths, int, "--lengths")
+    if tasks is not None:
+        changes["tasks"] = _csv(tasks, str, "--tasks")
+    if examples is not None:
+        changes["examples"] = examples
+    if budgets is not None:
+        changes["budgets"] = _csv(budgets, float, "--budgets")
+    if estimators is not None:
+        changes["estimators"] = _csv(estimators, str, "--estimators")
+    if tiers is not None:
+        changes["tiers"] = _csv(tiers, str, "--tiers")
+    if io_bandwidth:
+        changes["bandwidths"] = _bandwidths(io_bandwidth)
+    if max_new_tokens is not None:
+        changes["max_new_tokens"] = max_new_tokens
+    if workdir is not None:
+        changes["workdir"] = str(workdir)
+    import dataclasses
+
+    cfg = dataclasses.replace(base, **changes)  # validated by BenchIOConfig
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a folder: choose another --out")
+    _quiet_transformers()
+    lm = rcengine.load_model(model, device=device, trust_remote_code=trust_remote_code)
+    report = rcengine.run_bench_io(lm, cfg)
+    paths = rcengine.write_report(report, out)
+    from rich.console import Console
+
+    Console(width=200).print(rcengine.overview_table(report))
+    for t in report["tradeoff"]:
+        rho = "not reached" if t["rho_star"] is None else ("<= " if t["match"] == "at most" else "") + f"{t['rho_star']:.3g}"
+        typer.echo(f"rc-{t['estimator']} matches topk@{t['topk_budget']:g} (KL {t['topk_kl']:.3g}) at rho* {rho}")
+    typer.echo("wrote " + ", ".join(str(p) for p in paths))
+
+
 def _version(name: str) -> str:
     try:
         return version(name)

@@ -15,14 +15,15 @@ Shapes: keys and values ``(1, Hkv, n, d)``; the model's queries ``(1, Hq, T, d)`
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 from transformers import Cache
 
 from ..storage import ByteMeter, KeyIndex, KVTier
 from .config import EngineConfig
-from .feature_maps import FeatureMap, build_feature_map
+from .feature_maps import EstimatorSpec, FeatureMap, build_feature_map
 from .summary import Summary
 
 
@@ -107,6 +108,10 @@ class RCCache(Cache):
         self.meter = meter
         self.phase = "prefill"
         self.spill_enabled = True
+        # Called by decode attention with (layer, qg, sink_k, sink_v, tail_k, tail_v) for every query
+        # token when set: evaluation hooks in (bench-io); None on the normal path.
+        self.probe: Callable[..., None] | None = None
+        self._estimators: dict[EstimatorSpec, list[tuple[FeatureMap | None, Summary | None]]] = {}
         self.state = [LayerState(prefill=_Growable(num_kv_heads, head_dim, dtype, device, 1024)) for _ in range(num_layers)]
 
     # -- the transformers Cache surface used by the supported models and their masks ----------
@@ -184,13 +189,46 @@ class RCCache(Cache):
 
     def _build_summary(self, layer: int, k_mid: torch.Tensor, v_mid: torch.Tensor) -> None:
         st = self.state[layer]
-        st.feature_map = build_feature_map(self.config.estimator, layer, k_mid, self.num_kv_heads, self.head_dim, self.device)
-        if st.feature_map is None:
-            return
-        st.summary = Summary.empty(1, self.num_kv_heads, st.feature_map.num_features, self.head_dim, self.device)
+        st.feature_map, st.summary = self._summarise(self.config.estimator, layer, k_mid, v_mid)
+
+    def _summarise(self, spec: EstimatorSpec, layer: int, k_mid: torch.Tensor, v_mid: torch.Tensor) -> tuple[FeatureMap | None, Summary | None]:
+        """Feature map and summary of ``k_mid, v_mid: (1, Hkv, n, d)`` under ``spec``."""
+        fmap = build_feature_map(spec, layer, k_mid, self.num_kv_heads, self.head_dim, self.device)
+        if fmap is None:
+            return None, None
+        summary = Summary.empty(1, self.num_kv_heads, fmap.num_features, self.head_dim, self.device)
         for start in range(0, k_mid.shape[2], 4096):
             ks = k_mid[:, :, start : start + 4096]
-            st.summary.fold(st.feature_map.key_logits(ks), v_mid[:, :, start : start + 4096])
+            summary.fold(fmap.key_logits(ks), v_mid[:, :, start : start + 4096])
+        return fmap, summary
+
+    def estimator_layers(self, spec: EstimatorSpec) -> list[tuple[FeatureMap | None, Summary | None]]:
+        """Every layer's (feature map, summary) of the mid-region under ``spec``: the live ones if
+        ``spec`` is in use, else built once from the tier's rows (one full read, not metered:
+        housekeeping, not a question's cost) and kept, so that switching is free afterwards."""
+        if spec == self.config.estimator:
+            return [(st.feature_map, st.summary) for st in self.state]
+        if spec not in self._estimators:
+            built = []
+            with self.meter.paused():
+                for layer in range(self.num_layers):
+                    n = self.tier.num_rows(layer)
+                    k, v = self.tier.gather(layer, torch.arange(n).expand(self.num_kv_heads, n))
+                    built.append(self._summarise(spec, layer, k[None].to(self.dtype), v[None].to(self.dtype)))
+            self._estimators[spec] = built
+        return self._estimators[spec]
+
+    def use_estimator(self, spec: EstimatorSpec) -> None:
+        """Switch every layer's completion estimator to ``spec`` (see :meth:`estimator_layers`).
+        Call between questions, not during generation: spills fold into the live summaries only."""
+        if spec == self.config.estimator:
+            return
+        layers = self.estimator_layers(spec)
+        self._estimators[self.config.estimator] = [(st.feature_map, st.summary) for st in self.state]
+        del self._estimators[spec]
+        for st, (fmap, summary) in zip(self.state, layers, strict=True):
+            st.feature_map, st.summary = fmap, summary
+        self.config = replace(self.config, estimator=spec)
 
     def _spill_if_full(self, layer: int, new: int) -> None:
         """Once the tail holds ``tail + spill`` tokens, move its oldest ones to the tier, index and
@@ -202,6 +240,7 @@ class RCCache(Cache):
         if not self.spill_enabled or st.tail.n < cfg.tail + cfg.spill or count <= 0:
             return
         k, v, pos = st.tail.drop_front(count)
+        self._estimators.clear()  # other estimators' summaries no longer cover the mid-region
         self.tier.append(layer, k[0], v[0], pos)
         self.index.add(layer, k[0])
         if st.summary is not None:

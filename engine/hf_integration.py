@@ -97,10 +97,31 @@ def kv_shape(config) -> tuple[int, int, int]:  # noqa: ANN001
     return config.num_hidden_layers, kv, head_dim
 
 
-def forward_logits(model: PreTrainedModel, input_ids: torch.Tensor, cache: RCCache, start: int) -> torch.Tensor:
+def forward_logits(model: PreTrainedModel, input_ids: torch.Tensor, cache: RCCache, start: int, every_position: bool = False) -> torch.Tensor:
     """One forward over ``input_ids (1, T)`` at positions ``start..start+T-1`` under ``cache``;
-    -> logits of the last position ``(1, vocab)`` in float32."""
+    -> logits of the last position ``(1, vocab)`` in float32, or of every position ``(1, T, vocab)``."""
     positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
     with active(cache):
-        out = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1].float()
+        out = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True,
+                    logits_to_keep=0 if every_position else 1)
+    return out.logits.float() if every_position else out.logits[:, -1].float()
+
+
+def reference_logits(model: PreTrainedModel, prefix: list[int], continuations: list[list[int]], chunk: int = 1024) -> list[torch.Tensor]:
+    """The model's own dense attention (transformers SDPA and its DynamicCache, no rcengine):
+    teacher-forced logits ``(T_i, vocab)`` float32 of each continuation after ``prefix``.  The
+    prefix is run once in chunks; the cache is cropped back to it between continuations."""
+    from transformers import DynamicCache
+
+    device = next(model.parameters()).device
+    cache = DynamicCache(config=model.config)
+    x = torch.tensor([prefix], device=device)
+    with torch.no_grad():
+        for start in range(0, len(prefix), chunk):
+            model(input_ids=x[:, start : start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        outs = []
+        for cont in continuations:
+            out = model(input_ids=torch.tensor([cont], device=device), past_key_values=cache, use_cache=True)
+            outs.append(out.logits[0].float())
+            cache.crop(-len(cont))  # negative: tokens to remove (5.17 and later; positive meant a length before)
+    return outs

@@ -46,6 +46,8 @@ def decode_attention(cache: RCCache, layer: int, query: torch.Tensor, scale: flo
             exact_state(qg, st.sink_k, st.sink_v, scale),
             exact_state(qg, tail_k[:, :, :visible], tail_v[:, :, :visible], scale),
         )
+        if cache.probe is not None:  # evaluation only (bench-io): the query and the anchors it sees
+            cache.probe(layer, qg, st.sink_k, st.sink_v, tail_k[:, :, :visible], tail_v[:, :, :visible])
         if cfg.method == "dense" and n_mid:
             ids = torch.arange(n_mid).expand(hkv, n_mid)
             k_all, v_all = cache.tier.gather(layer, ids)

@@ -11,13 +11,15 @@ join the tail and are dropped afterwards (the tail is sized so nothing spills me
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
 import time
 import weakref
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -281,6 +283,36 @@ class Document:
     def meter(self) -> ByteMeter:
         return self.cache.meter
 
+    def configure(self, method: str | None = None, budget: float | None = None, estimator: EstimatorSpec | None = None) -> None:
+        """Change how the next questions attend to this document: the KV, index and anchors are
+        reused.  A new ``estimator`` is built once from the tier (see :meth:`RCCache.use_estimator`)."""
+        cfg = self.engine.config
+        changes = {k: v for k, v in {"method": method, "budget": budget, "estimator": estimator}.items() if v is not None}
+        new = replace(cfg, **changes)  # validated by EngineConfig
+        if new.estimator != self.cache.config.estimator:
+            self.cache.use_estimator(new.estimator)
+        self.cache.config = new
+        self.engine = Engine(self.engine.lm, new, self.engine.show_progress)
+
+    def drop_caches(self) -> None:
+        """Forget cached KV blocks, so that the next question starts cold (disk tier; no-op otherwise)."""
+        cache = getattr(self.cache.tier, "cache", None)
+        if cache is not None:
+            cache.clear()
+
+    @contextlib.contextmanager
+    def _scratch_tail(self) -> Iterator[None]:
+        """Tokens appended within this block join the tail without spilling and are dropped after."""
+        cache = self.cache
+        marks = [(st.tail.n, st.seen) for st in cache.state]
+        cache.spill_enabled = False
+        try:
+            yield
+        finally:
+            for st, (tail_n, seen) in zip(cache.state, marks, strict=True):
+                st.tail.n, st.seen = tail_n, seen
+            cache.spill_enabled = True
+
     def ask(self, question: str | list[int], sampling: SamplingConfig | None = None, on_text: Callable[[str], None] | None = None) -> Answer:
         """Answer one question about the document; the document is left as it was."""
         lm = self.engine.lm
@@ -289,22 +321,28 @@ class Document:
             raise ValueError("the question is empty")
         sampling = sampling or SamplingConfig()
         self.engine._check_length(self.tokens + len(ids), sampling.max_new_tokens)
-        cache = self.cache
-        marks = [(st.tail.n, st.seen) for st in cache.state]
-        cache.spill_enabled = False
         first_step = self.meter.next_step()
-        try:
-            with torch.no_grad():
-                t0 = time.perf_counter()
-                logits = forward_logits(lm.model, torch.tensor([ids], device=lm.device), cache, self.tokens)
-                question_ms = 1e3 * (time.perf_counter() - t0)
-                out, text, decode_s, steps = self._decode(logits, self.tokens + len(ids), sampling, on_text)
-        finally:
-            for st, (tail_n, seen) in zip(cache.state, marks, strict=True):
-                st.tail.n, st.seen = tail_n, seen
-            cache.spill_enabled = True
+        with self._scratch_tail(), torch.no_grad():
+            t0 = time.perf_counter()
+            logits = forward_logits(lm.model, torch.tensor([ids], device=lm.device), self.cache, self.tokens)
+            question_ms = 1e3 * (time.perf_counter() - t0)
+            out, text, decode_s, steps = self._decode(logits, self.tokens + len(ids), sampling, on_text)
         stats = self._stats(first_step, len(ids) + steps, question_ms=question_ms, decode_s=decode_s, steps=steps)
         return Answer(text, out, self.tokens + len(ids), len(out), stats)
+
+    def logits(self, continuation: str | list[int]) -> torch.Tensor:
+        """Teacher-forced next-token logits ``(T, vocab)`` float32 after each of the ``T`` tokens of
+        ``continuation`` appended to the document (row t predicts token t + 1).  For scoring answers
+        and measuring quality; the document is left as it was."""
+        lm = self.engine.lm
+        ids = self.engine.tokenize(continuation, special=False) if isinstance(continuation, str) else list(continuation)
+        if not ids:
+            raise ValueError("the continuation is empty")
+        self.engine._check_length(self.tokens + len(ids), 0)
+        self.meter.next_step()
+        with self._scratch_tail(), torch.no_grad():
+            out = forward_logits(lm.model, torch.tensor([ids], device=lm.device), self.cache, self.tokens, every_position=True)
+        return out[0]
 
     def continue_prompt(self, sampling: SamplingConfig | None = None, on_text: Callable[[str], None] | None = None) -> Answer:
         """Continue the prefilled prompt itself (what ``generate`` does); tail tokens spill."""
@@ -362,6 +400,13 @@ class Document:
             by_tier[t] = {"logical": c.logical, "physical": c.physical, "h2d": c.h2d, "disk_read": c.disk_read,
                           "cache_hits": c.cache_hits, "cache_misses": c.cache_misses}
         index_bytes = meter.index_totals(since=first_step).bytes
+        # Decode steps alone (one query each; the question's step, if any, is first_step).
+        decode_from = first_step + (1 if queries > steps else 0)
+        per_step = {}
+        for t in meter.tiers(since=decode_from):
+            c = meter.totals(tier=t, since=decode_from)
+            per_step[t] = {"logical": c.logical / steps if steps else 0.0, "physical": c.physical / steps if steps else 0.0}
+        index_per_step = meter.index_totals(since=decode_from).bytes / steps if steps else 0.0
         layers, heads = cache.num_layers, cache.num_kv_heads
         row = cache.tier.layout.row_bytes
         logical = sum(v["logical"] for v in by_tier.values())
@@ -376,6 +421,7 @@ class Document:
             "mid_tokens": mid, "queries": queries, "decode_steps": steps,
             "bytes": {"logical": logical, "physical": sum(v["physical"] for v in by_tier.values()), "by_tier": by_tier, "index": index_bytes},
             "bytes_per_query": logical / queries if queries else 0.0,
+            "bytes_per_decode_step": {"by_tier": per_step, "index": index_per_step},
             "token_equivalent": {"support": tokens_read, "bytes": tokens_read + summary_bytes / row},
             "timings_ms": {"prefill": self.prefill_ms, "question": question_ms,
                            "decode_per_token": 1e3 * decode_s / steps if steps else None},

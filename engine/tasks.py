@@ -14,10 +14,13 @@ start, 1 = end) is recorded.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 SPLITS = ("train", "dev", "eval")
 TASKS = (
@@ -243,3 +246,13 @@ def corpus_haystack(documents: Sequence[str]) -> Callable[[random.Random, int], 
         return " ".join(parts)[:n_chars]
 
     return haystack
+
+
+EVAL_HAYSTACK = Path(__file__).resolve().parent / "demo" / "eval_haystack.jsonl.gz"
+
+
+def eval_documents() -> list[str]:
+    """The shipped eval-split text (about 200K tokens of held-out documents the default model never
+    saw; made by ``train/export_eval_haystack.py``)."""
+    with gzip.open(EVAL_HAYSTACK, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

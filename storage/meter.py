@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 
 import psutil
@@ -56,15 +58,29 @@ class ByteMeter:
         self.step = 0
         self._reads: dict[tuple[str, int, int], Counters] = defaultdict(Counters)
         self._index: dict[tuple[int, int], IndexCounters] = defaultdict(IndexCounters)
+        self._paused = False
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Reads within this block are not counted (housekeeping, such as rebuilding a summary)."""
+        old, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = old
 
     def next_step(self) -> int:
         self.step += 1
         return self.step
 
     def record(self, tier: str, layer: int, counters: Counters) -> None:
+        if self._paused:
+            return
         self._reads[(tier, layer, self.step)].add(counters)
 
     def record_index(self, layer: int, nbytes: int, vectors: int, searches: int = 1) -> None:
+        if self._paused:
+            return
         self._index[(layer, self.step)].add(IndexCounters(nbytes, searches, vectors))
 
     def reset(self) -> None:

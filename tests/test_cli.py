@@ -92,3 +92,30 @@ def test_store_of_another_model_is_refused_and_kept(model, other_model, tmp_path
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "store").rglob("*")) == before
     assert (tmp_path / "store" / "manifest.json").read_bytes() == manifest
     assert rc("ask", str(tmp_path / "store"), "hi", "--model", str(model), "--max-new-tokens", "2").returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--budgets", "2"], "budgets must be fractions"),
+        (["--budgets", "a,b"], "--budgets"),
+        (["--tasks", "nope"], "unknown task 'nope'"),
+        (["--tiers", "tape"], "tiers must be some of"),
+        (["--io-bandwidth", "ssd=fast"], "NAME=GB/s"),
+        (["--lengths", "100"], "lengths must be at least 256"),
+    ],
+)
+def test_bench_io_bad_input(args, message, tmp_path):
+    out = rc("bench-io", *args, "--out", str(tmp_path / "r"))
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_bench_io_refuses_a_file_as_output(tmp_path):
+    target = tmp_path / "report"
+    target.write_text("keep me")
+    out = rc("bench-io", "--quick", "--out", str(target))
+    assert out.returncode == 2 and "not a folder" in out.stderr
+    assert target.read_text() == "keep me"

@@ -1,0 +1,360 @@
+"""``rcengine bench-io``: what each byte read buys (DESIGN.md 2).
+
+Variants (dense, sink-tail, topk and rc with each estimator, at each budget) x offload tiers, on
+the task suite's eval split at the chosen lengths; every variant sees the same examples.  For each
+example (one task at one length):
+
+1. The context is prefilled once and persisted to a scratch store; the store is opened on every
+   tier (``disk`` reads it; ``cpu`` / ``device`` copy it in).  The model's own dense attention
+   (transformers, no rcengine) gives the reference logits.
+2. On the quality tier (the first memory tier asked for), each variant's teacher-forced logits
+   along question + reference answer and along a held-out text window give the answer's
+   log-likelihood relative to the reference and KL(reference || variant) at every position.
+3. While the engine's ``dense`` variant runs, a probe sees every decode query of every layer:
+   each head's normalised attention entropy (float64, the whole context), and at sampled queries
+   every variant's attention-output error against dense and (rc) its estimated against true
+   residual mass, using the engine's own feature maps and summaries and exact search.
+4. On every tier, a greedy answer with a cold block cache: task score (RULER rules), bytes per
+   decode step (logical and physical), selection bytes, ms per decode step.  Answers on other
+   tiers must equal the quality tier's (recorded per row).
+
+Aggregation, the trade-off analysis (rho*, break-even bandwidth) and the report files are in
+``io_analysis.py`` and ``io_report.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, replace
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from .attention import completion_state, exact_state, merge_states, normalize
+from .budget import retrieval_count
+from .config import EngineConfig
+from .feature_maps import EstimatorSpec
+from .hf_integration import reference_logits
+from .io_analysis import ENTROPY_BINS, Accumulator, AnswerCost, entropy_bin, summarise
+from .model_loader import LoadedModel
+from .progress import progress_bar
+from .sampling import SamplingConfig
+from .session import Answer, Document, Engine
+from .tasks import TASKS, TaskGenerator, corpus_haystack, eval_documents, score
+
+TIERS = ("cpu", "disk", "device")
+ESTIMATORS = ("centroid", "favor")
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One way of attending: ``method`` with ``estimator`` (rc only) at ``budget`` (topk, rc)."""
+
+    method: str
+    estimator: str | None = None
+    budget: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"rc-{self.estimator}" if self.method == "rc" else self.method
+
+    @property
+    def key(self) -> str:
+        return self.name if self.budget is None else f"{self.name}@{self.budget:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class BenchIOConfig:
+    """What ``bench-io`` runs.  ``bandwidths``: (name, bytes per second) pairs for the modelled time."""
+
+    lengths: tuple[int, ...] = (4096, 8192, 16384)
+    tasks: tuple[str, ...] = TASKS
+    examples: int = 2  # per task and length
+    budgets: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04)
+    estimators: tuple[str, ...] = ESTIMATORS
+    tiers: tuple[str, ...] = ("cpu", "disk")
+    bandwidths: tuple[tuple[str, float], ...] = (("ssd", 1.9e9), ("pcie", 55e9))
+    max_new_tokens: int = 32
+    heldout_tokens: int = 32
+    probe_queries: int = 4  # sampled queries per continuation for the per-head analysis
+    features: int = 64
+    sink: int = 4
+    tail: int = 64
+    cache_bytes: int = 16 << 20  # disk tier block cache (emptied before every answer)
+    seed: int = 0
+    workdir: str | None = None  # scratch stores go here (a temporary folder by default)
+
+    def __post_init__(self) -> None:
+        if not self.lengths or any(n < 256 for n in self.lengths):
+            raise ValueError(f"lengths must be at least 256 tokens, got {self.lengths}")
+        if unknown := [t for t in self.tasks if t not in TASKS]:
+            raise ValueError(f"unknown task {unknown[0]!r}: use some of {', '.join(TASKS)}")
+        if not self.tasks or self.examples < 1:
+            raise ValueError("need at least one task and one example")
+        if not self.budgets or any(not 0.0 < b <= 1.0 for b in self.budgets):
+            raise ValueError(f"budgets must be fractions in (0, 1] (1 % is 0.01), got {self.budgets}")
+        if unknown := [e for e in self.estimators if e not in ESTIMATORS]:
+            raise ValueError(f"unknown estimator {unknown[0]!r}: use centroid and/or favor")
+        if not self.tiers or (unknown := [t for t in self.tiers if t not in TIERS]):
+            raise ValueError(f"tiers must be some of {', '.join(TIERS)}, got {self.tiers}")
+        if any(bw <= 0 for _, bw in self.bandwidths):
+            raise ValueError("I/O bandwidths must be positive")
+
+    @staticmethod
+    def quick() -> "BenchIOConfig":
+        """Small enough for CI (2 cores, well under 3 minutes): one length, two tasks (a needle
+        and a diffuse one), two budgets."""
+        return BenchIOConfig(lengths=(2048,), tasks=("niah_single_number", "common_words"), examples=1, budgets=(0.01, 0.04),
+                             max_new_tokens=12, heldout_tokens=16, probe_queries=2)
+
+    def rc_budgets(self) -> tuple[float, ...]:
+        """rc also runs at a half and a quarter of the smallest budget, so that the budget where it
+        matches topk's quality (rho* < 1) can be found, not just bounded."""
+        low = min(self.budgets)
+        return tuple(sorted(set(self.budgets) | {low / 2, low / 4})) if self.estimators else ()
+
+    def variants(self) -> list[Variant]:
+        """Dense first (it is the probe's run), then sink-tail, then topk and rc by budget."""
+        out = [Variant("dense"), Variant("sink-tail")]
+        for b in sorted(set(self.budgets) | set(self.rc_budgets())):
+            if b in self.budgets:
+                out.append(Variant("topk", budget=b))
+            if b in self.rc_budgets():
+                out += [Variant("rc", e, b) for e in self.estimators]
+        return out
+
+
+@dataclass
+class _Probe:
+    """Collects what the dense run's queries see (see the module docstring, step 3)."""
+
+    variants: list[Variant]
+    mids: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: mid keys, values (1, Hkv, n, d) float64
+    estimators: dict[str, list]  # estimator -> per layer (feature map, summary)
+    sampled: set[int]
+    acc: Accumulator
+    entropy_by_position: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
+    counter: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+
+    def __call__(self, layer: int, qg: torch.Tensor, sink_k, sink_v, tail_k, tail_v) -> None:  # noqa: ANN001
+        t = self.counter[layer]
+        self.counter[layer] += 1
+        k_mid, v_mid = self.mids[layer]
+        q64 = qg.to(torch.float64)
+        scale = qg.shape[-1] ** -0.5
+        ka = torch.cat([sink_k, tail_k], dim=2).to(torch.float64)
+        va = torch.cat([sink_v, tail_v], dim=2).to(torch.float64)
+        s_a = torch.matmul(q64, ka.transpose(-1, -2)) * scale  # (1, Hkv, G, A)
+        s_m = torch.matmul(q64, k_mid.transpose(-1, -2)) * scale  # (1, Hkv, G, n)
+        s = torch.cat([s_a, s_m], dim=-1)
+        lse = torch.logsumexp(s, dim=-1)  # (1, Hkv, G)
+        logp = s - lse[..., None]
+        n_all = s.shape[-1]
+        entropy = (-(logp.exp() * logp).sum(dim=-1) / math.log(max(n_all, 2)))[0]  # (Hkv, G)
+        self.entropy_by_position[t].append(float(entropy.mean()))
+        if t not in self.sampled:
+            return
+        p = logp.exp()
+        o_dense = torch.matmul(p[..., : s_a.shape[-1]], va) + torch.matmul(p[..., s_a.shape[-1] :], v_mid)  # (1, Hkv, G, d)
+        n_mid = k_mid.shape[2]
+        order = s_m.amax(dim=2).argsort(dim=-1, descending=True)  # group score, best first (1, Hkv, n)
+        anchor_state = exact_state(q64, ka, va, scale)
+        for v in self.variants:
+            if v.method == "dense":
+                continue
+            count = 0 if v.method == "sink-tail" else retrieval_count(v.budget, n_mid)
+            ids = order[..., :count]
+            kr = torch.gather(k_mid, 2, ids[..., None].expand(*ids.shape, k_mid.shape[-1]))
+            vr = torch.gather(v_mid, 2, ids[..., None].expand(*ids.shape, v_mid.shape[-1]))
+            state = merge_states(anchor_state, exact_state(q64, kr, vr, scale))
+            unread = torch.ones_like(s_m, dtype=torch.bool)
+            unread.scatter_(-1, ids[:, :, None, :].expand(-1, -1, s_m.shape[2], -1), False)
+            true_u = torch.logsumexp(s_m.masked_fill(~unread, -math.inf), dim=-1)  # (1, Hkv, G) log unread mass
+            ratio = None
+            if v.method == "rc":
+                fmap, summary = self.estimators[v.estimator][layer]
+                est = completion_state(fmap.query_logits(qg), summary, fmap.key_logits(kr.to(qg.dtype)), vr)
+                state = merge_states(state, est)
+                est_u = torch.log(est.den.to(torch.float64)) + est.m.to(torch.float64)  # -inf where dropped
+                ratio = (est_u - true_u)[0]
+            o = normalize(state)
+            err = (torch.linalg.vector_norm(o - o_dense, dim=-1) / torch.linalg.vector_norm(o_dense, dim=-1).clamp_min(1e-30))[0]
+            self.acc.add_heads(v.key, layer, entropy, err, torch.exp(true_u - lse)[0], ratio)
+
+
+def run_bench_io(lm: LoadedModel, cfg: BenchIOConfig, show_progress: bool = True) -> dict[str, Any]:
+    """Run everything ``cfg`` asks for with the loaded model; -> the report (JSON-ready dict)."""
+    variants = cfg.variants()
+    positions_needed = max(cfg.lengths) + 2 * max(cfg.max_new_tokens, cfg.heldout_tokens) + 64
+    if positions_needed > lm.max_positions:
+        raise ValueError(f"length {max(cfg.lengths)} leaves no room for answers within the model's {lm.max_positions} positions")
+    count = lambda text: len(lm.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
+    docs = eval_documents()
+    gen = TaskGenerator("eval", corpus_haystack(docs), count)
+    heldout_source = corpus_haystack(docs)
+    acc = Accumulator()
+    quality_tier = next((t for t in cfg.tiers if t != "disk"), "disk")
+    examples = [(task, length, seed) for length in cfg.lengths for task in cfg.tasks for seed in range(cfg.examples)]
+    scratch = Path(tempfile.mkdtemp(prefix="rcengine-bench-io-", dir=cfg.workdir))
+    console = Console(stderr=True)
+    t_start = time.perf_counter()
+    try:
+        with progress_bar("bench-io (example x variant)", len(examples) * len(variants), show_progress) as advance:
+            for i, (task, length, seed) in enumerate(examples):
+                ex = gen.example(task, length, cfg.seed * 1000 + seed)
+                rng = random.Random(f"heldout/{task}/{length}/{seed}")
+                _run_example(lm, cfg, variants, ex, length, heldout_source(rng, cfg.heldout_tokens * 16), scratch / f"ex{i}.rcs",
+                             quality_tier, acc, advance)
+                if show_progress and not console.is_terminal:  # a log gets one line per example instead of a bar
+                    console.print(f"bench-io: example {i + 1}/{len(examples)} ({task}, {length} tokens) done at "
+                                  f"{time.perf_counter() - t_start:.0f} s", highlight=False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    meta = {
+        "date": date.today().isoformat(),
+        "machine": _machine(lm.device),
+        "model": str(lm.path), "model_fingerprint": lm.fingerprint(), "dtype": str(lm.dtype).removeprefix("torch."),
+        "kv_shape": dict(zip(("layers", "kv_heads", "head_dim"), lm.kv_shape, strict=True)),
+        "row_bytes": 2 * lm.kv_shape[2] * torch.empty(0, dtype=lm.dtype).element_size(),
+        "config": asdict(cfg), "quality_tier": quality_tier, "reference": "the model's own dense attention (transformers SDPA)",
+        "entropy_bins": [list(b) for b in ENTROPY_BINS], "wall_s": round(time.perf_counter() - t_start, 1),
+        "versions": {"torch": torch.__version__, **_versions()},
+    }
+    return summarise(meta, variants, acc, cfg.bandwidths, cfg.tiers, quality_tier)
+
+
+def _run_example(lm, cfg, variants, ex, length, heldout_text, store, quality_tier, acc, advance) -> None:  # noqa: ANN001
+    ctx = list(lm.tokenizer(ex.context)["input_ids"])
+    tok = lambda s: list(lm.tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+    question = tok(ex.question)
+    reference_answer = tok(" " + ", ".join(ex.answers) + ".")
+    heldout = tok(heldout_text)[: cfg.heldout_tokens]
+    qa = question + reference_answer
+    ref_qa, ref_held = reference_logits(lm.model, ctx, [qa, heldout])
+
+    first = cfg.estimators[0] if cfg.estimators else "centroid"
+    base = EngineConfig(method="dense", budget=min(cfg.budgets), sink=cfg.sink, tail=cfg.tail, offload="disk",
+                        estimator=EstimatorSpec(first, cfg.features), cache_bytes=cfg.cache_bytes, keys_in_memory=True)
+    engine = Engine(lm, base, show_progress=False)
+    prefilled = engine.prefill(ctx, store=store)
+    docs: dict[str, Document] = {}
+    try:
+        for tier in cfg.tiers:
+            docs[tier] = prefilled if tier == "disk" else engine.open(store, offload=tier)
+        qdoc = docs[quality_tier]
+        specs = {e: EstimatorSpec(e, cfg.features) for e in cfg.estimators}
+        estimators = {e: qdoc.cache.estimator_layers(spec) for e, spec in specs.items()}
+        mids = []
+        for layer in range(qdoc.cache.num_layers):
+            n = qdoc.cache.tier.num_rows(layer)
+            with qdoc.meter.paused():
+                k, v = qdoc.cache.tier.gather(layer, torch.arange(n).expand(qdoc.cache.num_kv_heads, n))
+            mids.append((k[None].to(torch.float64), v[None].to(torch.float64)))
+        sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, stop=("\n",))
+        answer_rows = slice(len(question) - 1, len(qa) - 1)  # rows predicting the answer's tokens
+        base_answers: dict[str, str] = {}
+        ent_qa: dict[int, float] = {}
+        ent_held: dict[int, float] = {}
+        for v in variants:
+            spec = specs.get(v.estimator) if v.estimator else None
+            for doc in docs.values():
+                doc.configure(method=v.method, budget=v.budget, estimator=spec)
+            # Quality, on the quality tier; under dense (the first variant) the probe sees every query.
+            logits = []
+            for cont, ref in ((qa, ref_qa), (heldout, ref_held)):
+                probe = None
+                if v.method == "dense":
+                    sampled = _sample_positions(len(question) - 1, len(cont) - 1, cfg.probe_queries) if cont is qa \
+                        else _sample_positions(0, len(cont) - 1, cfg.probe_queries)
+                    probe = _Probe(variants, mids, estimators, sampled, acc)
+                    qdoc.cache.probe = probe
+                try:
+                    logits.append(qdoc.logits(cont))
+                finally:
+                    qdoc.cache.probe = None
+                if probe is not None:  # mean entropy over layers and heads, per position
+                    (ent_qa if cont is qa else ent_held).update({t: sum(h) / len(h) for t, h in probe.entropy_by_position.items()})
+            kl_qa = _kl(ref_qa, logits[0])[answer_rows]
+            kl_held = _kl(ref_held, logits[1])
+            ll = _loglik(logits[0][answer_rows], reference_answer) - _loglik(ref_qa[answer_rows], reference_answer)
+            bins = [entropy_bin(ent_qa[t]) for t in range(answer_rows.start, answer_rows.stop)] + \
+                   [entropy_bin(ent_held[t]) for t in range(len(heldout))]
+            example_bin = entropy_bin(sum(ent_qa[t] for t in range(answer_rows.start, answer_rows.stop)) / len(reference_answer))
+            acc.add_quality(v.key, ex.task, length, kl_qa.tolist(), kl_held.tolist(), ll, len(reference_answer), bins)
+            # Cost, on every tier, quality tier first: a greedy answer from a cold cache.
+            for tier in sorted(docs, key=lambda t: t != quality_tier):
+                doc = docs[tier]
+                doc.drop_caches()
+                answer = doc.ask(question, sampling)
+                if tier == quality_tier:
+                    base_answers[v.key] = answer.text
+                answer.stats["matches"] = answer.text == base_answers[v.key]
+                acc.add_answer(v.key, tier, ex.task, length, _cost(doc, answer, ex), example_bin, tier == quality_tier)
+            advance(1)
+    finally:
+        for doc in docs.values():
+            doc.close()
+        if "disk" not in docs:
+            prefilled.close()
+
+
+def _sample_positions(start: int, stop: int, count: int) -> set[int]:
+    """``count`` positions evenly spread over [start, stop] (inclusive)."""
+    if count <= 0 or stop < start:
+        return set()
+    if count == 1:
+        return {start}
+    return {round(start + (stop - start) * i / (count - 1)) for i in range(count)}
+
+
+def _kl(ref: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(ref || variant) per row, in nats, computed in float64."""
+    lr = torch.log_softmax(ref.double(), dim=-1)
+    lv = torch.log_softmax(logits.double(), dim=-1)
+    return (lr.exp() * (lr - lv)).sum(dim=-1).clamp_min(0.0)
+
+
+def _loglik(logits: torch.Tensor, tokens: list[int]) -> float:
+    lp = torch.log_softmax(logits.double(), dim=-1)
+    return float(lp[torch.arange(len(tokens)), torch.tensor(tokens)].sum())
+
+
+def _cost(doc: Document, answer: Answer, ex) -> AnswerCost:  # noqa: ANN001
+    s = answer.stats
+    steps = s["decode_steps"]
+    per_step = s["bytes_per_decode_step"]
+    logical = sum(t["logical"] for t in per_step["by_tier"].values())
+    cache = doc.cache
+    row = cache.tier.layout.row_bytes
+    summary_bytes = 0
+    st = cache.state[0]
+    if cache.config.method == "rc" and st.summary is not None:
+        summary_bytes = st.summary.nbytes_per_head() + st.feature_map.state_bytes_per_head()
+    return AnswerCost(
+        score=score(answer.text, ex.answers, ex.task), steps=steps, logical=logical,
+        physical=sum(t["physical"] for t in per_step["by_tier"].values()), index=per_step["index"],
+        ms=s["timings_ms"]["decode_per_token"], tokens_read=logical / (row * cache.num_layers * cache.num_kv_heads),
+        summary_tokens=summary_bytes / row, mid_tokens=s["mid_tokens"], matches_quality_tier=s["matches"],
+    )
+
+
+def _machine(device: torch.device) -> str:
+    import os
+
+    gpu = f", {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return f"{platform.node()} ({os.cpu_count()} CPU cores{gpu})"
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"transformers": transformers.__version__, "python": platform.python_version()}
