@@ -292,6 +292,7 @@ def bench_io(
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Greedy answer length cap (default 32)."),
     out: Path = typer.Option(Path("bench-io"), "--out", help="Folder for report.json, report.md and the plots."),
     workdir: Path = typer.Option(None, "--workdir", help="Where scratch stores go (default: a temporary folder)."),
+    max_minutes: float = typer.Option(None, "--max-minutes", min=0.0, help="Start no example after this long (the report says how many ran)."),
     device: str = DEVICE,
     trust_remote_code: bool = TRUST,
 ) -> None:
@@ -316,6 +317,8 @@ def bench_io(
         changes["max_new_tokens"] = max_new_tokens
     if workdir is not None:
         changes["workdir"] = str(workdir)
+    if max_minutes is not None:
+        changes["time_limit_s"] = 60 * max_minutes
     import dataclasses
 
     cfg = dataclasses.replace(base, **changes)  # validated by BenchIOConfig

@@ -92,6 +92,7 @@ class BenchIOConfig:
     cache_bytes: int = 16 << 20  # disk tier block cache (emptied before every answer)
     seed: int = 0
     workdir: str | None = None  # scratch stores go here (a temporary folder by default)
+    time_limit_s: float | None = None  # start no example after this long; the report says how many ran
 
     def __post_init__(self) -> None:
         if not self.lengths or any(n < 256 for n in self.lengths):
@@ -203,13 +204,18 @@ def run_bench_io(lm: LoadedModel, cfg: BenchIOConfig, show_progress: bool = True
     heldout_source = corpus_haystack(docs)
     acc = Accumulator()
     quality_tier = next((t for t in cfg.tiers if t != "disk"), "disk")
-    examples = [(task, length, seed) for length in cfg.lengths for task in cfg.tasks for seed in range(cfg.examples)]
+    # Seed outermost: a run cut short by the time limit still covers every task and length.
+    examples = [(task, length, seed) for seed in range(cfg.examples) for length in cfg.lengths for task in cfg.tasks]
     scratch = Path(tempfile.mkdtemp(prefix="rcengine-bench-io-", dir=cfg.workdir))
     console = Console(stderr=True)
+    done = 0
     t_start = time.perf_counter()
     try:
         with progress_bar("bench-io (example x variant)", len(examples) * len(variants), show_progress) as advance:
             for i, (task, length, seed) in enumerate(examples):
+                if cfg.time_limit_s is not None and time.perf_counter() - t_start > cfg.time_limit_s:
+                    break
+                done = i + 1
                 ex = gen.example(task, length, cfg.seed * 1000 + seed)
                 rng = random.Random(f"heldout/{task}/{length}/{seed}")
                 _run_example(lm, cfg, variants, ex, length, heldout_source(rng, cfg.heldout_tokens * 16), scratch / f"ex{i}.rcs",
@@ -227,6 +233,7 @@ def run_bench_io(lm: LoadedModel, cfg: BenchIOConfig, show_progress: bool = True
         "row_bytes": 2 * lm.kv_shape[2] * torch.empty(0, dtype=lm.dtype).element_size(),
         "config": asdict(cfg), "quality_tier": quality_tier, "reference": "the model's own dense attention (transformers SDPA)",
         "entropy_bins": [list(b) for b in ENTROPY_BINS], "wall_s": round(time.perf_counter() - t_start, 1),
+        "examples_run": done, "examples_planned": len(examples),
         "versions": {"torch": torch.__version__, **_versions()},
     }
     return summarise(meta, variants, acc, cfg.bandwidths, cfg.tiers, quality_tier)

@@ -252,7 +252,7 @@ EVAL_HAYSTACK = Path(__file__).resolve().parent / "demo" / "eval_haystack.jsonl.
 
 
 def eval_documents() -> list[str]:
-    """The shipped eval-split text (about 200K tokens of held-out documents the default model never
-    saw; made by ``train/export_eval_haystack.py``)."""
+    """The shipped eval-split text: held-out Python documentation the default model never saw
+    (about 65K tokens; made by ``train/export_eval_haystack.py``)."""
     with gzip.open(EVAL_HAYSTACK, "rt", encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]

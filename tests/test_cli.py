@@ -119,3 +119,15 @@ def test_bench_io_refuses_a_file_as_output(tmp_path):
     out = rc("bench-io", "--quick", "--out", str(target))
     assert out.returncode == 2 and "not a folder" in out.stderr
     assert target.read_text() == "keep me"
+
+
+def test_bench_io_runs_on_a_local_model(model, tmp_path):
+    out = rc("bench-io", "--model", str(model), "--lengths", "300", "--tasks", "niah_single_word", "--examples", "1",
+             "--budgets", "0.05", "--estimators", "centroid", "--max-new-tokens", "3", "--io-bandwidth", "nvme=3",
+             "--out", str(tmp_path / "r"))
+    assert out.returncode == 0, out.stderr
+    assert "rc-centroid@0.05" in out.stdout and "rho*" in out.stdout
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["meta"]["model"] == str(model.resolve())
+    assert report["meta"]["config"]["bandwidths"] == [["nvme", 3e9]]
+    assert {r["tier"] for r in report["rows"]} == {"cpu", "disk"}
