@@ -293,6 +293,8 @@ def bench_io(
     out: Path = typer.Option(Path("bench-io"), "--out", help="Folder for report.json, report.md and the plots."),
     workdir: Path = typer.Option(None, "--workdir", help="Where scratch stores go (default: a temporary folder)."),
     max_minutes: float = typer.Option(None, "--max-minutes", min=0.0, help="Start no example after this long (the report says how many ran)."),
+    timing_rounds: int = typer.Option(None, "--timing-rounds", min=1, help="Interleaved timing rounds per length (default 3)."),
+    timing_tokens: int = typer.Option(None, "--timing-tokens", min=2, help="Decode steps per timing round (default 16)."),
     device: str = DEVICE,
     trust_remote_code: bool = TRUST,
 ) -> None:
@@ -319,6 +321,10 @@ def bench_io(
         changes["workdir"] = str(workdir)
     if max_minutes is not None:
         changes["time_limit_s"] = 60 * max_minutes
+    if timing_rounds is not None:
+        changes["timing_rounds"] = timing_rounds
+    if timing_tokens is not None:
+        changes["timing_tokens"] = timing_tokens
     import dataclasses
 
     cfg = dataclasses.replace(base, **changes)  # validated by BenchIOConfig
@@ -333,7 +339,7 @@ def bench_io(
     Console(width=200).print(rcengine.overview_table(report))
     for t in report["tradeoff"]:
         rho = "not reached" if t["rho_star"] is None else ("<= " if t["match"] == "at most" else "") + f"{t['rho_star']:.3g}"
-        typer.echo(f"rc-{t['estimator']} matches topk@{t['topk_budget']:g} (KL {t['topk_kl']:.3g}) at rho* {rho}")
+        typer.echo(f"{t['length']} tokens: rc-{t['estimator']} matches topk@{t['topk_budget']:g} (KL {t['topk_kl']:.3g}) at rho* {rho}")
     typer.echo("wrote " + ", ".join(str(p) for p in paths))
 
 

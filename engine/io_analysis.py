@@ -91,6 +91,7 @@ class Accumulator:
         self.kl_bins: dict[tuple[str, str], _Mean] = defaultdict(_Mean)
         self.answers: dict[tuple[str, str, str, int], list[AnswerCost]] = defaultdict(list)
         self.accuracy_bins: dict[tuple[str, str], _Mean] = defaultdict(_Mean)
+        self.timings: dict[tuple[str, str, int], list[float]] = defaultdict(list)  # (key, tier, length) -> ms per token
 
     def add_heads(self, key: str, layer: int, entropy: torch.Tensor, err: torch.Tensor,
                   share: torch.Tensor | None, ratio: torch.Tensor | None) -> None:
@@ -123,10 +124,20 @@ def _mean(xs: list[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
-def _cost_summary(costs: list[AnswerCost], bandwidths: tuple[tuple[str, float], ...], compute_ms: float | None) -> dict[str, Any]:
+def _median(xs: list[float]) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    mid = len(xs) // 2
+    return xs[mid] if len(xs) % 2 else (xs[mid - 1] + xs[mid]) / 2
+
+
+def _cost_summary(costs: list[AnswerCost], bandwidths: tuple[tuple[str, float], ...], compute_ms: float | None,
+                  timed_ms: float | None) -> dict[str, Any]:
+    """Bytes per decoded token over ``costs``' decode steps; ``timed_ms``: this variant's timed ms
+    per token on this tier; ``compute_ms``: on the quality tier (the compute in the modelled time)."""
     steps = sum(c.steps for c in costs)
     per_token = lambda attr: sum(getattr(c, attr) * c.steps for c in costs) / steps if steps else None  # noqa: E731
-    ms = sum((c.ms or 0.0) * c.steps for c in costs) / steps if steps else None
     tokens_read = per_token("tokens_read")
     t_phi = costs[0].summary_tokens if costs else 0.0
     mid = sum(c.mid_tokens for c in costs) / len(costs) if costs else 0
@@ -139,7 +150,9 @@ def _cost_summary(costs: list[AnswerCost], bandwidths: tuple[tuple[str, float], 
         "token_equivalent": {"support": tokens_read, "bytes": None if tokens_read is None else tokens_read + t_phi},
         "effective_budget": {"support": None if tokens_read is None or not mid else tokens_read / mid,
                              "bytes": None if tokens_read is None or not mid else (tokens_read + t_phi) / mid},
-        "summary_tokens": t_phi, "mid_tokens": mid, "ms_per_token": ms,
+        "summary_tokens": t_phi, "mid_tokens": mid,
+        "ms_per_token": timed_ms,
+        "answer_ms_per_token": sum((c.ms or 0.0) * c.steps for c in costs) / steps if steps else None,
         "modelled_ms_per_token": {},
     }
     if compute_ms is not None and physical is not None:
@@ -189,30 +202,30 @@ def break_even(saved_bytes: float, overhead_ms: float) -> dict[str, Any]:
 
 def summarise(meta: dict[str, Any], variants: list, acc: Accumulator, bandwidths: tuple[tuple[str, float], ...],
               tiers: tuple[str, ...], quality_tier: str) -> dict[str, Any]:
-    """The report: rows (variant x tier x task x length), overview (variant x tier), per-head and
-    per-entropy-bin breakdowns, and the trade-off of rc against topk."""
+    """The report: rows (variant x tier x task x length), overview (variant x tier x length, pooled
+    over tasks), timings, per-head and per-entropy-bin breakdowns, and rc against topk per length."""
     by_key = {v.key: v for v in variants}
     ident = lambda v: {"variant": v.key, "method": v.method, "estimator": v.estimator, "budget": v.budget}  # noqa: E731
-    compute = {}  # variant key -> ms per token on the quality tier (all examples)
-    for v in variants:
-        costs = [c for (k, t, _, _), cs in acc.answers.items() if k == v.key and t == quality_tier for c in cs]
-        compute[v.key] = _cost_summary(costs, (), None)["ms_per_token"]
+    timed = {k: _median(xs) for k, xs in acc.timings.items()}
+    timing = [{**ident(by_key[k]), "tier": t, "length": n, "ms_per_token": timed[k, t, n], "rounds": len(xs)}
+              for (k, t, n), xs in sorted(acc.timings.items(), key=lambda kv: (kv[0][2], kv[0][1]))]
     rows = []
     for (key, tier, task, length), costs in sorted(acc.answers.items(), key=lambda kv: (kv[0][3], kv[0][2], kv[0][1])):
-        q = acc.quality.get((key, task, length), {})
-        compute_ms = _cost_summary(acc.answers.get((key, quality_tier, task, length), []), (), None)["ms_per_token"]
-        rows.append({**ident(by_key[key]), "tier": tier, "task": task, "length": length, **_quality(q),
-                     **_cost_summary(costs, bandwidths, compute_ms)})
+        rows.append({**ident(by_key[key]), "tier": tier, "task": task, "length": length, **_quality(acc.quality.get((key, task, length), {})),
+                     **_cost_summary(costs, bandwidths, timed.get((key, quality_tier, length)), timed.get((key, tier, length)))})
+    lengths = sorted({n for (_, _, _, n) in acc.answers})
     overview = []
-    for v in variants:
-        pooled: dict[str, list[float]] = defaultdict(list)
-        for (k, _, _), q in acc.quality.items():
-            if k == v.key:
-                for name, xs in q.items():
-                    pooled[name] += xs
-        for tier in tiers:
-            costs = [c for (k, t, _, _), cs in acc.answers.items() if k == v.key and t == tier for c in cs]
-            overview.append({**ident(v), "tier": tier, **_quality(pooled), **_cost_summary(costs, bandwidths, compute[v.key])})
+    for length in lengths:
+        for v in variants:
+            pooled: dict[str, list[float]] = defaultdict(list)
+            for (k, _, n), q in acc.quality.items():
+                if k == v.key and n == length:
+                    for name, xs in q.items():
+                        pooled[name] += xs
+            for tier in tiers:
+                costs = [c for (k, t, _, n), cs in acc.answers.items() if (k, t, n) == (v.key, tier, length) for c in cs]
+                overview.append({**ident(v), "tier": tier, "length": length, **_quality(pooled),
+                                 **_cost_summary(costs, bandwidths, timed.get((v.key, quality_tier, length)), timed.get((v.key, tier, length)))})
     heads = [{**ident(by_key[k]), "layer": layer, "head": head, **s.as_dict()} for (k, layer, head), s in sorted(acc.heads.items())]
     bins = []
     for v in variants:
@@ -223,8 +236,9 @@ def summarise(meta: dict[str, Any], variants: list, acc: Accumulator, bandwidths
             bins.append({**ident(v), "bin": name, "head_queries": hs.as_dict() if hs else None,
                          "positions": kl.n if kl else 0, "kl": kl.value if kl else None,
                          "examples": accuracy.n if accuracy else 0, "accuracy": accuracy.value if accuracy else None})
-    return {"meta": meta, "overview": overview, "rows": rows, "heads": heads, "entropy_bins": bins,
-            "tradeoff": tradeoff(overview, variants, tiers, quality_tier, bandwidths)}
+    return {"meta": meta, "overview": overview, "rows": rows, "timing": timing, "heads": heads, "entropy_bins": bins,
+            "tradeoff": [t for n in lengths for t in tradeoff([r for r in overview if r["length"] == n], variants, tiers,
+                                                              quality_tier, bandwidths, n)]}
 
 
 def _quality(q: dict[str, list[float]]) -> dict[str, Any]:
@@ -234,10 +248,10 @@ def _quality(q: dict[str, list[float]]) -> dict[str, Any]:
 
 
 def tradeoff(overview: list[dict], variants: list, tiers: tuple[str, ...], quality_tier: str,
-             bandwidths: tuple[tuple[str, float], ...]) -> list[dict[str, Any]]:
-    """For each estimator and topk budget b: rho* = b' / b where rc at budget b' matches topk's
-    KL at b, then per tier the bytes rc saves, the compute it adds, the break-even bandwidth and
-    the modelled times at the given bandwidths."""
+             bandwidths: tuple[tuple[str, float], ...], length: int) -> list[dict[str, Any]]:
+    """At one length, for each estimator and topk budget b: rho* = b' / b where rc at budget b'
+    matches topk's KL at b, then per tier the bytes rc saves, the compute it adds (timed ms on
+    the quality tier), the break-even bandwidth and the modelled times at the given bandwidths."""
     row = {(r["variant"], r["tier"]): r for r in overview}
     budgets = sorted({v.budget for v in variants if v.method == "topk"})
     out = []
@@ -248,7 +262,7 @@ def tradeoff(overview: list[dict], variants: list, tiers: tuple[str, ...], quali
         for b in budgets:
             target = row[f"topk@{b:g}", quality_tier]["kl"]
             matched, how = matched_budget(rc_budgets, rc_kl, target)
-            entry: dict[str, Any] = {"estimator": est, "topk_budget": b, "topk_kl": target,
+            entry: dict[str, Any] = {"length": length, "estimator": est, "topk_budget": b, "topk_kl": target,
                                      "rc_budget": matched, "match": how, "rho_star": None if matched is None else matched / b,
                                      "tiers": {}}
             if matched is not None and _complete(row, rc_keys + [f"topk@{b:g}"], tiers, quality_tier):
@@ -263,14 +277,17 @@ def tradeoff(overview: list[dict], variants: list, tiers: tuple[str, ...], quali
                                 for name, bw in bandwidths}
                     for m in modelled.values():
                         m["rc_faster"] = m["rc_ms"] < m["topk_ms"]
+                    # Measured on this tier itself (its reads included): topk at b against rc at b'.
+                    measured = {"topk_ms": row[f"topk@{b:g}", tier]["ms_per_token"],
+                                "rc_ms": interpolate(rc_budgets, [row[k, tier]["ms_per_token"] for k in rc_keys], matched)}
+                    measured["rc_faster"] = measured["rc_ms"] < measured["topk_ms"]
                     entry["tiers"][tier] = {"saved_bytes_per_token": saved, "compute_overhead_ms": overhead,
-                                            "break_even": break_even(saved, overhead), "modelled": modelled}
+                                            "break_even": break_even(saved, overhead), "modelled": modelled, "measured": measured}
             out.append(entry)
     return out
 
 
 def _complete(row: dict, keys: list[str], tiers: tuple[str, ...], quality_tier: str) -> bool:
-    """Whether every timing and byte count the break-even needs was measured (an answer that ends
-    at once has no decode step to time)."""
-    return all(row[k, quality_tier]["ms_per_token"] is not None for k in keys) and all(
-        row[k, t]["bytes_per_token"]["physical"] is not None for k in keys for t in tiers)
+    """Whether every timing and byte count the break-even needs was measured."""
+    return all(row[k, t]["ms_per_token"] is not None and row[k, t]["bytes_per_token"]["physical"] is not None
+               for k in keys for t in tiers)

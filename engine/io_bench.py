@@ -86,6 +86,8 @@ class BenchIOConfig:
     max_new_tokens: int = 32
     heldout_tokens: int = 32
     probe_queries: int = 4  # sampled queries per continuation for the per-head analysis
+    timing_rounds: int = 3  # interleaved rounds of fixed-length decodes, on each length's first example
+    timing_tokens: int = 16
     features: int = 64
     sink: int = 4
     tail: int = 64
@@ -109,13 +111,15 @@ class BenchIOConfig:
             raise ValueError(f"tiers must be some of {', '.join(TIERS)}, got {self.tiers}")
         if any(bw <= 0 for _, bw in self.bandwidths):
             raise ValueError("I/O bandwidths must be positive")
+        if self.timing_rounds < 1 or self.timing_tokens < 2:
+            raise ValueError("timing needs at least 1 round of at least 2 tokens")
 
     @staticmethod
     def quick() -> "BenchIOConfig":
         """Small enough for CI (2 cores, well under 3 minutes): one length, two tasks (a needle
         and a diffuse one), two budgets."""
         return BenchIOConfig(lengths=(2048,), tasks=("niah_single_number", "common_words"), examples=1, budgets=(0.01, 0.04),
-                             max_new_tokens=12, heldout_tokens=16, probe_queries=2)
+                             max_new_tokens=12, heldout_tokens=16, probe_queries=2, timing_rounds=2, timing_tokens=8)
 
     def rc_budgets(self) -> tuple[float, ...]:
         """rc also runs at a half and a quarter of the smallest budget, so that the budget where it
@@ -219,7 +223,7 @@ def run_bench_io(lm: LoadedModel, cfg: BenchIOConfig, show_progress: bool = True
                 ex = gen.example(task, length, cfg.seed * 1000 + seed)
                 rng = random.Random(f"heldout/{task}/{length}/{seed}")
                 _run_example(lm, cfg, variants, ex, length, heldout_source(rng, cfg.heldout_tokens * 16), scratch / f"ex{i}.rcs",
-                             quality_tier, acc, advance)
+                             quality_tier, acc, advance, timed=seed == 0 and task == cfg.tasks[0])
                 if show_progress and not console.is_terminal:  # a log gets one line per example instead of a bar
                     console.print(f"bench-io: example {i + 1}/{len(examples)} ({task}, {length} tokens) done at "
                                   f"{time.perf_counter() - t_start:.0f} s", highlight=False)
@@ -239,7 +243,7 @@ def run_bench_io(lm: LoadedModel, cfg: BenchIOConfig, show_progress: bool = True
     return summarise(meta, variants, acc, cfg.bandwidths, cfg.tiers, quality_tier)
 
 
-def _run_example(lm, cfg, variants, ex, length, heldout_text, store, quality_tier, acc, advance) -> None:  # noqa: ANN001
+def _run_example(lm, cfg, variants, ex, length, heldout_text, store, quality_tier, acc, advance, timed) -> None:  # noqa: ANN001
     ctx = list(lm.tokenizer(ex.context)["input_ids"])
     tok = lambda s: list(lm.tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     question = tok(ex.question)
@@ -277,19 +281,18 @@ def _run_example(lm, cfg, variants, ex, length, heldout_text, store, quality_tie
                 doc.configure(method=v.method, budget=v.budget, estimator=spec)
             # Quality, on the quality tier; under dense (the first variant) the probe sees every query.
             logits = []
-            for cont, ref in ((qa, ref_qa), (heldout, ref_held)):
+            # Probed queries: the question's last token and the answer's; spread over the held-out window.
+            for cont, first_probed, entropies in ((qa, len(question) - 1, ent_qa), (heldout, 0, ent_held)):
                 probe = None
                 if v.method == "dense":
-                    sampled = _sample_positions(len(question) - 1, len(cont) - 1, cfg.probe_queries) if cont is qa \
-                        else _sample_positions(0, len(cont) - 1, cfg.probe_queries)
-                    probe = _Probe(variants, mids, estimators, sampled, acc)
+                    probe = _Probe(variants, mids, estimators, _sample_positions(first_probed, len(cont) - 1, cfg.probe_queries), acc)
                     qdoc.cache.probe = probe
                 try:
                     logits.append(qdoc.logits(cont))
                 finally:
                     qdoc.cache.probe = None
                 if probe is not None:  # mean entropy over layers and heads, per position
-                    (ent_qa if cont is qa else ent_held).update({t: sum(h) / len(h) for t, h in probe.entropy_by_position.items()})
+                    entropies.update({t: sum(h) / len(h) for t, h in probe.entropy_by_position.items()})
             kl_qa = _kl(ref_qa, logits[0])[answer_rows]
             kl_held = _kl(ref_held, logits[1])
             ll = _loglik(logits[0][answer_rows], reference_answer) - _loglik(ref_qa[answer_rows], reference_answer)
@@ -307,11 +310,27 @@ def _run_example(lm, cfg, variants, ex, length, heldout_text, store, quality_tie
                 answer.stats["matches"] = answer.text == base_answers[v.key]
                 acc.add_answer(v.key, tier, ex.task, length, _cost(doc, answer, ex), example_bin, tier == quality_tier)
             advance(1)
+        if timed:
+            _time_decoding(cfg, variants, docs, specs, question, length, acc)
     finally:
         for doc in docs.values():
             doc.close()
         if "disk" not in docs:
             prefilled.close()
+
+
+def _time_decoding(cfg, variants, docs, specs, question, length, acc) -> None:  # noqa: ANN001
+    """ms per decode step of every variant on every tier, side by side: ``timing_rounds``
+    interleaved rounds, each decoding ``timing_tokens`` steps (end of sequence ignored) from a cold
+    block cache; the median goes in the report."""
+    sampling = SamplingConfig(max_new_tokens=cfg.timing_tokens, ignore_eos=True)
+    for _ in range(cfg.timing_rounds):
+        for v in variants:
+            for tier, doc in docs.items():
+                doc.configure(method=v.method, budget=v.budget, estimator=specs.get(v.estimator) if v.estimator else None)
+                doc.drop_caches()
+                answer = doc.ask(question, sampling)
+                acc.timings[v.key, tier, length].append(answer.stats["timings_ms"]["decode_per_token"])
 
 
 def _sample_positions(start: int, stop: int, count: int) -> set[int]:

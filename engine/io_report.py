@@ -86,13 +86,14 @@ def _pct(x: float | None) -> str:
 # -- terminal ------------------------------------------------------------------------------------
 
 def overview_table(report: dict[str, Any]) -> Table:
-    """One line per variant and tier, pooled over tasks and lengths."""
+    """One line per variant and tier at the longest length, pooled over tasks."""
     bw = [name for name, _ in report["meta"]["config"]["bandwidths"]]
-    table = Table(title=f"bench-io: {report['meta']['model']} ({report['meta']['machine']})")
+    length = max((r["length"] for r in report["overview"]), default=0)
+    table = Table(title=f"bench-io at {length} tokens: {report['meta']['model']} ({report['meta']['machine']})")
     for col in ("variant", "tier", "accuracy", "KL nats", "d loglik/tok", "read/token", "moved/token", "tokens read",
                 "+ summary", "ms/token", *[f"ms @ {b}" for b in bw]):
         table.add_column(col, justify="left" if col in ("variant", "tier") else "right")
-    for r in report["overview"]:
+    for r in (r for r in report["overview"] if r["length"] == length):
         table.add_row(
             r["variant"], r["tier"], _f(r["accuracy"], 2), _f(r["kl"]), _f(r["loglik_delta_per_token"]),
             _bytes(r["bytes_per_token"]["logical"]), _bytes(r["bytes_per_token"]["physical"]),
@@ -127,27 +128,42 @@ def markdown(report: dict[str, Any]) -> str:
         "- read / moved: logical / physical bytes per decoded token from the KV tier (all layers and KV heads; the "
         f"disk tier's block cache of {_bytes(cfg['cache_bytes'])} is emptied before every answer); selection (index) bytes apart",
         "- tokens read: per KV head and layer per decoded token; `+ summary` adds the summary's size T_phi (the bytes accounting)",
-        "- modelled ms: measured ms per token on the quality tier (compute) + moved bytes / bandwidth, at "
-        + ", ".join(f"{n} {_bandwidth(b)}" for n, b in bw) + "\n",
-        "## Overview (all tasks and lengths)\n",
-        _md_table(
-            ["variant", "tier", "accuracy", "KL", "KL answer", "KL held-out", "d loglik/tok", "read/token", "moved/token",
-             "index/token", "tokens read", "+ summary", "ms/token", *[f"ms @ {n}" for n, _ in bw], "same answers"],
-            [[r["variant"], r["tier"], _f(r["accuracy"], 2), _f(r["kl"]), _f(r["kl_answer"]), _f(r["kl_heldout"]),
-              _f(r["loglik_delta_per_token"]), _bytes(r["bytes_per_token"]["logical"]), _bytes(r["bytes_per_token"]["physical"]),
-              _bytes(r["index_bytes_per_token"]), _f(r["token_equivalent"]["support"]), _f(r["token_equivalent"]["bytes"]),
-              _f(r["ms_per_token"]), *[_f(r["modelled_ms_per_token"].get(n)) for n, _ in bw],
-              "yes" if r["answers_match_quality_tier"] else "NO"] for r in report["overview"]],
-        ),
+        f"- ms/token: median of {cfg.get('timing_rounds', '?')} interleaved rounds of {cfg.get('timing_tokens', '?')}-step "
+        "decodes (end of sequence ignored, cold block cache) on each length's first example; modelled ms: the quality "
+        "tier's ms/token (compute) + moved bytes / bandwidth, at " + ", ".join(f"{n} {_bandwidth(b)}" for n, b in bw) + "\n",
+    ]
+    for length in sorted({r["length"] for r in report["overview"]}):
+        out += [f"## Overview at {length} tokens (all tasks)\n", _overview_md([r for r in report["overview"] if r["length"] == length], bw)]
+    out += [
         "\n## rc against topk: quality-matched budget and break-even bandwidth\n",
         "rho* = b' / b, where rc at budget b' has topk's KL at budget b (interpolated in log budget; `at most`: "
         "rc's smallest budget already matches). Break-even: rc is faster in time at equal quality when the I/O "
-        "bandwidth is below it (`below`), at any bandwidth (`always`), or never.\n",
+        "bandwidth is below it (`below`), at any bandwidth (`always`), or never; from the timed ms/token on the "
+        "quality tier and each tier's moved bytes. The last column compares the two as timed on the tier itself.\n",
         _md_table(
-            ["estimator", "topk budget", "topk KL", "rc budget", "rho*", "tier", "bytes saved/token", "compute added (ms)",
-             "break-even", *[f"faster @ {n}" for n, _ in bw]],
+            ["length", "estimator", "topk budget", "topk KL", "rc budget", "rho*", "tier", "bytes saved/token", "compute added (ms)",
+             "break-even", *[f"faster @ {n}" for n, _ in bw], "measured ms on tier: topk / rc"],
             _tradeoff_rows(report, bw),
         ),
+    ]
+    out += _rest(report)
+    return "\n".join(out)
+
+
+def _overview_md(rows: list[dict], bw: list) -> str:
+    return _md_table(
+        ["variant", "tier", "accuracy", "KL", "KL answer", "KL held-out", "d loglik/tok", "read/token", "moved/token",
+         "index/token", "tokens read", "+ summary", "ms/token", *[f"ms @ {n}" for n, _ in bw], "same answers"],
+        [[r["variant"], r["tier"], _f(r["accuracy"], 2), _f(r["kl"]), _f(r["kl_answer"]), _f(r["kl_heldout"]),
+          _f(r["loglik_delta_per_token"]), _bytes(r["bytes_per_token"]["logical"]), _bytes(r["bytes_per_token"]["physical"]),
+          _bytes(r["index_bytes_per_token"]), _f(r["token_equivalent"]["support"]), _f(r["token_equivalent"]["bytes"]),
+          _f(r["ms_per_token"]), *[_f(r["modelled_ms_per_token"].get(n)) for n, _ in bw],
+          "yes" if r["answers_match_quality_tier"] else "NO"] for r in rows],
+    )
+
+
+def _rest(report: dict[str, Any]) -> list[str]:
+    return [
         "\n## By attention entropy (normalised entropy of the head's dense attention: "
         + ", ".join(f"{n} [{lo}, {min(hi, 1.0)})" for n, lo, hi in ENTROPY_BINS) + ")\n",
         "Per sampled query head: attention-output relative error against dense, the true mass share of the unread "
@@ -166,7 +182,6 @@ def markdown(report: dict[str, Any]) -> str:
         "\n## Per layer and head (mean relative error at budget " + _pct(_focus_budget(report)) + ")\n",
         _head_table(report),
     ]
-    return "\n".join(out)
 
 
 def _head_cells(h: dict | None) -> list[str]:
@@ -179,16 +194,17 @@ def _head_cells(h: dict | None) -> list[str]:
 def _tradeoff_rows(report: dict[str, Any], bw: list) -> list[list[str]]:
     rows = []
     for t in report["tradeoff"]:
-        head = [t["estimator"], _pct(t["topk_budget"]), _f(t["topk_kl"]),
+        head = [str(t["length"]), t["estimator"], _pct(t["topk_budget"]), _f(t["topk_kl"]),
                 ("<= " if t["match"] == "at most" else "") + _pct(t["rc_budget"]) if t["rc_budget"] else "not reached",
                 ("<= " if t["match"] == "at most" else "") + _f(t["rho_star"]) if t["rho_star"] is not None else "-"]
         if not t["tiers"]:
-            rows.append(head + ["-"] * (4 + len(bw)))
+            rows.append(head + ["-"] * (5 + len(bw)))
         for tier, x in t["tiers"].items():
-            be = x["break_even"]
+            be, m = x["break_even"], x.get("measured")
             rows.append(head + [tier, _bytes(x["saved_bytes_per_token"]), _f(x["compute_overhead_ms"]),
                                 f"{be['rc_faster']} {_bandwidth(be['bandwidth'])}" if be["bandwidth"] else be["rc_faster"],
-                                *["yes" if x["modelled"][n]["rc_faster"] else "no" for n, _ in bw]])
+                                *["yes" if x["modelled"][n]["rc_faster"] else "no" for n, _ in bw],
+                                "-" if not m else f"{_f(m['topk_ms'])} / {_f(m['rc_ms'])}" + (" (rc faster)" if m["rc_faster"] else "")])
     return rows
 
 
@@ -256,30 +272,30 @@ def _plots(report: dict[str, Any], out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     quality = report["meta"]["quality_tier"]
-    rows = [r for r in report["overview"] if r["tier"] == quality]
     per_token = _kv_bytes_per_token_read(report)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    lengths = sorted({r["length"] for r in report["overview"]})
+    fig, grid = plt.subplots(len(lengths), 3, figsize=(16, 4.4 * len(lengths)), squeeze=False)
     panels = (("KL vs dense (nats/position)", "kl", False), ("KL vs dense, summary charged", "kl", True),
               ("task accuracy", "accuracy", False))
-    for ax, (title, metric, charged) in zip(axes, panels, strict=True):
-        for fam, marker in zip(FAMILIES, "osD", strict=True):
-            pts = sorted((r["budget"], r) for r in rows if _family(r) == fam)
-            xs = [_x(r, charged, per_token) for _, r in pts]
-            ys = [r[metric] for _, r in pts]
-            if pts:
-                ax.plot(xs, ys, marker=marker, label=fam)
-        for r in rows:
-            if r["method"] == "dense":
-                ax.axvline(_x(r, charged, per_token), color="grey", ls=":", label="dense (reads everything)")
-            if r["method"] == "sink-tail" and r[metric] is not None:
-                ax.axhline(r[metric], color="grey", ls="--", label="sink-tail (reads nothing)")
-        ax.set_xscale("log")
-        if metric == "kl":
-            ax.set_yscale("log")
-        ax.set_xlabel("KV bytes per decoded token" + (" + summary bytes" if charged else " (logical)"))
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    for axes, length in zip(grid, lengths, strict=True):
+        rows = [r for r in report["overview"] if r["tier"] == quality and r["length"] == length]
+        for ax, (title, metric, charged) in zip(axes, panels, strict=True):
+            for fam, marker in zip(FAMILIES, "osD", strict=True):
+                pts = sorted((r["budget"], r) for r in rows if _family(r) == fam and r[metric] is not None)
+                if pts:
+                    ax.plot([_x(r, charged, per_token) for _, r in pts], [r[metric] for _, r in pts], marker=marker, label=fam)
+            for r in rows:
+                if r["method"] == "dense":
+                    ax.axvline(_x(r, charged, per_token), color="grey", ls=":", label="dense (reads everything)")
+                if r["method"] == "sink-tail" and r[metric] is not None:
+                    ax.axhline(r[metric], color="grey", ls="--", label="sink-tail (reads nothing)")
+            ax.set_xscale("log")
+            if metric == "kl":
+                ax.set_yscale("log")
+            ax.set_xlabel("KV bytes per decoded token" + (" + summary bytes" if charged else " (logical)"))
+            ax.set_title(f"{title}, {length} tokens")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=8)
     fig.suptitle(f"bench-io: quality against bytes read ({report['meta']['model'].split('/')[-1]}, {report['meta']['date']})")
     fig.tight_layout()
     p1 = out / "quality_vs_bytes.png"

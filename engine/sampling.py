@@ -9,14 +9,16 @@ import torch
 
 @dataclass(frozen=True, slots=True)
 class SamplingConfig:
-    """``temperature`` 0 is greedy.  Generation stops at an end-of-sequence token, at any of the
-    ``stop`` strings (which are cut from the text), or after ``max_new_tokens``."""
+    """``temperature`` 0 is greedy.  Generation stops at an end-of-sequence token (unless
+    ``ignore_eos``: for timing a fixed number of steps), at any of the ``stop`` strings (which are
+    cut from the text), or after ``max_new_tokens``."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

@@ -366,7 +366,7 @@ class Document:
         text, emitted, decode_s, steps = "", 0, 0.0, 0
         while True:
             token = sample_next(logits[0], sampling, gen)
-            if token in eos:
+            if token in eos and not sampling.ignore_eos:
                 break
             out.append(token)
             text = lm.tokenizer.decode(out, skip_special_tokens=True)

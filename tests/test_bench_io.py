@@ -104,7 +104,7 @@ def test_switching_estimator_equals_prefilling_with_it(tiny):
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> tuple[dict, Path]:
     cfg = BenchIOConfig(lengths=(600,), tasks=("niah_single_number",), examples=1, budgets=(0.02, 0.08), max_new_tokens=4,
-                        heldout_tokens=8, probe_queries=2)
+                        heldout_tokens=8, probe_queries=2, timing_rounds=2, timing_tokens=3)
     lm = load_model()
     rep = run_bench_io(lm, cfg, show_progress=False)
     out = tmp_path_factory.mktemp("report")
@@ -128,7 +128,10 @@ def test_report_files_and_schema(report):
                 "token_equivalent", "ms_per_token", "modelled_ms_per_token", "task", "length"} <= set(r)
         assert set(r["modelled_ms_per_token"]) == {"ssd", "pcie"}
         assert r["answers_match_quality_tier"], r  # every tier attends identically
-    assert {t["estimator"] for t in rep["tradeoff"]} == {"centroid", "favor"}
+    assert {t["estimator"] for t in rep["tradeoff"]} == {"centroid", "favor"} and {t["length"] for t in rep["tradeoff"]} == {600}
+    assert {(t["variant"], t["tier"], t["length"]) for t in rep["timing"]} == {(v, t, 600) for v in variants for t in ("cpu", "disk")}
+    assert all(t["rounds"] == 2 and t["ms_per_token"] > 0 for t in rep["timing"])
+    assert all(r["ms_per_token"] is not None for r in rep["overview"])
     assert {b["bin"] for b in rep["entropy_bins"]} == {"low", "mid", "high"}
 
 
@@ -181,3 +184,13 @@ def test_bad_configs_are_refused():
         BenchIOConfig(tiers=("tape",))
     with pytest.raises(ValueError, match="estimator"):
         BenchIOConfig(estimators=("learned",))
+
+
+def test_ignore_eos_decodes_a_fixed_number_of_steps(tiny):
+    engine = Engine.load(tiny, EngineConfig(method="rc", budget=0.05, sink=4, tail=16), show_progress=False)
+    doc = engine.prefill(_prompt())
+    first = doc.ask(_prompt(3)[:3], SamplingConfig(max_new_tokens=1)).token_ids[0]
+    engine.lm.model.generation_config.eos_token_id = first  # the greedy answer now ends at once
+    assert doc.ask(_prompt(3)[:3], SamplingConfig(max_new_tokens=5)).token_ids == []
+    timed = doc.ask(_prompt(3)[:3], SamplingConfig(max_new_tokens=5, ignore_eos=True))
+    assert len(timed.token_ids) == 5 and timed.stats["decode_steps"] == 4
