@@ -15,8 +15,10 @@ example (one task at one length):
    every variant's attention-output error against dense and (rc) its estimated against true
    residual mass, using the engine's own feature maps and summaries and exact search.
 4. On every tier, a greedy answer with a cold block cache: task score (RULER rules), bytes per
-   decode step (logical and physical), selection bytes, ms per decode step.  Answers on other
-   tiers must equal the quality tier's (recorded per row).
+   decode step (logical and physical), selection bytes.  Answers on other tiers must equal the
+   quality tier's (recorded per row).
+5. On the first example of each length, every variant on every tier decodes a fixed number of
+   steps from a cold cache, in interleaved rounds: the median ms per decode step is its time.
 
 Aggregation, the trade-off analysis (rho*, break-even bandwidth) and the report files are in
 ``io_analysis.py`` and ``io_report.py``.
