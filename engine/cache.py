@@ -210,13 +210,24 @@ class RCCache(Cache):
             return [(st.feature_map, st.summary) for st in self.state]
         if spec not in self._estimators:
             built = []
-            with self.meter.paused():
-                for layer in range(self.num_layers):
-                    n = self.tier.num_rows(layer)
-                    k, v = self.tier.gather(layer, torch.arange(n).expand(self.num_kv_heads, n))
-                    built.append(self._summarise(spec, layer, k[None].to(self.dtype), v[None].to(self.dtype)))
+            for layer in range(self.num_layers):
+                k, v = self.read_mid(layer)
+                built.append(self._summarise(spec, layer, k.to(self.dtype), v.to(self.dtype)))
             self._estimators[spec] = built
         return self._estimators[spec]
+
+    def read_mid(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every mid-region row of ``layer`` from the tier, keys and values ``(1, Hkv, n, d)``; not
+        metered (housekeeping and evaluation, not a question's cost)."""
+        n = self.tier.num_rows(layer)
+        with self.meter.paused():
+            k, v = self.tier.gather(layer, torch.arange(n).expand(self.num_kv_heads, n))
+        return k[None], v[None]
+
+    def summary_bytes_per_head(self) -> int:
+        """Bytes per KV head and layer of the live summary and its map's state (0 without one)."""
+        st = self.state[0]
+        return 0 if st.summary is None else st.summary.nbytes_per_head() + st.feature_map.state_bytes_per_head()
 
     def use_estimator(self, spec: EstimatorSpec) -> None:
         """Switch every layer's completion estimator to ``spec`` (see :meth:`estimator_layers`).

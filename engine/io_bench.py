@@ -266,12 +266,7 @@ def _run_example(lm, cfg, variants, ex, length, heldout_text, store, quality_tie
         qdoc = docs[quality_tier]
         specs = {e: EstimatorSpec(e, cfg.features) for e in cfg.estimators}
         estimators = {e: qdoc.cache.estimator_layers(spec) for e, spec in specs.items()}
-        mids = []
-        for layer in range(qdoc.cache.num_layers):
-            n = qdoc.cache.tier.num_rows(layer)
-            with qdoc.meter.paused():
-                k, v = qdoc.cache.tier.gather(layer, torch.arange(n).expand(qdoc.cache.num_kv_heads, n))
-            mids.append((k[None].to(torch.float64), v[None].to(torch.float64)))
+        mids = [tuple(x.to(torch.float64) for x in qdoc.cache.read_mid(layer)) for layer in range(qdoc.cache.num_layers)]
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, stop=("\n",))
         answer_rows = slice(len(question) - 1, len(qa) - 1)  # rows predicting the answer's tokens
         base_answers: dict[str, str] = {}
@@ -363,10 +358,7 @@ def _cost(doc: Document, answer: Answer, ex) -> AnswerCost:  # noqa: ANN001
     logical = sum(t["logical"] for t in per_step["by_tier"].values())
     cache = doc.cache
     row = cache.tier.layout.row_bytes
-    summary_bytes = 0
-    st = cache.state[0]
-    if cache.config.method == "rc" and st.summary is not None:
-        summary_bytes = st.summary.nbytes_per_head() + st.feature_map.state_bytes_per_head()
+    summary_bytes = cache.summary_bytes_per_head() if cache.config.method == "rc" else 0
     return AnswerCost(
         score=score(answer.text, ex.answers, ex.task), steps=steps, logical=logical,
         physical=sum(t["physical"] for t in per_step["by_tier"].values()), index=per_step["index"],

@@ -411,8 +411,7 @@ class Document:
         row = cache.tier.layout.row_bytes
         logical = sum(v["logical"] for v in by_tier.values())
         tokens_read = logical / (row * layers * heads * queries) if queries else 0.0
-        st = cache.state[0]
-        summary_bytes = 0 if st.summary is None else st.summary.nbytes_per_head() + st.feature_map.state_bytes_per_head()
+        summary_bytes = cache.summary_bytes_per_head()
         mid = cache.tier.num_rows(0)
         cfg = self.engine.config
         return {
