@@ -36,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from rcengine import Engine, EngineConfig, SamplingConfig  # noqa: E402
+from rcengine.engine.hf_integration import stock_prefill  # noqa: E402
 from rcengine.engine.progress import progress_bar  # noqa: E402
 
 # (tier, method, budget, keys in memory): a document reopened on the disk tier reads its keys from
@@ -61,16 +62,10 @@ def bench_model(root: Path) -> Path:
 
 def stock_decoder(model, ids: list[int], chunk: int):  # noqa: ANN001, ANN201
     """Prefill with stock transformers; return a function that decodes one token and its cache."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
     dev = next(model.parameters()).device
-    x = torch.tensor([ids], device=dev)
     model.set_attn_implementation("sdpa")
-    with torch.no_grad():
-        for s in range(0, len(ids), chunk):
-            logits = model(input_ids=x[:, s : s + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    state = {"token": int(logits[0, -1].argmax()), "pos": len(ids)}
+    cache, logits = stock_prefill(model, ids, chunk)
+    state = {"token": int(logits[0].argmax()), "pos": len(ids)}
 
     def step() -> None:
         with torch.no_grad():

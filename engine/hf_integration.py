@@ -107,18 +107,26 @@ def forward_logits(model: PreTrainedModel, input_ids: torch.Tensor, cache: RCCac
     return out.logits.float() if every_position else out.logits[:, -1].float()
 
 
+def stock_prefill(model: PreTrainedModel, prefix: list[int], chunk: int = 1024):  # noqa: ANN201 (DynamicCache, tensor)
+    """Prefill ``prefix`` with the model's own attention into a transformers DynamicCache, in
+    chunks; -> (cache, logits of the last position ``(1, vocab)``)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    x = torch.tensor([prefix], device=next(model.parameters()).device)
+    with torch.no_grad():
+        for start in range(0, len(prefix), chunk):
+            logits = model(input_ids=x[:, start : start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    return cache, logits[:, -1]
+
+
 def reference_logits(model: PreTrainedModel, prefix: list[int], continuations: list[list[int]], chunk: int = 1024) -> list[torch.Tensor]:
     """The model's own dense attention (transformers SDPA and its DynamicCache, no rcengine):
     teacher-forced logits ``(T_i, vocab)`` float32 of each continuation after ``prefix``.  The
     prefix is run once in chunks; the cache is cropped back to it between continuations."""
-    from transformers import DynamicCache
-
     device = next(model.parameters()).device
-    cache = DynamicCache(config=model.config)
-    x = torch.tensor([prefix], device=device)
+    cache, _ = stock_prefill(model, prefix, chunk)
     with torch.no_grad():
-        for start in range(0, len(prefix), chunk):
-            model(input_ids=x[:, start : start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
         outs = []
         for cont in continuations:
             out = model(input_ids=torch.tensor([cont], device=device), past_key_values=cache, use_cache=True)
