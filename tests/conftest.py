@@ -1,19 +1,24 @@
-"""Shared fixtures: fresh random inputs each run (the seed is printed, so a failure can be
-replayed with RCENGINE_TEST_SEED), and tolerances relative to plain PyTorch."""
+"""Shared fixtures: seeded random inputs and tolerances relative to plain PyTorch.
+
+Every test draws from a generator seeded by a stable hash of its own name, so a run is the same
+on every machine and every time.  ``RCENGINE_TEST_SEED=N`` reseeds every test (to hunt for inputs
+that break a bound); the seed is printed with each test's output."""
 
 from __future__ import annotations
 
 import math
 import os
-import random
+import zlib
 
 import pytest
 import torch
+from hypothesis import settings
 
 
 @pytest.fixture
-def gen() -> torch.Generator:
-    seed = int(os.environ.get("RCENGINE_TEST_SEED", random.randrange(2**31)))
+def gen(request: pytest.FixtureRequest) -> torch.Generator:
+    override = os.environ.get("RCENGINE_TEST_SEED")
+    seed = int(override) if override else zlib.crc32(request.node.nodeid.encode())
     print(f"RCENGINE_TEST_SEED={seed}")
     return torch.Generator().manual_seed(seed)
 
@@ -35,3 +40,8 @@ def tolerance(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, factor: float =
     err = (plain_attention(q, k, v).double() - ref).abs().max().item()
     ulp = torch.finfo(q.dtype).eps * v.double().abs().max().item()
     return factor * err + 4 * ulp
+
+
+# Property tests draw the same examples on every run (no example database, no fresh randomness).
+settings.register_profile("rcengine", derandomize=True, database=None)
+settings.load_profile("rcengine")

@@ -58,9 +58,8 @@ def test_full_retrieval_equals_dense(gen, kind, q_scale):
         assert (out.double() - ref).abs().max() <= tol, method
 
 
-def test_exact_residual_reproduces_dense():
+def test_exact_residual_reproduces_dense(gen):
     """The true residual state of U, at any log-scale, merged with the exact part is dense."""
-    gen = torch.Generator().manual_seed(torch.seed() % 2**31)
     q, k, v = (t.double() for t in _inputs(gen, 257))
     qg = group_queries(q, HKV)
     scale = 1 / math.sqrt(D)
@@ -97,7 +96,8 @@ def test_streaming_summary_matches_direct(gen):
         e = torch.nan_to_num(e, nan=0.0)  # empty centroid features: -inf - -inf
         assert torch.allclose(streamed.u, e.sum(2), rtol=1e-12, atol=1e-12)
         assert torch.allclose(streamed.S, e.transpose(-1, -2) @ v, rtol=1e-12, atol=1e-12)
-        assert torch.equal(streamed.beta, beta)
+        # Chunked and whole products round differently (last bits of float64): no exact equality.
+        assert torch.allclose(streamed.beta, beta, rtol=1e-12, atol=1e-12)
         assert torch.allclose(streamed.v_max, v.norm(dim=-1).amax(-1))
         assert torch.equal(streamed.count, torch.full((B, HKV), 333))
 
@@ -111,9 +111,16 @@ def test_fold_with_mask_equals_fold_of_subset(gen):
     for b in range(B):
         for h in range(HKV):
             sub = _summary(FavorFeatures(fmap.W[h : h + 1]), k[b : b + 1, h : h + 1, keep[b, h]], v[b : b + 1, h : h + 1, keep[b, h]])
-            # Compare absolute masses: S e^beta, u e^beta.
-            assert torch.allclose(masked.u[b, h] * masked.beta[b, h].exp(), sub.u[0, 0] * sub.beta[0, 0].exp(), rtol=1e-12)
-            assert torch.allclose(masked.S[b, h] * masked.beta[b, h].exp()[:, None], sub.S[0, 0] * sub.beta[0, 0].exp()[:, None], rtol=1e-12, atol=1e-300)
+            # Compare absolute masses: S e^beta, u e^beta.  The two are summed in different orders
+            # (one matmul over all tokens against one over the subset), so entries that cancel to
+            # near zero are compared against the scale of the whole row, not their own size.
+            u_ref = sub.u[0, 0] * sub.beta[0, 0].exp()
+            s_ref = sub.S[0, 0] * sub.beta[0, 0].exp()[:, None]
+            assert torch.allclose(masked.u[b, h] * masked.beta[b, h].exp(), u_ref, rtol=1e-12)
+            # S e^beta row f is a sum of e^{a_f(k)} v; its bound sum e^{a_f(k)} max|v| scales the error.
+            s_bound = u_ref[:, None] * v[b, h].abs().max()
+            err = (masked.S[b, h] * masked.beta[b, h].exp()[:, None] - s_ref).abs()
+            assert bool((err <= 1e-12 * s_bound).all()), (err / s_bound).max()
             assert masked.count[b, h] == keep[b, h].sum()
 
 
