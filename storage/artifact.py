@@ -37,7 +37,7 @@ import safetensors.torch
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from .checked_store import CorruptChunkError, crc32c_hex
+from .checksums import CorruptChunkError, crc32c_hex
 
 FORMAT = "rcengine-prefill"
 FORMAT_VERSION = 2  # 2: flat key indexes stored as plain block-checksummed key files
@@ -132,8 +132,8 @@ class ArtifactWriter:
         self._files[name] = entry
 
     def put_tensors(self, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Tensors as ``NAME.safetensors`` (contiguous CPU copies)."""
-        data = safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+        """Tensors as ``NAME.safetensors`` (CPU copies of their own: views of one buffer are saved apart)."""
+        data = safetensors.torch.save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()})
         self.put_bytes(f"{name}.safetensors", data)
 
     def commit(self, fingerprint: dict[str, Any], meta: dict[str, Any], kv_checksums: dict[str, str]) -> None:

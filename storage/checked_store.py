@@ -12,18 +12,11 @@ import asyncio
 from collections.abc import AsyncGenerator, Iterable
 from dataclasses import dataclass, field
 
-import google_crc32c
 from zarr.abc.store import ByteRequest
 from zarr.core.buffer import Buffer, BufferPrototype
 from zarr.storage import WrapperStore
 
-
-class CorruptChunkError(IOError):
-    """A stored object does not match its recorded checksum (or has none where one is required)."""
-
-
-def crc32c_hex(data: bytes | memoryview) -> str:
-    return f"{google_crc32c.value(bytes(data)):08x}"
+from .checksums import CorruptChunkError, crc32c_hex
 
 
 @dataclass

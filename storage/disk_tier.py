@@ -29,16 +29,13 @@ from zarr.storage import FsspecStore, LocalStore
 
 from .block_cache import BlockCache
 from .checked_store import CheckedStore, Ledger
+from .defaults import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES
 from .meter import ByteMeter, Counters, process_disk_read_bytes
 from .rows import DTYPES_BY_NAME, dtype_name, from_raw_numpy, pack, raw_numpy_dtype, to_raw_numpy
 from .tier import TierLayout, check_append
 
 FORMAT = "rcengine-kv"
 VERSION = 1
-# 64 tokens a block: within 12 % of the fastest (16) with a warm block cache at 4x fewer files;
-# bench/RESULTS.md (disk layout) has the sizes measured against each other.
-DEFAULT_BLOCK_TOKENS = 64
-DEFAULT_CACHE_BYTES = 256 << 20
 
 
 def open_store(location: str | Path, read_only: bool):  # noqa: ANN201 (a zarr Store)

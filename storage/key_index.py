@@ -11,34 +11,15 @@ added, the same as the storage tiers' row ids.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import faiss
 import numpy as np
 import torch
 
+from .index_spec import IndexSpec
 from .meter import ByteMeter
 
-IndexKind = Literal["flat", "ivf", "hnsw"]
 # FAISS wants at least 39 training points per IVF list; fewer lists are used for short contexts.
 _IVF_POINTS_PER_LIST = 39
-
-
-@dataclass(frozen=True, slots=True)
-class IndexSpec:
-    kind: IndexKind = "flat"
-    nlist: int = 256
-    nprobe: int = 16
-    hnsw_m: int = 32
-    ef_search: int = 128
-    ef_construction: int = 80
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("flat", "ivf", "hnsw"):
-            raise ValueError(f"index kind {self.kind!r} is unknown: use flat, ivf or hnsw")
-        if min(self.nlist, self.nprobe, self.hnsw_m, self.ef_search, self.ef_construction) < 1:
-            raise ValueError(f"index parameters must be positive: {self}")
 
 
 class StreamedFlatIndex:
@@ -154,10 +135,17 @@ class KeyIndex:
         """``queries: (Hkv, G, d)`` -> ``ids: (Hkv, k)`` int64 and ``valid: (Hkv, k)`` bool.
 
         Ids are best first; where fewer than ``k`` rows were found the rest are 0 and invalid."""
+        ids, valid = self.search_rows(layer, queries[:, None], k)
+        return ids[:, 0], valid[:, 0]
+
+    def search_rows(self, layer: int, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``queries: (Hkv, T, G, d)``: T query positions, each a group of G -> ``ids, valid:
+        (Hkv, T, k)``, each position's own merged set.  One FAISS search per KV head serves all
+        T G queries (a flat index reads its keys once for them)."""
         q = queries.detach().to("cpu", torch.float32).numpy()
-        h, g, _ = q.shape
-        ids = np.zeros((h, k), np.int64)
-        valid = np.zeros((h, k), bool)
+        h, t, g, d = q.shape
+        ids = np.zeros((h, t, k), np.int64)
+        valid = np.zeros((h, t, k), bool)
         if k == 0:
             return torch.from_numpy(ids), torch.from_numpy(valid)
         for head in range(h):
@@ -167,12 +155,16 @@ class KeyIndex:
             if index.ntotal == 0:
                 continue
             kk = min(k, index.ntotal)
-            scores, found, vectors = self._search(index, np.ascontiguousarray(q[head]), kk)
-            merged = merge_group(scores, found, k)
-            ids[head, : merged.size] = merged
-            valid[head, : merged.size] = True
-            self.meter.record_index(layer, vectors * self.head_dim * 4, vectors)
+            scores, found, vectors = self._search(index, np.ascontiguousarray(q[head].reshape(t * g, d)), kk)
+            ids[head], valid[head] = merge_group_rows(scores.reshape(t, g * kk), found.reshape(t, g * kk), k)
+            where = "disk" if isinstance(index, StreamedFlatIndex) else "cpu"  # streamed keys come from the store
+            self.meter.record_index(layer, vectors * self.head_dim * 4, vectors, tier=where)
         return torch.from_numpy(ids), torch.from_numpy(valid)
+
+    def nbytes(self, layer: int) -> int:
+        """Host memory the layer's indexes hold for their vectors (keys streamed from a file: 0)."""
+        return sum(getattr(index, "ntotal", 0) * self.head_dim * 4 for index in self._indexes[layer]
+                   if not isinstance(index, StreamedFlatIndex))
 
     def _search(self, index: faiss.Index, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Scores and ids ``(G, k)``, and the number of key vectors touched (FAISS's counters)."""
@@ -228,11 +220,27 @@ class KeyIndex:
 def merge_group(scores: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
     """``scores, ids: (G, k')`` per-query results (-1 = none) -> up to ``k`` distinct ids ranked
     by their best score over the group, best first."""
-    s, i = scores.reshape(-1), ids.reshape(-1)
-    keep = i >= 0
-    s, i = s[keep], i[keep]
-    order = np.argsort(-s, kind="stable")
-    s, i = s[order], i[order]
-    _, first = np.unique(i, return_index=True)  # first occurrence = best score of that id
-    first.sort()
-    return i[first][:k]
+    merged, valid = merge_group_rows(scores.reshape(1, -1), ids.reshape(1, -1), k)
+    return merged[0, valid[0]]
+
+
+def merge_group_rows(scores: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of ``scores, ids: (T, C)`` holds one query position's candidates (its group's
+    per-query results side by side; id -1 = none) -> ``ids, valid: (T, k)``: per row up to ``k``
+    distinct ids ranked by their best score, best first; unfilled places are 0 and invalid."""
+    t, c = ids.shape
+    order = np.argsort(-scores, axis=1, kind="stable")
+    sorted_ids = np.take_along_axis(ids, order, 1)
+    # The first occurrence of an id in its row (rows sorted by score) is its best score.
+    key = np.arange(t)[:, None] * (int(sorted_ids.max(initial=0)) + 2) + (sorted_ids + 1)
+    _, first = np.unique(key.reshape(-1), return_index=True)
+    keep = np.zeros(t * c, bool)
+    keep[first] = True
+    keep = keep.reshape(t, c) & (sorted_ids >= 0)
+    rank = np.cumsum(keep, axis=1) - 1
+    rows, cols = np.nonzero(keep & (rank < k))
+    out = np.zeros((t, k), np.int64)
+    valid = np.zeros((t, k), bool)
+    out[rows, rank[rows, cols]] = sorted_ids[rows, cols]
+    valid[rows, rank[rows, cols]] = True
+    return out, valid

@@ -7,8 +7,9 @@
 - ``disk_read``: bytes the process read from storage devices while gathering (psutil
   ``read_bytes``; page-cache hits read nothing; None where the platform does not report it).
 - ``cache_hits`` / ``cache_misses``: blocks served from / missing in a block cache.
-- Selection cost, kept apart: the bytes a key index touched to choose the rows (a flat index reads
-  every key of the searched head).
+- Selection cost, kept apart, per tier: the bytes a selector read to choose the rows (a flat
+  index reads every key of the searched head; a device selector its device-resident keys or block
+  bounds, tier ``device``).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class ByteMeter:
     def __init__(self) -> None:
         self.step = 0
         self._reads: dict[tuple[str, int, int], Counters] = defaultdict(Counters)
-        self._index: dict[tuple[int, int], IndexCounters] = defaultdict(IndexCounters)
+        self._index: dict[tuple[str, int, int], IndexCounters] = defaultdict(IndexCounters)
         self._paused = False
 
     @contextlib.contextmanager
@@ -78,10 +79,11 @@ class ByteMeter:
             return
         self._reads[(tier, layer, self.step)].add(counters)
 
-    def record_index(self, layer: int, nbytes: int, vectors: int, searches: int = 1) -> None:
+    def record_index(self, layer: int, nbytes: int, vectors: int, searches: int = 1, tier: str = "cpu") -> None:
+        """Selection reads: ``nbytes`` of keys (or key summaries) in ``tier``, ``vectors`` compared."""
         if self._paused:
             return
-        self._index[(layer, self.step)].add(IndexCounters(nbytes, searches, vectors))
+        self._index[(tier, layer, self.step)].add(IndexCounters(nbytes, searches, vectors))
 
     def reset(self) -> None:
         self.step = 0
@@ -96,12 +98,17 @@ class ByteMeter:
                 out.add(c)
         return out
 
-    def index_totals(self, layer: int | None = None, step: int | None = None, since: int | None = None) -> IndexCounters:
+    def index_totals(self, layer: int | None = None, step: int | None = None, since: int | None = None,
+                     tier: str | None = None) -> IndexCounters:
         out = IndexCounters()
-        for (l, s), c in self._index.items():
-            if (layer is None or l == layer) and _step_ok(s, step, since):
+        for (t, l, s), c in self._index.items():
+            if (tier is None or t == tier) and (layer is None or l == layer) and _step_ok(s, step, since):
                 out.add(c)
         return out
+
+    def index_tiers(self, since: int | None = None) -> list[str]:
+        """Tiers selection read from (at or after step ``since``)."""
+        return sorted({t for t, _, s in self._index if _step_ok(s, None, since)})
 
     def tiers(self, since: int | None = None) -> list[str]:
         """Tiers read from (at or after step ``since``)."""
@@ -110,8 +117,8 @@ class ByteMeter:
     def summary(self) -> dict:
         """A plain, JSON-ready dict: run totals, by tier, by tier and layer, per step, selection."""
         tiers = sorted({t for t, _, _ in self._reads})
-        steps = sorted({s for _, _, s in self._reads} | {s for _, s in self._index})
-        layers = sorted({l for _, l, _ in self._reads} | {l for l, _ in self._index})
+        steps = sorted({s for _, _, s in self._reads} | {s for _, _, s in self._index})
+        layers = sorted({l for _, l, _ in self._reads} | {l for _, l, _ in self._index})
         return {
             "steps": self.step,
             "total": asdict(self.totals()),
@@ -122,6 +129,7 @@ class ByteMeter:
                 for s in steps
             ],
             "index": asdict(self.index_totals()),
+            "index_by_tier": {t: asdict(self.index_totals(tier=t)) for t in self.index_tiers()},
             "index_by_layer": {str(l): asdict(self.index_totals(layer=l)) for l in layers},
         }
 

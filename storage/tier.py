@@ -72,11 +72,16 @@ def check_append(layout: TierLayout, layer: int, keys: torch.Tensor, values: tor
 
 
 class MemoryTier:
-    """Rows in one tensor per layer, ``(Hkv, capacity, 2, d)``, on the compute device (tier
-    "device") or in host memory (tier "cpu").  Host memory is pinned when CUDA is present; the GPU
-    then reads the rows it needs straight from host memory (zero-copy, through a device view of the
-    pinned buffer) when cupy is installed, else rows are selected on the CPU and copied
-    (``zero_copy=False`` forces that, for comparison)."""
+    """Rows in one tensor per layer, token-major ``(capacity, Hkv, 2, d)`` (the first n rows of a
+    layer are one contiguous span), on the compute device (tier "device") or in host memory (tier
+    "cpu").  Host memory is pinned when CUDA is present; the GPU then reads the rows it needs
+    straight from host memory (zero-copy, through a device view of the pinned buffer) when cupy is
+    installed, else rows are selected on the CPU and copied (``zero_copy=False`` forces that, for
+    comparison).
+
+    :meth:`device_rows` gives the decode path a tensor the compute device reads directly (the
+    buffer itself, or its zero-copy view), so that gathering needs no host work; its capacity
+    changes only in :meth:`append` and :meth:`reserve`, which then bump ``version``."""
 
     def __init__(
         self,
@@ -98,6 +103,7 @@ class MemoryTier:
         if zero_copy and not can:
             raise ValueError("zero-copy reads need pinned host memory, a CUDA compute device and cupy")
         self._zero_copy = can if zero_copy is None else zero_copy
+        self.version = 0
         self._rows: list[torch.Tensor] = [self._alloc(initial_capacity) for _ in range(layout.num_layers)]
         self._views: list[torch.Tensor | None] = [self._device_view(r) for r in self._rows]
         self._n = [0] * layout.num_layers
@@ -105,8 +111,8 @@ class MemoryTier:
 
     def _alloc(self, capacity: int) -> torch.Tensor:
         lay = self.layout
-        t = torch.empty(lay.num_kv_heads, capacity, 2, lay.head_dim, dtype=lay.dtype, device=self.storage_device)
-        return t.pin_memory() if self._pinned else t
+        return torch.empty(capacity, lay.num_kv_heads, 2, lay.head_dim, dtype=lay.dtype, device=self.storage_device,
+                           pin_memory=self._pinned)
 
     def _device_view(self, host: torch.Tensor) -> torch.Tensor | None:
         """A CUDA tensor aliasing the pinned host buffer (UVA), or None."""
@@ -119,33 +125,52 @@ class MemoryTier:
         arr = cupy.ndarray((nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
         return torch.from_dlpack(arr).view(host.dtype).view(host.shape)
 
+    def _resize(self, layer: int, capacity: int) -> None:
+        grown = self._alloc(capacity)
+        n = self._n[layer]
+        grown[:n].copy_(self._rows[layer][:n])
+        self._rows[layer] = grown
+        self._views[layer] = self._device_view(grown)
+        self.version += 1
+
+    def reserve(self, rows: int) -> None:
+        """Room for ``rows`` rows in every layer without reallocating."""
+        for layer in range(self.layout.num_layers):
+            if rows > self._rows[layer].shape[0]:
+                self._resize(layer, rows)
+
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
         check_append(self.layout, layer, keys, values, positions)
         n, m = self._n[layer], keys.shape[1]
-        if n + m > self._rows[layer].shape[1]:
-            grown = self._alloc(max(2 * self._rows[layer].shape[1], n + m))
-            grown[:, :n].copy_(self._rows[layer][:, :n])
-            self._rows[layer] = grown
-            self._views[layer] = self._device_view(grown)
-        self._rows[layer][:, n : n + m].copy_(pack(keys, values))
+        if n + m > self._rows[layer].shape[0]:
+            self._resize(layer, max(2 * self._rows[layer].shape[0], n + m))
+        self._rows[layer][n : n + m].copy_(pack(keys, values).transpose(0, 1))
         self._n[layer] = n + m
         self._positions[layer].append(positions.detach().cpu().numpy().astype(np.int64))
+
+    def device_rows(self, layer: int) -> torch.Tensor | None:
+        """``(capacity, Hkv, 2, d)``: the layer's buffer as the compute device reads it (rows past
+        :meth:`num_rows` are unwritten), or None where it cannot read host memory directly."""
+        if self.storage_device == self.compute_device:
+            return self._rows[layer]
+        return self._views[layer]
 
     def gather(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``ids: (Hkv, K)`` int64 row ids (< num_rows) -> keys, values ``(Hkv, K, d)``."""
         lay = self.layout
-        rows = self._rows[layer]
         h, k = ids.shape
-        cap = rows.shape[1]
-        src = self._views[layer] if self._views[layer] is not None else rows
-        offsets = torch.arange(h, device=src.device)[:, None] * cap
-        flat = (ids.to(src.device) + offsets).reshape(-1)  # (Hkv K,)
-        out = src.view(h * cap, 2 * lay.head_dim).index_select(0, flat)
+        src = self.device_rows(layer)
+        src = self._rows[layer] if src is None else src
+        flat = (ids.to(src.device) * h + torch.arange(h, device=src.device)[:, None]).reshape(-1)  # (Hkv K,)
+        out = src.view(-1, 2 * lay.head_dim).index_select(0, flat)
         out = out.view(h, k, 2, lay.head_dim).to(self.compute_device, non_blocking=True)
         nbytes = h * k * lay.row_bytes
-        crossed = nbytes if self.compute_device.type == "cuda" and self.storage_device.type == "cpu" else 0
-        self.meter.record(self.name, layer, Counters(logical=nbytes, physical=nbytes, h2d=crossed, rows=h * k, gathers=1))
+        self.meter.record(self.name, layer, Counters(logical=nbytes, physical=nbytes, h2d=self.h2d(nbytes), rows=h * k, gathers=1))
         return out[:, :, 0], out[:, :, 1]
+
+    def h2d(self, nbytes: int) -> int:
+        """Of ``nbytes`` read, how many cross from host to device memory."""
+        return nbytes if self.compute_device.type == "cuda" and self.storage_device.type == "cpu" else 0
 
     def num_rows(self, layer: int) -> int:
         return self._n[layer]
@@ -155,8 +180,8 @@ class MemoryTier:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def rows(self, layer: int) -> torch.Tensor:
-        """All rows of ``layer``, ``(Hkv, n, 2, d)`` (unmetered; for persisting)."""
-        return self._rows[layer][:, : self._n[layer]]
+        """All rows of ``layer``, ``(Hkv, n, 2, d)`` (a view; unmetered; for persisting)."""
+        return self._rows[layer][: self._n[layer]].transpose(0, 1)
 
     @property
     def zero_copy(self) -> bool:

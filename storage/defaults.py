@@ -1,0 +1,7 @@
+"""Defaults of the disk tier, in a module that imports nothing heavy (the engine's config uses them)."""
+
+# 64 tokens a block: within 12 % of the fastest (16) with a warm block cache at 4x fewer files;
+# bench/RESULTS.md (disk layout) has the sizes measured against each other.
+DEFAULT_BLOCK_TOKENS = 64
+# The disk tier's LRU block cache: 256 MiB holds 1 % of a 32K-token 8B-shaped KV cache 60 times over.
+DEFAULT_CACHE_BYTES = 256 << 20
