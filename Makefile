@@ -18,7 +18,8 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || { \
 	  if command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch; \
 	  else $(PY) -m pip install -q "$(TORCH_CPU)"; fi; }
-	$(PY) -m pip install -q -e '.[dev]'
+	# The editable install's one notice (that it links to this folder) is silenced; nothing else is.
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 demo: $(STAMP)

@@ -7,40 +7,64 @@ tokens that were not read, merged before one normalisation (arXiv 2604.05438).
     engine = Engine.load("path/to/model", EngineConfig(method="rc", budget=0.02, offload="disk"))
     doc = engine.prefill(open("book.txt").read(), store="book.rcs")
     print(doc.ask("\\nQuestion: Who wrote the letter?\\nAnswer:").text)
+
+The names below load on first use (PEP 562), so ``import rcengine`` and ``rcengine --help`` stay
+fast; the evaluation (``run_bench_io`` and its report) lives in ``rcengine.bench``.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+from __future__ import annotations
 
-from .engine import (
-    CentroidFeatures,
-    EstimatorSpec,
-    FavorFeatures,
-    LayerContext,
-    Summary,
-    TokenCost,
-    dense_attention,
-    rc_attention,
-    retrieval_count,
-    topk_attention,
-)
-from .engine.config import METHODS, OFFLOADS, EngineConfig
-from .engine.demo import demo_prompt
-from .engine.io_bench import BenchIOConfig, run_bench_io
-from .engine.io_report import overview_table, write_report
-from .engine.model_loader import LoadedModel, default_model_path, load_model
-from .engine.sampling import SamplingConfig
-from .engine.session import Answer, Document, Engine
-from .storage import ArtifactError, CorruptChunkError, IndexSpec, ModelMismatchError, available_tiers
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 try:
     __version__ = version("rcengine")
 except PackageNotFoundError:  # imported from a source tree that was not installed
     __version__ = "0+unknown"
 
-__all__ = [
-    "METHODS", "OFFLOADS", "Answer", "ArtifactError", "BenchIOConfig", "CentroidFeatures", "CorruptChunkError", "Document", "Engine",
-    "EngineConfig", "EstimatorSpec", "FavorFeatures", "IndexSpec", "LayerContext", "LoadedModel", "ModelMismatchError",
-    "SamplingConfig", "Summary", "TokenCost", "__version__", "available_tiers", "default_model_path", "demo_prompt",
-    "dense_attention", "load_model", "overview_table", "rc_attention", "retrieval_count", "run_bench_io", "topk_attention",
-    "write_report",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    **dict.fromkeys(
+        ("CentroidFeatures", "EstimatorSpec", "FavorFeatures", "LayerContext", "Summary", "TokenCost", "dense_attention",
+         "rc_attention", "retrieval_count", "topk_attention"), ".engine.rule"),
+    **dict.fromkeys(("METHODS", "OFFLOADS", "SELECTORS", "EngineConfig"), ".engine.config"),
+    "demo_prompt": ".engine.demo",
+    **dict.fromkeys(("LoadedModel", "default_model_path", "load_model"), ".engine.hf.loader"),
+    "SamplingConfig": ".engine.sampling",
+    **dict.fromkeys(("Answer", "Document"), ".engine.qa.document"),
+    "Engine": ".engine.qa.engine",
+    **dict.fromkeys(("ArtifactError", "CorruptChunkError", "IndexSpec", "ModelMismatchError", "available_tiers"), ".storage"),
+    **dict.fromkeys(("BenchIOConfig", "run_bench_io"), ".bench.io_bench"),
+    **dict.fromkeys(("overview_table", "write_report"), ".bench.io_report"),
+}
+
+if TYPE_CHECKING:
+    from .bench.io_bench import BenchIOConfig, run_bench_io
+    from .bench.io_report import overview_table, write_report
+    from .engine.config import METHODS, OFFLOADS, SELECTORS, EngineConfig
+    from .engine.demo import demo_prompt
+    from .engine.hf.loader import LoadedModel, default_model_path, load_model
+    from .engine.qa.document import Answer, Document
+    from .engine.qa.engine import Engine
+    from .engine.rule import (
+        CentroidFeatures, EstimatorSpec, FavorFeatures, LayerContext, Summary, TokenCost, dense_attention, rc_attention,
+        retrieval_count, topk_attention,
+    )
+    from .engine.sampling import SamplingConfig
+    from .storage import ArtifactError, CorruptChunkError, IndexSpec, ModelMismatchError, available_tiers
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = ["__version__", *sorted(_EXPORTS)]

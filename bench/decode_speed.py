@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from rcengine import Engine, EngineConfig, SamplingConfig  # noqa: E402
-from rcengine.engine.hf_integration import stock_prefill  # noqa: E402
+from rcengine.engine.hf.integration import stock_prefill  # noqa: E402
 from rcengine.engine.progress import progress_bar  # noqa: E402
 
 # (tier, method, budget, keys in memory): a document reopened on the disk tier reads its keys from

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from rcengine import BenchIOConfig, write_report
-from rcengine.engine.io_analysis import tradeoff
+from rcengine.bench.io_analysis import tradeoff
 
 
 def main() -> None:

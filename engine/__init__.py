@@ -1,26 +1,39 @@
-"""The engine: the attention rule, feature maps and summaries, and (later) model integration."""
+"""The engine: the attention rule and feature maps (``rule``), the decode plan (``decode``), the
+transformers seam (``hf``) and the long-document QA API (``qa``).
 
-from .attention import (
+Importing ``rcengine.engine`` loads the rule only; the rest loads with its subpackage."""
+
+from .rule import (
     AttnState,
+    CentroidFeatures,
+    EstimatorSpec,
+    FavorFeatures,
+    FeatureMap,
+    LayerContext,
+    METHODS,
+    Method,
+    Summary,
+    TokenCost,
+    attention_entropy,
+    build_feature_map,
     completion_state,
     dense_attention,
     exact_state,
+    gather_tokens,
     group_queries,
+    group_scores,
+    group_topk,
     merge_states,
     normalize,
     rc_attention,
+    retrieval_count,
     topk_attention,
     ungroup,
 )
-from .budget import TokenCost, retrieval_count
-from .context import METHODS, LayerContext, attention_entropy
-from .feature_maps import CentroidFeatures, EstimatorSpec, FavorFeatures, FeatureMap, build_feature_map
-from .retrieval import gather_tokens, group_scores, group_topk
-from .summary import Summary
 
 __all__ = [
-    "AttnState", "CentroidFeatures", "EstimatorSpec", "FavorFeatures", "FeatureMap", "LayerContext",
-    "METHODS", "Summary", "TokenCost", "attention_entropy", "build_feature_map", "completion_state",
-    "dense_attention", "exact_state", "gather_tokens", "group_queries", "group_scores", "group_topk",
-    "merge_states", "normalize", "rc_attention", "retrieval_count", "topk_attention", "ungroup",
+    "AttnState", "CentroidFeatures", "EstimatorSpec", "FavorFeatures", "FeatureMap", "LayerContext", "METHODS", "Method",
+    "Summary", "TokenCost", "attention_entropy", "build_feature_map", "completion_state", "dense_attention", "exact_state",
+    "gather_tokens", "group_queries", "group_scores", "group_topk", "merge_states", "normalize", "rc_attention",
+    "retrieval_count", "topk_attention", "ungroup",
 ]

@@ -1,17 +1,17 @@
-"""One typed configuration for the engine: method, budget, anchors, estimator, index, offload."""
+"""One typed configuration for the engine: method, budget, anchors, estimator, selector, offload."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..storage import IndexSpec
-from ..storage.disk_tier import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES
-from .feature_maps import EstimatorSpec
+from ..storage import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES, IndexSpec
+from .rule.feature_maps import EstimatorSpec
+from .rule.methods import METHODS, Method
 
-Method = Literal["dense", "sink-tail", "topk", "rc"]
 Offload = Literal["device", "cpu", "disk"]
-METHODS: tuple[str, ...] = ("dense", "sink-tail", "topk", "rc")
+Selector = Literal["exact", "block", "faiss"]
+SELECTORS: tuple[str, ...] = ("exact", "block", "faiss")
 OFFLOADS: tuple[str, ...] = ("device", "cpu", "disk")
 
 
@@ -28,9 +28,16 @@ class EngineConfig:
       index and the summary once it holds ``tail + spill``.
     - ``offload``: where the mid-region lives: ``device``, ``cpu`` (host memory) or ``disk`` (Zarr
       at ``store``, a temporary folder if None).
-    - ``keys_in_memory``: for a document reopened on the disk tier, load the flat key index's keys
-      into memory (faster selection; memory grows with the document).  By default they stay in the
-      store and each search reads them block by block, so memory stays within the block cache.
+    - ``selector``: how topk and rc choose the mid tokens they read: ``exact`` (scores against a
+      copy of every mid key on the compute device: the oracle Top-K), ``block`` (whole blocks of
+      ``select_block`` tokens, ranked by per-block key bounds held on the device; a sixteenth of
+      the KV's size at 16 tokens) or ``faiss`` (a FAISS index per KV head on the host, of kind
+      ``index``).
+    - ``keys_in_memory``: with the faiss selector, for a document reopened on the disk tier, load the
+      flat index's keys into memory (faster selection; memory grows with the document).  By default
+      they stay in the store and each search reads them block by block.
+    - ``graphs``: on CUDA, capture each single-token decode step as a CUDA graph and replay it
+      (needs a device selector and a tier the GPU reads directly; other steps run eagerly).
     """
 
     method: Method = "rc"
@@ -45,7 +52,10 @@ class EngineConfig:
     block_tokens: int = DEFAULT_BLOCK_TOKENS
     cache_bytes: int = DEFAULT_CACHE_BYTES
     prefill_chunk: int = 1024
+    selector: Selector = "exact"
+    select_block: int = 16  # Quest's page size: 16-token pages selected 7.7 ms/token at 128K (DESIGN 5)
     keys_in_memory: bool = False
+    graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -56,7 +66,9 @@ class EngineConfig:
             raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget}")
         if self.sink < 0 or self.tail < 1 or self.spill < 1:
             raise ValueError(f"need sink >= 0, tail >= 1 and spill >= 1, got {self.sink}, {self.tail}, {self.spill}")
-        if self.prefill_chunk < 1 or self.block_tokens < 1 or self.cache_bytes < 0:
-            raise ValueError("prefill_chunk and block_tokens must be >= 1 and cache_bytes >= 0")
+        if self.prefill_chunk < 1 or self.block_tokens < 1 or self.cache_bytes < 0 or self.select_block < 1:
+            raise ValueError("prefill_chunk, block_tokens and select_block must be >= 1 and cache_bytes >= 0")
+        if self.selector not in SELECTORS:
+            raise ValueError(f"selector {self.selector!r} is unknown: use one of {', '.join(SELECTORS)}")
         if self.method == "rc" and self.estimator.kind == "none":
             raise ValueError("method 'rc' needs an estimator (favor or centroid); use method 'topk' for none")

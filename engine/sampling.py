@@ -1,4 +1,4 @@
-"""Choosing the next token: greedy, temperature, top-p; seeded."""
+"""Choosing the next token on the compute device: greedy, temperature, top-p; seeded."""
 
 from __future__ import annotations
 
@@ -29,13 +29,19 @@ class SamplingConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
+def sampling_generator(cfg: SamplingConfig, device: torch.device) -> torch.Generator | None:
+    """The seeded generator of one answer, on the device that samples (None: unseeded)."""
+    return torch.Generator(device=device).manual_seed(cfg.seed) if cfg.seed is not None else None
+
+
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> int:
-    """``logits: (vocab,)`` float32 -> a token id."""
+    """``logits: (vocab,)`` float32 on the compute device -> a token id (the one value that crosses
+    to the host)."""
     if cfg.temperature == 0.0:
         return int(logits.argmax())
     probs = torch.softmax(logits / cfg.temperature, dim=-1)
     if cfg.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < cfg.top_p  # always keeps the most likely token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        probs = torch.zeros_like(probs).scatter(0, order, torch.where(keep, sorted_p, 0.0))
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from rcengine import BenchIOConfig, Engine, EngineConfig, EstimatorSpec, SamplingConfig, load_model, run_bench_io, write_report
-from rcengine.engine.budget import retrieval_count
-from rcengine.engine.hf_integration import reference_logits
-from rcengine.engine.io_analysis import break_even, interpolate, matched_budget
+from rcengine.engine.rule.budget import retrieval_count
+from rcengine.engine.hf.integration import reference_logits
+from rcengine.bench.io_analysis import break_even, interpolate, matched_budget
 from rcengine.storage import ByteMeter, host_tier
 from rcengine.storage.tier import TierLayout
 from tiny_models import save_tiny_model
@@ -93,7 +93,7 @@ def test_switching_estimator_equals_prefilling_with_it(tiny):
     switched.configure(estimator=EstimatorSpec("centroid", 16))
     torch.testing.assert_close(switched.logits(cont), centroid_logits, atol=0, rtol=0)  # switching back is exact
     switched.configure(method="topk", budget=0.1)
-    assert switched.engine.config.method == "topk" and switched.cache.config.budget == 0.1
+    assert switched.engine.config.method == "topk" and switched.state.config.budget == 0.1
     with pytest.raises(ValueError, match="budget"):
         switched.configure(budget=1.5)
 

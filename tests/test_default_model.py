@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rcengine import Engine, EngineConfig, SamplingConfig, demo_prompt
-from rcengine.engine.tasks import TaskGenerator, corpus_haystack, score
+from rcengine.bench.tasks import TaskGenerator, corpus_haystack, score
 
 
 @pytest.fixture(scope="module")

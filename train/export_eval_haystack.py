@@ -5,7 +5,7 @@
 Takes the eval half of the held-out documents exactly as ``prepare_data.py`` splits them (sorted
 by the SHA-256 of their id, second half; never trained on), keeps those under the Python Software
 Foundation licence (``python3.11-doc``, ``python-stdlib``: the dictionary sources are GPL and are
-not redistributed), and writes them gzipped to ``engine/demo/eval_haystack.jsonl.gz`` (one JSON
+not redistributed), and writes them gzipped to ``bench/data/eval_haystack.jsonl.gz`` (one JSON
 string per document), so that ``rcengine bench-io`` and the tests build eval-split contexts on a
 fresh machine.  Prints the document count and the file's SHA-256.
 """
@@ -18,7 +18,7 @@ import hashlib
 import json
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "engine" / "demo" / "eval_haystack.jsonl.gz"
+OUT = Path(__file__).resolve().parent.parent / "bench" / "data" / "eval_haystack.jsonl.gz"
 SOURCES = ("python3.11-doc", "python-stdlib")
 
 

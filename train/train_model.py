@@ -4,7 +4,7 @@
 
 A Llama-architecture model (rotary positions, 4 query heads sharing 2 KV heads of dim 64) is
 trained from scratch, or continued from ``--init``, on the natural-English corpus mixed with task
-examples from the train split of the task suite (engine/tasks.py): short sequences first, then
+examples from the train split of the task suite (bench/tasks.py): short sequences first, then
 long ones.  Each phase is ``SEQ:SECONDS``; the learning rate follows a time-based warmup and
 cosine schedule over all phases.  Writes the model (safetensors, bf16) with its tokenizer, and
 appends one JSON line per logged step to OUT/train_log.jsonl.
@@ -27,7 +27,7 @@ from tokenizers import Tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("rc_tasks", ROOT / "engine" / "tasks.py")
+_spec = importlib.util.spec_from_file_location("rc_tasks", ROOT / "bench" / "tasks.py")
 tasks = importlib.util.module_from_spec(_spec)
 sys.modules["rc_tasks"] = tasks
 _spec.loader.exec_module(tasks)

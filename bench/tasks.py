@@ -248,7 +248,7 @@ def corpus_haystack(documents: Sequence[str]) -> Callable[[random.Random, int], 
     return haystack
 
 
-EVAL_HAYSTACK = Path(__file__).resolve().parent / "demo" / "eval_haystack.jsonl.gz"
+EVAL_HAYSTACK = Path(__file__).resolve().parent / "data" / "eval_haystack.jsonl.gz"
 
 
 def eval_documents() -> list[str]:

@@ -41,16 +41,17 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from .attention import completion_state, exact_state, merge_states, normalize
-from .budget import retrieval_count
-from .config import EngineConfig
-from .feature_maps import EstimatorSpec
-from .hf_integration import reference_logits
+from ..engine.config import EngineConfig
+from ..engine.hf.integration import reference_logits
+from ..engine.hf.loader import LoadedModel
+from ..engine.progress import progress
+from ..engine.qa.document import Answer, Document
+from ..engine.qa.engine import Engine
+from ..engine.rule.attention import Completion, TokenSet, completion_state, normalize, rc_state
+from ..engine.rule.budget import retrieval_count
+from ..engine.rule.feature_maps import EstimatorSpec
+from ..engine.sampling import SamplingConfig
 from .io_analysis import ENTROPY_BINS, Accumulator, AnswerCost, entropy_bin, summarise
-from .model_loader import LoadedModel
-from .progress import progress_bar
-from .sampling import SamplingConfig
-from .session import Answer, Document, Engine
 from .tasks import TASKS, TaskGenerator, corpus_haystack, eval_documents, score
 
 TIERS = ("cpu", "disk", "device")
@@ -152,14 +153,23 @@ class _Probe:
     entropy_by_position: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
     counter: dict[int, int] = field(default_factory=lambda: defaultdict(int))
 
-    def __call__(self, layer: int, qg: torch.Tensor, sink_k, sink_v, tail_k, tail_v) -> None:  # noqa: ANN001
+    def __call__(self, layer: int, qg: torch.Tensor, anchors: list[TokenSet], q_pos: torch.Tensor) -> None:
+        """``qg: (T, Hkv, G, d)``: T query positions; ``anchors``: sink and tail sets with the
+        tail's visibility per position ``(T, 1, C)``."""
+        sink, tail = anchors
+        for i in range(qg.shape[0]):
+            seen = tail.valid[i, 0]
+            ka = torch.cat([sink.k[0], tail.k[0][:, seen]], dim=1)[None]  # (1, Hkv, A, d)
+            va = torch.cat([sink.v[0], tail.v[0][:, seen]], dim=1)[None]
+            self._query(layer, qg[i : i + 1], ka, va)
+
+    def _query(self, layer: int, qg: torch.Tensor, ka: torch.Tensor, va: torch.Tensor) -> None:
         t = self.counter[layer]
         self.counter[layer] += 1
         k_mid, v_mid = self.mids[layer]
         q64 = qg.to(torch.float64)
         scale = qg.shape[-1] ** -0.5
-        ka = torch.cat([sink_k, tail_k], dim=2).to(torch.float64)
-        va = torch.cat([sink_v, tail_v], dim=2).to(torch.float64)
+        ka, va = ka.to(torch.float64), va.to(torch.float64)
         s_a = torch.matmul(q64, ka.transpose(-1, -2)) * scale  # (1, Hkv, G, A)
         s_m = torch.matmul(q64, k_mid.transpose(-1, -2)) * scale  # (1, Hkv, G, n)
         s = torch.cat([s_a, s_m], dim=-1)
@@ -174,26 +184,25 @@ class _Probe:
         o_dense = torch.matmul(p[..., : s_a.shape[-1]], va) + torch.matmul(p[..., s_a.shape[-1] :], v_mid)  # (1, Hkv, G, d)
         n_mid = k_mid.shape[2]
         order = s_m.amax(dim=2).argsort(dim=-1, descending=True)  # group score, best first (1, Hkv, n)
-        anchor_state = exact_state(q64, ka, va, scale)
         for v in self.variants:
             if v.method == "dense":
                 continue
             count = 0 if v.method == "sink-tail" else retrieval_count(v.budget, n_mid)
             ids = order[..., :count]
-            kr = torch.gather(k_mid, 2, ids[..., None].expand(*ids.shape, k_mid.shape[-1]))
+            # Retrieved keys in the model's dtype: the maps see the features the summary was built from.
+            kr = torch.gather(k_mid, 2, ids[..., None].expand(*ids.shape, k_mid.shape[-1])).to(qg.dtype)
             vr = torch.gather(v_mid, 2, ids[..., None].expand(*ids.shape, v_mid.shape[-1]))
-            state = merge_states(anchor_state, exact_state(q64, kr, vr, scale))
             unread = torch.ones_like(s_m, dtype=torch.bool)
             unread.scatter_(-1, ids[:, :, None, :].expand(-1, -1, s_m.shape[2], -1), False)
             true_u = torch.logsumexp(s_m.masked_fill(~unread, -math.inf), dim=-1)  # (1, Hkv, G) log unread mass
-            ratio = None
+            ratio, completion = None, None
             if v.method == "rc":
                 fmap, summary = self.estimators[v.estimator][layer]
-                est = completion_state(fmap.query_logits(qg), summary, fmap.key_logits(kr.to(qg.dtype)), vr)
-                state = merge_states(state, est)
+                completion = Completion(fmap, summary)
+                est = completion_state(fmap.query_logits(q64), summary, fmap.key_logits(kr), vr)
                 est_u = torch.log(est.den.to(torch.float64)) + est.m.to(torch.float64)  # -inf where dropped
                 ratio = (est_u - true_u)[0]
-            o = normalize(state)
+            o = normalize(rc_state(q64, [TokenSet(ka, va)], scale, TokenSet(kr, vr), completion))
             err = (torch.linalg.vector_norm(o - o_dense, dim=-1) / torch.linalg.vector_norm(o_dense, dim=-1).clamp_min(1e-30))[0]
             self.acc.add_heads(v.key, layer, entropy, err, torch.exp(true_u - lse)[0], ratio)
 
@@ -217,7 +226,7 @@ def run_bench_io(lm: LoadedModel, cfg: BenchIOConfig, show_progress: bool = True
     done = 0
     t_start = time.perf_counter()
     try:
-        with progress_bar("bench-io (example x variant)", len(examples) * len(variants), show_progress) as advance:
+        with progress("bench-io", len(examples) * len(variants), "example x variant", show_progress) as advance:
             for i, (task, length, seed) in enumerate(examples):
                 if cfg.time_limit_s is not None and time.perf_counter() - t_start > cfg.time_limit_s:
                     break
@@ -265,8 +274,8 @@ def _run_example(lm, cfg, variants, ex, length, heldout_text, store, quality_tie
             docs[tier] = prefilled if tier == "disk" else engine.open(store, offload=tier)
         qdoc = docs[quality_tier]
         specs = {e: EstimatorSpec(e, cfg.features) for e in cfg.estimators}
-        estimators = {e: qdoc.cache.estimator_layers(spec) for e, spec in specs.items()}
-        mids = [tuple(x.to(torch.float64) for x in qdoc.cache.read_mid(layer)) for layer in range(qdoc.cache.num_layers)]
+        estimators = {e: qdoc.state.estimator_layers(spec) for e, spec in specs.items()}
+        mids = [tuple(x.to(torch.float64) for x in qdoc.state.read_mid(layer)) for layer in range(qdoc.state.num_layers)]
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, stop=("\n",))
         answer_rows = slice(len(question) - 1, len(qa) - 1)  # rows predicting the answer's tokens
         base_answers: dict[str, str] = {}
@@ -283,11 +292,11 @@ def _run_example(lm, cfg, variants, ex, length, heldout_text, store, quality_tie
                 probe = None
                 if v.method == "dense":
                     probe = _Probe(variants, mids, estimators, _sample_positions(first_probed, len(cont) - 1, cfg.probe_queries), acc)
-                    qdoc.cache.probe = probe
+                    qdoc.state.probe = probe
                 try:
                     logits.append(qdoc.logits(cont))
                 finally:
-                    qdoc.cache.probe = None
+                    qdoc.state.probe = None
                 if probe is not None:  # mean entropy over layers and heads, per position
                     entropies.update({t: sum(h) / len(h) for t, h in probe.entropy_by_position.items()})
             kl_qa = _kl(ref_qa, logits[0])[answer_rows]
@@ -356,13 +365,13 @@ def _cost(doc: Document, answer: Answer, ex) -> AnswerCost:  # noqa: ANN001
     steps = s["decode_steps"]
     per_step = s["bytes_per_decode_step"]
     logical = sum(t["logical"] for t in per_step["by_tier"].values())
-    cache = doc.cache
-    row = cache.tier.layout.row_bytes
-    summary_bytes = cache.summary_bytes_per_head() if cache.config.method == "rc" else 0
+    state = doc.state
+    row = state.tier.layout.row_bytes
+    summary_bytes = state.summary_bytes_per_head() if state.config.method == "rc" else 0
     return AnswerCost(
         score=score(answer.text, ex.answers, ex.task), steps=steps, logical=logical,
         physical=sum(t["physical"] for t in per_step["by_tier"].values()), index=per_step["index"],
-        ms=s["timings_ms"]["decode_per_token"], tokens_read=logical / (row * cache.num_layers * cache.num_kv_heads),
+        ms=s["timings_ms"]["decode_per_token"], tokens_read=logical / (row * state.num_layers * state.num_kv_heads),
         summary_tokens=summary_bytes / row, mid_tokens=s["mid_tokens"], matches_quality_tier=s["matches"],
     )
 

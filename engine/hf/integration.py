@@ -6,29 +6,38 @@ rcengine plugs into transformers' own extension points, with no copy of model co
   active :class:`RCCache` and computes prefill or decode attention with it;
 - a mask function registered under the same name (``AttentionMaskInterface``): it returns no mask,
   since rcengine's attention applies causality itself;
-- our Cache (cache.py), passed as ``past_key_values``.
+- our Cache (cache.py), passed to the model as its cache.
 
-Tested with transformers 5.17 (GPU machine) and 5.23 (PyPI); pyproject pins that range.  Outside
-an :func:`active` block the attention falls back to transformers' SDPA, so a model loaded with
-rcengine's attention still runs stock code paths (``model.generate``) unchanged.
+Versions: tested with transformers 5.17 (GPU machine), 5.23 and 5.24.  5.24 renamed the models'
+``past_key_values`` argument to ``cache`` (the old name still works there, with a deprecation
+warning until 5.40); :data:`CACHE_ARG` is the name this release takes.  Outside an :func:`active`
+block the attention falls back to transformers' SDPA, so a model loaded with rcengine's attention
+still runs stock code paths (``model.generate``) unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator
 from contextvars import ContextVar
 
 import torch
+import transformers
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from ..decode.layer import decode_attention, prefill_attention
+from ..decode.runner import Forward
 from .cache import RCCache
-from .layer_attention import decode_attention, prefill_attention
 
 ATTN_IMPLEMENTATION = "rcengine"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+# The oldest and newest transformers releases this seam is tested with (pyproject pins the range).
+TESTED_TRANSFORMERS = ("5.17", "5.24")
+# The causal LMs' forward takes its cache as `cache` from 5.24 on, `past_key_values` before.
+CACHE_ARG = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
 
 _ACTIVE: ContextVar[RCCache | None] = ContextVar("rcengine_active_cache", default=None)
 
@@ -51,8 +60,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if cache.phase == "prefill":
-        return prefill_attention(cache, module.layer_idx, query, scale), None
-    return decode_attention(cache, module.layer_idx, query, scale), None
+        k, v = cache.prefill[module.layer_idx].view()
+        return prefill_attention(k, v, query, scale), None
+    return decode_attention(cache.state, module.layer_idx, query, scale), None
 
 
 def _mask(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
@@ -97,14 +107,30 @@ def kv_shape(config) -> tuple[int, int, int]:  # noqa: ANN001
     return config.num_hidden_layers, kv, head_dim
 
 
-def forward_logits(model: PreTrainedModel, input_ids: torch.Tensor, cache: RCCache, start: int, every_position: bool = False) -> torch.Tensor:
-    """One forward over ``input_ids (1, T)`` at positions ``start..start+T-1`` under ``cache``;
-    -> logits of the last position ``(1, vocab)`` in float32, or of every position ``(1, T, vocab)``."""
-    positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)[None]
+def model_call(model: PreTrainedModel, input_ids: torch.Tensor, cache, every_position: bool = False,  # noqa: ANN001
+               position_ids: torch.Tensor | None = None):  # noqa: ANN201 (the model's output)
+    """The model's forward with its cache under whichever argument name this release takes."""
+    return model(input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=0 if every_position else 1,
+                 **{CACHE_ARG: cache})
+
+
+def rc_forward(model: PreTrainedModel, cache: RCCache) -> Forward:
+    """The decode runner's model call: ``(ids, positions (1, T), every_position) -> logits`` float32,
+    ``(1, vocab)`` of the last position or ``(1, T, vocab)`` of each."""
+
+    def forward(ids: torch.Tensor, positions: torch.Tensor, every_position: bool) -> torch.Tensor:
+        with active(cache):
+            logits = model_call(model, ids, cache, every_position, positions).logits
+        return logits.float() if every_position else logits[:, -1].float()
+
+    return forward
+
+
+def prefill_chunk(model: PreTrainedModel, ids: torch.Tensor, cache: RCCache, start: int) -> torch.Tensor:
+    """One prefill chunk ``ids (1, C)`` at positions ``start..`` -> logits of its last position ``(1, vocab)``."""
+    positions = torch.arange(start, start + ids.shape[1], device=ids.device)[None]
     with active(cache):
-        out = model(input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True,
-                    logits_to_keep=0 if every_position else 1)
-    return out.logits.float() if every_position else out.logits[:, -1].float()
+        return model_call(model, ids, cache, False, positions).logits[:, -1].float()
 
 
 def stock_prefill(model: PreTrainedModel, prefix: list[int], chunk: int = 1024):  # noqa: ANN201 (DynamicCache, tensor)
@@ -116,7 +142,7 @@ def stock_prefill(model: PreTrainedModel, prefix: list[int], chunk: int = 1024):
     x = torch.tensor([prefix], device=next(model.parameters()).device)
     with torch.no_grad():
         for start in range(0, len(prefix), chunk):
-            logits = model(input_ids=x[:, start : start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            logits = model_call(model, x[:, start : start + chunk], cache).logits
     return cache, logits[:, -1]
 
 
@@ -129,7 +155,7 @@ def reference_logits(model: PreTrainedModel, prefix: list[int], continuations: l
     with torch.no_grad():
         outs = []
         for cont in continuations:
-            out = model(input_ids=torch.tensor([cont], device=device), past_key_values=cache, use_cache=True)
+            out = model_call(model, torch.tensor([cont], device=device), cache, every_position=True)
             outs.append(out.logits[0].float())
             cache.crop(-len(cont))  # negative: tokens to remove (5.17 and later; positive meant a length before)
     return outs

@@ -72,16 +72,17 @@ class Summary:
         # Old accumulations are zero wherever the old log-scale was -inf.
         rescale = torch.where(torch.isfinite(self.beta), torch.exp(self.beta - ref), 0.0)
         e = torch.exp(ak - ref[:, :, None, :])  # (B, Hkv, n, r), <= 1
-        self.S = self.S * rescale[..., None] + torch.matmul(e.transpose(-1, -2), v)
-        self.u = self.u * rescale + e.sum(dim=-2)
-        self.beta = beta_new
+        # In place: a captured decode step keeps reading these same tensors after a fold.
+        self.S.mul_(rescale[..., None]).add_(torch.matmul(e.transpose(-1, -2), v))
+        self.u.mul_(rescale).add_(e.sum(dim=-2))
+        self.beta.copy_(beta_new)
         norms = torch.linalg.vector_norm(v, dim=-1)  # (B, Hkv, n)
         if valid is not None:
             norms = norms.masked_fill(~valid, 0.0)
-            self.count = self.count + valid.sum(dim=-1)
+            self.count.add_(valid.sum(dim=-1))
         else:
-            self.count = self.count + ak.shape[-2]
-        self.v_max = torch.maximum(self.v_max, norms.amax(dim=-1))
+            self.count.add_(ak.shape[-2])
+        self.v_max.copy_(torch.maximum(self.v_max, norms.amax(dim=-1)))
 
     def nbytes_per_head(self) -> int:
         """Bytes held per (sequence, KV head): S, u and beta (v_max and count are negligible)."""

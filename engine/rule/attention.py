@@ -1,9 +1,14 @@
 """The attention rule for one decode step: dense, Top-K only, and retrieval-completion.
 
-Pure tensor functions, any device.  Shapes:
+Pure tensor functions, any device.  The rule is assembled in one place, :func:`rc_state`: exact
+attention over the anchor and retrieved token sets (one softmax state), plus the summary's estimate
+of the unread mid tokens with the retrieved share subtracted, merged before one normalisation.
+Decoding, bench-io's probe, the in-memory reference and the tests all call it.  Shapes:
 
-- ``q``: ``(B, Hq, d)`` decode queries, one per query head.
-- keys / values of a token set: ``(B, Hkv, n, d)``, post-RoPE exactly as the model stores them.
+- ``q``: ``(B, Hq, d)`` decode queries, one per query head.  In decoding, B is the T query
+  positions of one sequence.
+- keys / values of a token set: ``(B, Hkv, n, d)``, post-RoPE exactly as the model stores them; a
+  set shared by every query (the anchors) has batch 1.
 - ``Hq = G * Hkv``: the G query heads of a KV head share its keys (GQA).  Internally queries are
   grouped as ``qg: (B, Hkv, G, d)``.
 
@@ -15,6 +20,7 @@ states merge exactly like flash-attention's split-KV partials.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +72,61 @@ class AttnState:
         return AttnState(qg.new_zeros((b, h, g, d), dtype=dtype), zeros, zeros - math.inf)
 
 
+@dataclass(frozen=True)
+class TokenSet:
+    """Tokens a query attends to exactly: ``k, v: (B or 1, Hkv, n, d)``; ``valid: (B or 1, Hkv, n)``
+    bool marks the tokens that take part (None = all)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    valid: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The estimate of the unread mid tokens: a feature map, the summary of the whole mid-region
+    built with its key features, and ``gamma``, a log-mass calibration broadcastable to
+    ``(B, Hkv, G)`` (0 for untrained maps)."""
+
+    feature_map: FeatureMap
+    summary: Summary
+    gamma: torch.Tensor | float = 0.0
+
+
+def _bmm(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x: (B, H, G, a) @ y: (B or 1, H, a, b) -> (B, H, G, b)``.  A y of batch 1 shared by B > 1
+    queries is multiplied once for all of them (matmul's broadcasting would copy it B times)."""
+    b, h, g, a = x.shape
+    if y.shape[0] == 1 and b > 1:
+        out = torch.matmul(x.transpose(0, 1).reshape(h, b * g, a), y[0])  # (H, B G, b)
+        return out.view(h, b, g, -1).transpose(0, 1)
+    return torch.matmul(x, y)
+
+
+def exact_state_of(qg: torch.Tensor, sets: Sequence[TokenSet], scale: float) -> AttnState:
+    """Exact attention state of ``qg: (B, Hkv, G, d)`` over the union of disjoint token ``sets``:
+    one softmax (one log-scale) over all of them."""
+    dt = compute_dtype(qg, *(t for s in sets for t in (s.k, s.v)))
+    sets = [s for s in sets if s.k.shape[-2] > 0]
+    if not sets:
+        return AttnState.empty(qg, dt)
+    q = qg.to(dt)
+    scores = []
+    for ts in sets:
+        s = _bmm(q, ts.k.to(dt).transpose(-1, -2)) * scale  # (B, Hkv, G, n)
+        if ts.valid is not None:
+            s = s.masked_fill(~ts.valid[:, :, None, :], -math.inf)
+        scores.append(s)
+    s = scores[0] if len(scores) == 1 else torch.cat(scores, dim=-1)
+    m = s.amax(dim=-1)  # (B, Hkv, G)
+    p = torch.exp(s - _finite_or_zero(m)[..., None])  # masked tokens -> 0
+    num = None
+    for part, ts in zip(p.split([ts.k.shape[-2] for ts in sets], dim=-1), sets, strict=True):
+        term = _bmm(part, ts.v.to(dt))
+        num = term if num is None else num + term
+    return AttnState(num, p.sum(dim=-1), m)
+
+
 def exact_state(
     qg: torch.Tensor,
     k: torch.Tensor,
@@ -77,15 +138,7 @@ def exact_state(
 
     ``valid: (B, Hkv, n)`` bool marks the tokens that take part (None = all).
     """
-    dt = compute_dtype(qg, k, v)
-    if k.shape[-2] == 0:
-        return AttnState.empty(qg, dt)
-    s = torch.matmul(qg.to(dt), k.to(dt).transpose(-1, -2)) * scale  # (B, Hkv, G, n)
-    if valid is not None:
-        s = s.masked_fill(~valid[:, :, None, :], -math.inf)
-    m = s.amax(dim=-1)  # (B, Hkv, G)
-    p = torch.exp(s - _finite_or_zero(m)[..., None])  # masked tokens -> 0
-    return AttnState(torch.matmul(p, v.to(dt)), p.sum(dim=-1), m)
+    return exact_state_of(qg, [TokenSet(k, v, valid)], scale)
 
 
 def merge_states(a: AttnState, b: AttnState) -> AttnState:
@@ -153,14 +206,35 @@ def completion_state(
     return AttnState(num, den, m)
 
 
+def rc_state(
+    qg: torch.Tensor,
+    anchors: Sequence[TokenSet],
+    scale: float,
+    retrieved: TokenSet | None = None,
+    completion: Completion | None = None,
+) -> AttnState:
+    """The rule, unnormalised: exact attention over ``anchors`` and ``retrieved`` (one softmax
+    state), merged with ``completion``'s estimate of the mid tokens not retrieved (the retrieved
+    share subtracted from the summary, so nothing is counted twice).  Without ``completion`` this
+    is Top-K (or, with every mid token retrieved, dense) attention.  ``qg: (B, Hkv, G, d)``."""
+    exact = exact_state_of(qg, [*anchors, *([retrieved] if retrieved is not None else [])], scale)
+    if completion is None:
+        return exact
+    fmap = completion.feature_map
+    ak = v = valid = None
+    if retrieved is not None:
+        ak, v, valid = fmap.key_logits(retrieved.k), retrieved.v, retrieved.valid
+    estimate = completion_state(fmap.query_logits(qg), completion.summary, ak, v, valid, completion.gamma)
+    return merge_states(exact, estimate)
+
+
 def dense_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
     """Softmax attention over every token.  ``q: (B, Hq, d)``, ``k, v: (B, Hkv, N, d)`` ->
     ``(B, Hq, d)`` in the compute dtype.  The reference for everything else."""
-    scale = _scale(q, scale)
     qg = group_queries(q, k.shape[1])
-    return ungroup(normalize(exact_state(qg, k, v, scale)))
+    return ungroup(normalize(rc_state(qg, [TokenSet(k, v)], _scale(q, scale))))
 
 
 def topk_attention(
@@ -177,12 +251,8 @@ def topk_attention(
     ``q: (B, Hq, d)``; anchors ``(B, Hkv, A, d)``; retrieved ``(B, Hkv, K, d)`` (one set per KV
     head, shared by its G query heads); ``ret_valid: (B, Hkv, K)`` -> ``(B, Hq, d)``.
     """
-    scale = _scale(q, scale)
     qg = group_queries(q, k_anchor.shape[1])
-    state = merge_states(
-        exact_state(qg, k_anchor, v_anchor, scale),
-        exact_state(qg, k_ret, v_ret, scale, ret_valid),
-    )
+    state = rc_state(qg, [TokenSet(k_anchor, v_anchor)], _scale(q, scale), TokenSet(k_ret, v_ret, ret_valid))
     return ungroup(normalize(state))
 
 
@@ -204,21 +274,10 @@ def rc_attention(
     Shapes as :func:`topk_attention`; ``summary`` was built over the whole mid-region with
     ``feature_map``'s key features.  -> ``(B, Hq, d)``.
     """
-    scale = _scale(q, scale)
     qg = group_queries(q, k_anchor.shape[1])
-    exact = merge_states(
-        exact_state(qg, k_anchor, v_anchor, scale),
-        exact_state(qg, k_ret, v_ret, scale, ret_valid),
-    )
-    estimate = completion_state(
-        feature_map.query_logits(qg),
-        summary,
-        feature_map.key_logits(k_ret),
-        v_ret,
-        ret_valid,
-        gamma,
-    )
-    return ungroup(normalize(merge_states(exact, estimate)))
+    state = rc_state(qg, [TokenSet(k_anchor, v_anchor)], _scale(q, scale), TokenSet(k_ret, v_ret, ret_valid),
+                     Completion(feature_map, summary, gamma))
+    return ungroup(normalize(state))
 
 
 def _scale(q: torch.Tensor, scale: float | None) -> float:

@@ -9,14 +9,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .hf_integration import check_supported, kv_shape, use_rcengine_attention
+from .integration import check_supported, kv_shape, use_rcengine_attention
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
 def default_model_path() -> Path:
     """The embedded default model shipped inside the package."""
-    return Path(__file__).resolve().parent / "default_model"
+    return Path(__file__).resolve().parents[1] / "default_model"
 
 
 @dataclass

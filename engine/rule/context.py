@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import dense_attention, group_queries, rc_attention, topk_attention
-from .config import METHODS, Method
+from .methods import METHODS, Method
 from .feature_maps import EstimatorSpec, FeatureMap, build_feature_map
 from .retrieval import gather_tokens, group_topk
 from .summary import Summary

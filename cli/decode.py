@@ -1,0 +1,152 @@
+"""``generate``, ``prefill`` and ``ask``: the commands that prefill and decode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from .errors import user_errors_exit_2
+from .options import (
+    AS_JSON, BUDGET, DEVICE, ESTIMATOR, FEATURES, MAX_NEW, METHOD, MODEL, SEED, SINK, STOP, TAIL, TEMPERATURE, TOP_P, TRUST,
+    EstimatorName, MethodName, OffloadName, engine_config, quiet_transformers, read_text, stream,
+)
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(generate)
+    app.command()(prefill)
+    app.command()(ask)
+
+
+@user_errors_exit_2
+def generate(
+    prompt: str = typer.Argument(None, help="The prompt (default: the embedded long document and question)."),
+    prompt_file: Path = typer.Option(None, "--prompt-file", help="Read the prompt from this file."),
+    model: Path = MODEL,
+    offload: OffloadName = typer.Option(OffloadName.cpu, "--offload", help="Where the mid-region KV lives."),
+    store: Path = typer.Option(None, "--store", help="Persist the prefill there (a folder), to reopen with `ask`."),
+    method: MethodName = METHOD,
+    budget: float = BUDGET,
+    max_new_tokens: int = MAX_NEW,
+    as_json: bool = AS_JSON,
+    sink: int = SINK,
+    tail: int = TAIL,
+    estimator: EstimatorName = ESTIMATOR,
+    features: int = FEATURES,
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    seed: int = SEED,
+    stop: list[str] = STOP,
+    device: str = DEVICE,
+    trust_remote_code: bool = TRUST,
+) -> None:
+    """Prefill a prompt and continue it, reading the offloaded KV cache through the chosen method."""
+    import rcengine
+
+    if prompt is not None and prompt_file is not None:
+        raise ValueError("give a prompt or --prompt-file, not both")
+    if prompt_file is not None:
+        text = read_text(prompt_file)
+    elif prompt is not None:
+        if not prompt.strip():
+            raise ValueError("the prompt is empty")
+        text = prompt
+    else:
+        demo = rcengine.demo_prompt()
+        text = demo.prompt
+        typer.echo(f"[embedded demo: {len(demo.document)} characters of text, then: {demo.question.strip().splitlines()[0]}"
+                   f" (expected: {demo.answer})]", err=True)
+    quiet_transformers()
+    cfg = engine_config(method, budget, offload, sink, tail, estimator, features)
+    engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
+    sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()))
+    answer = engine.generate(text, sampling, on_text=stream(as_json), store=store)
+    finish(answer, as_json)
+
+
+@user_errors_exit_2
+def prefill(
+    file: Path = typer.Argument(..., help="The document, a UTF-8 text file."),
+    store: Path = typer.Option(..., "--store", help="Folder to persist the prefill in."),
+    model: Path = MODEL,
+    sink: int = SINK,
+    tail: int = TAIL,
+    estimator: EstimatorName = ESTIMATOR,
+    features: int = FEATURES,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
+    device: str = DEVICE,
+    trust_remote_code: bool = TRUST,
+) -> None:
+    """Prefill a document once and persist it; ask it questions later with `rcengine ask`."""
+    import rcengine
+
+    text = read_text(file)
+    quiet_transformers()
+    cfg = engine_config(MethodName.rc, 0.02, OffloadName.disk, sink, tail, estimator, features)
+    engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
+    doc = engine.prefill(text, store=store, overwrite=overwrite)
+    typer.echo(json.dumps({"store": str(store), "tokens": doc.tokens, "prefill_ms": round(doc.prefill_ms, 1)}))
+    doc.close()
+
+
+@user_errors_exit_2
+def ask(
+    store: Path = typer.Argument(..., help="A store made by `rcengine prefill` (or generate --store)."),
+    question: str = typer.Argument(..., help="The question, appended to the document as it is."),
+    model: Path = MODEL,
+    method: MethodName = METHOD,
+    budget: float = BUDGET,
+    max_new_tokens: int = MAX_NEW,
+    as_json: bool = AS_JSON,
+    offload: OffloadName = typer.Option(OffloadName.disk, "--offload", help="disk reads the store; cpu/device copy it in."),
+    temperature: float = TEMPERATURE,
+    top_p: float = TOP_P,
+    seed: int = SEED,
+    stop: list[str] = STOP,
+    device: str = DEVICE,
+    trust_remote_code: bool = TRUST,
+) -> None:
+    """Answer a question about a persisted document, without recomputing its prefill."""
+    import rcengine
+
+    if not question.strip():
+        raise ValueError("the question is empty")
+    quiet_transformers()
+    cfg = rcengine.EngineConfig(method=method.value, budget=budget)
+    engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
+    doc = engine.open(store, offload=offload.value)
+    sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()))
+    answer = doc.ask(question, sampling, on_text=stream(as_json))
+    doc.close()
+    finish(answer, as_json)
+
+
+def answer_json(answer: Any) -> dict[str, Any]:
+    s = answer.stats
+    return {
+        "text": answer.text, "prompt_tokens": answer.prompt_tokens, "new_tokens": answer.new_tokens,
+        "method": s["method"], "offload": s["offload"], "budget": s["budget"],
+        "bytes": {"logical": s["bytes"]["logical"], "physical": s["bytes"]["physical"], "by_tier": s["bytes"]["by_tier"],
+                  "index": s["bytes"]["index"]},
+        "decode_ms_per_token": s["timings_ms"]["decode_per_token"], "stats": s,
+    }
+
+
+def finish(answer: Any, as_json: bool) -> None:
+    """The answer's JSON on stdout, or (after streamed text) a one-line summary on stderr."""
+    if as_json:
+        typer.echo(json.dumps(answer_json(answer)))
+        return
+    typer.echo("")
+    s = answer.stats
+    ms = s["timings_ms"]["decode_per_token"]
+    budget = f", budget {s['budget']:g}" if s["budget"] is not None else ""
+    typer.echo(
+        f"[{answer.prompt_tokens} prompt + {answer.new_tokens} new tokens, {s['method']} on {s['offload']}{budget}: "
+        f"{s['bytes']['logical'] / 1e6:.2f} MB read ({s['bytes']['physical'] / 1e6:.2f} MB moved), "
+        f"{'-' if ms is None else f'{ms:.1f}'} ms/token]",
+        err=True,
+    )

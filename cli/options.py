@@ -1,0 +1,101 @@
+"""Options shared by the commands that decode, and the configuration they build."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+if TYPE_CHECKING:
+    import rcengine
+
+
+class MethodName(str, Enum):
+    dense = "dense"
+    sink_tail = "sink-tail"
+    topk = "topk"
+    rc = "rc"
+
+
+class OffloadName(str, Enum):
+    device = "device"
+    cpu = "cpu"
+    disk = "disk"
+
+
+class EstimatorName(str, Enum):
+    centroid = "centroid"
+    favor = "favor"
+
+
+def _budget(value: float) -> float:
+    if not 0.0 < value <= 1.0:
+        raise typer.BadParameter(f"{value} is not a fraction in (0, 1] (2 % is 0.02)")
+    return value
+
+
+MODEL = typer.Option(None, "--model", help="Local model folder (default: the embedded model).")
+METHOD = typer.Option(MethodName.rc, "--method", help="dense, sink-tail, topk or rc.")
+BUDGET = typer.Option(0.02, "--budget", callback=_budget, help="Retrieved tokens as a fraction of the mid-region, in (0, 1].")
+MAX_NEW = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate at most.")
+AS_JSON = typer.Option(False, "--json", help="Print one JSON object instead of streaming text.")
+SINK = typer.Option(4, "--sink", min=0, help="Anchor tokens kept at the start.")
+TAIL = typer.Option(64, "--tail", min=1, help="Anchor tokens kept at the end (generated tokens join them).")
+ESTIMATOR = typer.Option(EstimatorName.centroid, "--estimator", help="Completion estimator for rc.")
+FEATURES = typer.Option(64, "--features", min=2, help="Centroids or random features per KV head.")
+TEMPERATURE = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy.")
+TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0)
+SEED = typer.Option(None, "--seed")
+STOP = typer.Option(None, "--stop", help="Stop at this string (repeatable).")
+DEVICE = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present).")
+TRUST = typer.Option(False, "--trust-remote-code", help="Allow the model folder's own code to run.")
+
+
+def engine_config(method: MethodName, budget: float, offload: OffloadName, sink: int = 4, tail: int = 64,
+                  estimator: EstimatorName = EstimatorName.centroid, features: int = 64) -> "rcengine.EngineConfig":
+    import rcengine
+
+    return rcengine.EngineConfig(
+        method=method.value, budget=budget, offload=offload.value, sink=sink, tail=tail,
+        estimator=rcengine.EstimatorSpec(estimator.value, features),
+    )
+
+
+def read_text(path: Path) -> str:
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a text file")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
+        raise ValueError(f"{path} is empty")
+    return text
+
+
+def stream(as_json: bool) -> Callable[[str], None] | None:
+    """Where generated text goes as it comes: stdout, or nowhere with --json."""
+    if as_json:
+        return None
+    return lambda piece: (sys.stdout.write(piece), sys.stdout.flush())
+
+
+def quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def csv(value: str, convert: Callable[[str], Any], what: str, example: str) -> tuple:
+    """A comma-separated option -> a tuple, or a one-line error naming the option and an example."""
+    try:
+        items = tuple(convert(x.strip()) for x in value.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"{what} {value!r} is not a comma-separated list (e.g. {example})") from None
+    if not items:
+        raise ValueError(f"{what} is empty (e.g. {example})")
+    return items

@@ -1,0 +1,70 @@
+"""What one attention layer computes under rcengine, in prefill and in decode.
+
+- :func:`prefill_attention`: exact causal attention of a chunk's queries over everything so far.
+- :func:`decode_attention`: the configured method for the T newest tokens, all at once: the step's
+  plan fixes every shape, the step's inputs (tail slots, positions) and scalars (``n_mid``,
+  ``live``) are device tensors, and the rule is :func:`~rcengine.engine.rule.attention.rc_state`.
+  With a device selector and a tier the device reads directly, it does no host work per head or
+  position and no host sync, so it can run inside a captured CUDA graph.
+
+Queries ``(1, Hq, T, d)`` as the model hands them over; outputs ``(1, T, Hq, d)`` as transformers'
+attention interface returns them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..rule.attention import Completion, TokenSet, normalize, rc_state
+from .state import KVState
+
+
+def prefill_attention(k: torch.Tensor, v: torch.Tensor, query: torch.Tensor, scale: float) -> torch.Tensor:
+    """``k, v: (1, Hkv, P, d)``: every token so far, this chunk's last; ``query: (1, Hq, C, d)``."""
+    c, p = query.shape[2], k.shape[2]
+    q_pos = torch.arange(p - c, p, device=query.device)
+    mask = torch.arange(p, device=query.device)[None, :] <= q_pos[:, None]  # (C, P)
+    out = F.scaled_dot_product_attention(query, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def decode_attention(state: KVState, layer: int, query: torch.Tensor, scale: float) -> torch.Tensor:
+    plan, step = state.plan, state.step
+    _, hq, t, d = query.shape
+    hkv = state.num_kv_heads
+    qg = query[0].view(hkv, hq // hkv, t, d).permute(2, 0, 1, 3)  # (T, Hkv, G, d)
+    anchors = [
+        TokenSet(state.sink_k[layer], state.sink_v[layer]),
+        TokenSet(state.tail.k[layer], state.tail.v[layer], state.tail.visible(step.q_pos)),
+    ]
+    if state.probe is not None:  # evaluation only (bench-io): the queries and the anchors they see
+        state.probe(layer, qg, anchors, step.q_pos)
+    retrieved = read_mid(state, layer, qg) if plan.rows else None
+    completion = Completion(state.maps[layer], state.summaries[layer]) if plan.method.completes else None
+    out = normalize(rc_state(qg, anchors, scale, retrieved, completion))  # (T, Hkv, G, d)
+    return out.reshape(1, t, hq, d).to(query.dtype)
+
+
+def read_mid(state: KVState, layer: int, qg: torch.Tensor) -> TokenSet:
+    """The mid tokens the step's queries ``qg: (T, Hkv, G, d)`` read: every row (dense), or the
+    selector's choice per KV head and position, ``(T, Hkv, R, d)`` with their validity."""
+    plan, hkv = state.plan, state.num_kv_heads
+    t, cap = qg.shape[0], plan.mid_cap
+    rows = state.tier.device_rows(layer) if hasattr(state.tier, "device_rows") else None
+    if plan.method.name == "dense":
+        if rows is not None:  # (cap, Hkv, 2, d), read in place
+            kv = rows[:cap].transpose(0, 1)[None]  # (1, Hkv, cap, 2, d)
+            valid = (torch.arange(cap, device=qg.device) < state.n_mid)[None, None]  # (1, 1, cap)
+            return TokenSet(kv[..., 0, :], kv[..., 1, :], valid)
+        k, v = state.tier.gather(layer, torch.arange(cap).expand(hkv, cap))  # host read: eager steps only
+        return TokenSet(k[None], v[None])
+    ids, valid = state.selectors[layer].select(qg, cap, plan.units, state.live, state.n_mid)  # (T, Hkv, R)
+    ids = ids.clamp(max=max(cap - 1, 0))  # padding past the mid-region stays inside the buffers
+    r = ids.shape[-1]
+    if rows is not None:
+        flat = (ids * hkv + torch.arange(hkv, device=ids.device)[:, None]).reshape(-1)  # token-major rows
+        kv = rows.view(-1, rows.shape[-2] * rows.shape[-1]).index_select(0, flat).view(t, hkv, r, 2, -1)
+        return TokenSet(kv[..., 0, :], kv[..., 1, :], valid)
+    k, v = state.tier.gather(layer, ids.transpose(0, 1).reshape(hkv, t * r))  # host read: eager steps only
+    return TokenSet(k.view(hkv, t, r, -1).transpose(0, 1), v.view(hkv, t, r, -1).transpose(0, 1), valid)

@@ -1,0 +1,125 @@
+"""Running forward steps over a :class:`~.state.KVState`: plan, inputs, CUDA graphs, metering,
+spills.
+
+Per step: the plan (reused while it covers the mid-region and no buffer changed), the inputs
+written with one host-to-device copy, the forward (eager, or a replayed CUDA graph for single-token
+steps on CUDA), then host bookkeeping: the tail's count, the meter (the bytes a device-read step
+moved are known from its plan, so nothing is read back), and a spill when the tail is full.
+
+``forward(ids, positions, every_position)`` is the model call (the transformers seam supplies it):
+``ids, positions: (1, T)`` on the device -> logits ``(1, vocab)`` float32 of the last position, or
+``(1, T, vocab)`` of every position.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+
+from ...storage import Counters, MemoryTier
+from .plan import DecodePlan, StepInputs
+from .state import KVState
+
+Forward = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
+# Captured graphs kept per document (one per plan; a new plan is made every PLAN_HORIZON spilled
+# tokens or when a buffer grows, so two cover a plan change without recapturing back and forth).
+MAX_GRAPHS = 2
+# Warm-up runs before a capture (cuBLAS handles, allocator pools); a step's writes are idempotent.
+WARMUP_RUNS = 2
+
+
+class StepRunner:
+    def __init__(self, state: KVState, forward: Forward, use_graphs: bool) -> None:
+        self.state = state
+        self.forward = forward
+        self.use_graphs = use_graphs and state.device.type == "cuda"
+        self._plan: DecodePlan | None = None
+        self._inputs: dict[int, StepInputs] = {}
+        self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
+        self._pool = None
+        self.captures = 0  # graphs captured so far (for the benchmarks)
+
+    def run(self, ids: list[int], start: int, every_position: bool = False) -> torch.Tensor:
+        """One forward over ``ids`` (the next T tokens, at positions ``start..``) -> logits."""
+        st = self.state
+        t = len(ids)
+        st.tail.reserve(st.tail.n + t)
+        captured = self.use_graphs and t == 1 and not every_position and st.probe is None
+        plan = self._plan_for(t, every_position, captured)
+        inputs = self._inputs.setdefault(t, StepInputs(t, st.device))
+        inputs.fill(torch.tensor(ids, dtype=torch.int64)[None], start, st.tail.slots_for(t))
+        st.plan, st.step = plan, inputs
+        if captured:
+            graph, logits = self._graph(plan, inputs)
+            graph.replay()
+        else:
+            logits = self._step(inputs, every_position)
+        st.tail.n += t
+        st.seen = start + t
+        self._meter(plan)
+        st.spill_if_full(new=t)
+        return logits
+
+    def _step(self, inputs: StepInputs, every_position: bool) -> torch.Tensor:
+        """What a step runs on the device (and what a graph captures)."""
+        self.state.tail.pos.index_copy_(0, inputs.slots, inputs.q_pos)
+        return self.forward(inputs.ids, inputs.positions, every_position)
+
+    def _plan_for(self, queries: int, every_position: bool, captured: bool) -> DecodePlan:
+        st, p = self.state, self._plan
+        n = st.mid_len
+        if (captured and p is not None and p.queries == queries and not p.every_position and p.covers(n)
+                and p.method == st.method and p.budget == st.config.budget and p.version == st.buffers_version()):
+            return p
+        plan = st.make_plan(queries, every_position, captured)
+        if captured:
+            self._plan = plan
+        return plan
+
+    def _graph(self, plan: DecodePlan, inputs: StepInputs) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        key = (plan, id(inputs))
+        if key in self._graphs:
+            self._graphs.move_to_end(key)
+            return self._graphs[key]
+        while len(self._graphs) >= MAX_GRAPHS:
+            self._graphs.popitem(last=False)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                self._step(inputs, False)
+        torch.cuda.current_stream().wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._step(inputs, False)
+        self._graphs[key] = (graph, logits)
+        self.captures += 1
+        return graph, logits
+
+    def _meter(self, plan: DecodePlan) -> None:
+        """Record what the step read where the device read it (host-read tiers and the FAISS
+        index meter themselves): per layer, the rows the rule asked for (logical) and the rows the
+        plan moved (physical), and the selection state the selector scanned."""
+        st = self.state
+        tier, meter = st.tier, st.meter
+        layers, heads, t = st.num_layers, st.num_kv_heads, plan.queries
+        n = st.mid_len
+        if isinstance(tier, MemoryTier) and tier.device_rows(0) is not None and plan.rows:
+            live = n if plan.method.name == "dense" else min(plan.live_units(n) * plan.block, n)
+            row = tier.layout.row_bytes
+            logical, physical = heads * t * live * row, heads * t * plan.rows * row
+            c = Counters(logical=logical, physical=physical, h2d=tier.h2d(physical), rows=heads * t * live, gathers=1)
+            for layer in range(layers):
+                meter.record(tier.name, layer, c)
+        if plan.method.selects and st.selectors[0].on_device:
+            nbytes = st.selectors[0].read_bytes(plan.mid_cap)
+            for layer in range(layers):
+                meter.record_index(layer, nbytes, plan.mid_cap * heads, tier="device")
+
+    def drop_graphs(self) -> None:
+        self._graphs.clear()
+        self._plan = None

@@ -1,0 +1,242 @@
+"""One document's KV side after prefill, on the compute device and in a tier (model-agnostic).
+
+- anchors: ``sink_k, sink_v: (L, 1, Hkv, S, d)`` and the tail ring (``tail.py``);
+- the mid-region: rows in a storage tier (host memory, device, or Zarr on disk);
+- per layer: a selector (its selection state) and, for ``rc``, a feature map and the summary of
+  the mid-region (fp32);
+- step scalars on the device: ``n_mid`` (mid rows) and ``live`` (units the rule asks for), which
+  change only between steps (spills, configuration).
+
+Tokens leave the tail in spills (:meth:`spill`): the oldest go to the tier, the selection state and
+the summary together, so the three always cover the same mid-region.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from ...storage import ByteMeter, KeyIndex, KVTier, MemoryTier
+from ..config import EngineConfig
+from ..rule.feature_maps import EstimatorSpec, FeatureMap, build_feature_map
+from ..rule.methods import method_rule
+from ..rule.summary import Summary
+from .plan import DecodePlan, StepInputs
+from .selectors import BlockSelector, ExactSelector, FaissSelector, Selector
+from .tail import TailRing
+
+# Rows a captured step's plan covers beyond the current mid-region: spilled tail tokens fit without
+# a new graph for this many tokens (at 1 % it pads K by at most 11 rows).
+PLAN_HORIZON = 1024
+# Summaries and spills are built in chunks of this many tokens (bounds the fp32 temporaries).
+CHUNK_TOKENS = 4096
+
+
+class KVState:
+    """See the module docstring.  ``index`` is the FAISS key index (selector ``faiss`` only)."""
+
+    def __init__(self, config: EngineConfig, layers: int, heads: int, dim: int, dtype: torch.dtype,
+                 device: torch.device, tier: KVTier, meter: ByteMeter, index: KeyIndex | None = None) -> None:
+        self.config = config
+        self.num_layers, self.num_kv_heads, self.head_dim = layers, heads, dim
+        self.dtype, self.device = dtype, torch.device(device)
+        self.tier, self.meter, self.index = tier, meter, index
+        sink = config.sink
+        self.sink_k = torch.zeros(layers, 1, heads, sink, dim, dtype=dtype, device=device)  # filled by set_anchors
+        self.sink_v = torch.zeros_like(self.sink_k)
+        self.tail = TailRing(layers, heads, dim, dtype, device, config.tail + config.spill + 64)
+        self.selectors: list[Selector] = [self._new_selector(layer) for layer in range(layers)]
+        self.maps: list[FeatureMap | None] = [None] * layers
+        self.summaries: list[Summary | None] = [None] * layers
+        self.n_mid = torch.zeros((), dtype=torch.int64, device=device)
+        self.live = torch.zeros((), dtype=torch.int64, device=device)
+        self.seen = 0  # tokens of the sequence so far
+        self.spilled = 0  # tokens spilled from the tail so far
+        self.spill_enabled = True
+        self.version = 0  # bumped when maps or summaries are replaced
+        self.step: StepInputs | None = None  # the running step's inputs (set by the runner)
+        self.plan: DecodePlan | None = None  # the running step's plan
+        # Called by decode attention with (layer, qg, anchors, q_pos) when set: evaluation hooks in
+        # (bench-io); None on the normal path (and no graph is captured while it is set).
+        self.probe: Callable[..., None] | None = None
+        self._estimators: dict[EstimatorSpec, list[tuple[FeatureMap | None, Summary | None]]] = {}
+
+    def _new_selector(self, layer: int) -> Selector:
+        cfg, h, d = self.config, self.num_kv_heads, self.head_dim
+        if cfg.selector == "exact":
+            return ExactSelector(h, d, self.dtype, self.device)
+        if cfg.selector == "block":
+            return BlockSelector(h, d, self.dtype, self.device, cfg.select_block)
+        if self.index is None:
+            raise ValueError("the faiss selector needs a key index")
+        return FaissSelector(self.index, layer, self.device)
+
+    # -- building ----------------------------------------------------------------------------
+
+    def set_anchors(self, layer: int, sink_k: torch.Tensor, sink_v: torch.Tensor) -> None:
+        """A layer's sink tokens ``(1, Hkv, S', d)``, S' <= sink."""
+        s = sink_k.shape[2]
+        if s != self.sink_k.shape[3]:
+            self.sink_k = self.sink_k[:, :, :, :s].clone()
+            self.sink_v = self.sink_v[:, :, :, :s].clone()
+        self.sink_k[layer].copy_(sink_k)
+        self.sink_v[layer].copy_(sink_v)
+
+    def add_mid(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+        """Rows ``(1, Hkv, n, d)`` at ``positions: (n,)`` appended to a layer's mid-region: tier,
+        selection state and summary (in chunks)."""
+        summary, fmap = self.summaries[layer], self.maps[layer]
+        for start in range(0, k.shape[2], CHUNK_TOKENS):
+            part = slice(start, start + CHUNK_TOKENS)
+            kp, vp = k[:, :, part], v[:, :, part]
+            self.tier.append(layer, kp[0], vp[0], positions[part])
+            self.selectors[layer].add(kp[0])
+            if summary is not None:
+                summary.fold(fmap.key_logits(kp), vp)
+
+    def build_summary(self, layer: int, k_mid: torch.Tensor | None = None, v_mid: torch.Tensor | None = None) -> None:
+        """The layer's feature map and an empty summary under the configured estimator (fitted maps
+        see ``k_mid``); :meth:`add_mid` then folds rows in."""
+        fmap, summary = self._empty_estimator(self.config.estimator, layer, k_mid)
+        self.maps[layer], self.summaries[layer] = fmap, summary
+
+    def _empty_estimator(self, spec: EstimatorSpec, layer: int, k_mid: torch.Tensor | None) -> tuple[FeatureMap | None, Summary | None]:
+        fmap = build_feature_map(spec, layer, k_mid, self.num_kv_heads, self.head_dim, self.device)
+        if fmap is None:
+            return None, None
+        return fmap, Summary.empty(1, self.num_kv_heads, fmap.num_features, self.head_dim, self.device)
+
+    def _summarise(self, spec: EstimatorSpec, layer: int, k_mid: torch.Tensor, v_mid: torch.Tensor) -> tuple[FeatureMap | None, Summary | None]:
+        """Feature map and summary of ``k_mid, v_mid: (1, Hkv, n, d)`` under ``spec``."""
+        fmap, summary = self._empty_estimator(spec, layer, k_mid)
+        if summary is not None:
+            for start in range(0, k_mid.shape[2], CHUNK_TOKENS):
+                part = slice(start, start + CHUNK_TOKENS)
+                summary.fold(fmap.key_logits(k_mid[:, :, part]), v_mid[:, :, part])
+        return fmap, summary
+
+    def ready(self) -> None:
+        """After building or reopening: the step scalars follow the mid-region and configuration."""
+        self.refresh()
+
+    # -- the mid-region and the step scalars --------------------------------------------------
+
+    @property
+    def mid_len(self) -> int:
+        return self.tier.num_rows(0)
+
+    @property
+    def method(self):  # noqa: ANN201 (a MethodRule)
+        return method_rule(self.config.method)
+
+    @property
+    def block(self) -> int:
+        return self.selectors[0].block if self.method.selects else 1
+
+    def refresh(self) -> None:
+        """Write ``n_mid`` and ``live`` for the current mid-region (between steps)."""
+        n = self.mid_len
+        self.n_mid.fill_(n)
+        live = math.ceil(self.method.count(self.config.budget, n) / self.block) if self.method.selects else 0
+        self.live.fill_(live)
+
+    def make_plan(self, queries: int, every_position: bool, captured: bool) -> DecodePlan:
+        """The plan of a step of ``queries`` positions (captured: with room for spills)."""
+        n = self.mid_len
+        cap = n + PLAN_HORIZON if captured else n
+        self.reserve(cap)
+        version = self.buffers_version()
+        return DecodePlan.make(self.method, self.config.budget, queries, n, cap, self.block, every_position, version)
+
+    def reserve(self, rows: int) -> None:
+        if isinstance(self.tier, MemoryTier):
+            self.tier.reserve(rows)
+        for sel in self.selectors:
+            sel.reserve(rows)
+
+    def buffers_version(self) -> int:
+        """Changes whenever a buffer a captured step reads is replaced."""
+        tier = getattr(self.tier, "version", 0)
+        return hash((self.version, self.tail.version, tier, *(s.version for s in self.selectors)))
+
+    # -- spills -------------------------------------------------------------------------------
+
+    def spill_if_full(self, new: int) -> None:
+        """Once the tail holds ``tail + spill`` tokens, move its oldest ones to the mid-region,
+        keeping ``tail`` tokens and never one of the ``new`` ones just written."""
+        cfg = self.config
+        count = min(self.tail.n - cfg.tail, self.tail.n - new)
+        if not self.spill_enabled or self.tail.n < cfg.tail + cfg.spill or count <= 0:
+            return
+        k, v, pos = self.tail.pop_oldest(count)
+        self._estimators.clear()  # other estimators' summaries no longer cover the mid-region
+        for layer in range(self.num_layers):
+            self.add_mid(layer, k[layer], v[layer], pos.cpu())
+        self.spilled += count
+        self.refresh()
+
+    # -- estimators ---------------------------------------------------------------------------
+
+    def read_mid(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every mid-region row of ``layer`` from the tier, keys and values ``(1, Hkv, n, d)``; not
+        metered (housekeeping and evaluation, not a question's cost)."""
+        n = self.tier.num_rows(layer)
+        with self.meter.paused():
+            k, v = self.tier.gather(layer, torch.arange(n).expand(self.num_kv_heads, n))
+        return k[None], v[None]
+
+    def estimator_layers(self, spec: EstimatorSpec) -> list[tuple[FeatureMap | None, Summary | None]]:
+        """Every layer's (feature map, summary) of the mid-region under ``spec``: the live ones if
+        ``spec`` is in use, else built once from the tier's rows (one full read, not metered) and
+        kept, so that switching is free afterwards."""
+        if spec == self.config.estimator:
+            return list(zip(self.maps, self.summaries, strict=True))
+        if spec not in self._estimators:
+            built = []
+            for layer in range(self.num_layers):
+                k, v = self.read_mid(layer)
+                built.append(self._summarise(spec, layer, k.to(self.dtype), v.to(self.dtype)))
+            self._estimators[spec] = built
+        return self._estimators[spec]
+
+    def use_estimator(self, spec: EstimatorSpec) -> None:
+        """Switch every layer's completion estimator to ``spec`` (between questions)."""
+        if spec == self.config.estimator:
+            return
+        layers = self.estimator_layers(spec)
+        self._estimators[self.config.estimator] = list(zip(self.maps, self.summaries, strict=True))
+        del self._estimators[spec]
+        self.maps = [m for m, _ in layers]
+        self.summaries = [s for _, s in layers]
+        self.config = replace(self.config, estimator=spec)
+        self.version += 1
+
+    def configure(self, config: EngineConfig) -> None:
+        """Method, budget and estimator of the next steps (the selector stays as built)."""
+        if config.estimator != self.config.estimator:
+            self.use_estimator(config.estimator)
+        self.config = replace(config, selector=self.config.selector, select_block=self.config.select_block)
+        self.refresh()
+
+    # -- sizes --------------------------------------------------------------------------------
+
+    def summary_bytes_per_head(self) -> int:
+        """Bytes per KV head and layer of the live summary and its map's state (0 without one)."""
+        s, m = self.summaries[0], self.maps[0]
+        return 0 if s is None else s.nbytes_per_head() + m.state_bytes_per_head()
+
+    def device_bytes(self) -> dict[str, int]:
+        """Memory held for the KV side, by part: anchors (sink and tail ring), selection state,
+        summaries and maps (all layers), and the tier's rows where the tier is device memory."""
+        nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
+        out = {
+            "anchors": nbytes(self.sink_k) + nbytes(self.sink_v) + nbytes(self.tail.k) + nbytes(self.tail.v),
+            "selection": sum(s.state_bytes() for s in self.selectors) if self.selectors[0].on_device else 0,
+            "summaries": self.num_layers * self.num_kv_heads * self.summary_bytes_per_head(),
+        }
+        if self.tier.name == "device":
+            out["tier"] = self.mid_len * self.num_layers * self.tier.layout.row_bytes * self.num_kv_heads
+        return out

@@ -1,0 +1,1 @@
+"""The long-document QA API: ``Engine`` (load, prefill, open, generate) and ``Document`` (ask)."""

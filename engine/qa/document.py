@@ -1,0 +1,158 @@
+"""A prefilled document: ask it questions, score continuations, or continue its prompt.
+
+Questions do not change a document: the question and answer tokens join the tail (no spill) and
+are dropped afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ...storage import ByteMeter, KVTier
+from ..decode.runner import StepRunner
+from ..hf.cache import RCCache
+from ..hf.integration import rc_forward
+from ..rule.feature_maps import EstimatorSpec
+from ..sampling import SamplingConfig
+from .generation import generate_tokens
+from .stats import answer_stats
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+# Tail slots kept free beyond a question's own tokens and answer (no reallocation for small ones).
+QUESTION_HEADROOM = 64
+
+
+@dataclass
+class Answer:
+    """Generated text and what it cost."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int  # tokens the answer was conditioned on (document + question)
+    new_tokens: int
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+class Document:
+    """A prefilled sequence, ready to be continued or questioned."""
+
+    def __init__(self, engine: "Engine", cache: RCCache, tokens: int, last_logits: torch.Tensor | None, prefill_ms: float,
+                 store: str | None, scratch: str | None) -> None:
+        self.engine = engine
+        self.cache = cache
+        self.tokens = tokens
+        self.last_logits = last_logits
+        self.prefill_ms = prefill_ms
+        self.store = store
+        self.runner = StepRunner(cache.state, rc_forward(engine.lm.model, cache), engine.config.graphs)
+        self._finalizer = weakref.finalize(self, _cleanup, cache.state.tier, scratch)
+
+    @property
+    def state(self):  # noqa: ANN201 (the KVState)
+        return self.cache.state
+
+    @property
+    def meter(self) -> ByteMeter:
+        return self.cache.state.meter
+
+    def configure(self, method: str | None = None, budget: float | None = None, estimator: EstimatorSpec | None = None) -> None:
+        """Change how the next questions attend to this document: the KV, selection state and
+        anchors are reused.  A new ``estimator`` is built once from the tier."""
+        changes = {k: v for k, v in {"method": method, "budget": budget, "estimator": estimator}.items() if v is not None}
+        new = replace(self.engine.config, **changes)  # validated by EngineConfig
+        self.state.configure(new)
+        self.engine = type(self.engine)(self.engine.lm, new, self.engine.show_progress)
+
+    def drop_caches(self) -> None:
+        """Forget cached KV blocks, so that the next question starts cold (disk tier; no-op otherwise)."""
+        cache = getattr(self.state.tier, "cache", None)
+        if cache is not None:
+            cache.clear()
+
+    @contextlib.contextmanager
+    def _scratch_tail(self, tokens: int) -> Iterator[None]:
+        """``tokens`` appended within this block join the tail without spilling, and are dropped after."""
+        st = self.state
+        st.tail.reserve(st.tail.n + tokens + QUESTION_HEADROOM)
+        n, seen = st.tail.n, st.seen
+        st.spill_enabled = False
+        try:
+            yield
+        finally:
+            st.tail.truncate(n)
+            st.seen = seen
+            st.spill_enabled = True
+
+    def _tokens(self, text: str | list[int], what: str) -> list[int]:
+        ids = self.engine.tokenize(text, special=False) if isinstance(text, str) else list(text)
+        if not ids:
+            raise ValueError(f"the {what} is empty")
+        return ids
+
+    def ask(self, question: str | list[int], sampling: SamplingConfig | None = None, on_text: Callable[[str], None] | None = None) -> Answer:
+        """Answer one question about the document; the document is left as it was.  The question's
+        tokens go through each layer in one batched step."""
+        ids = self._tokens(question, "question")
+        sampling = sampling or SamplingConfig()
+        self.engine.check_length(self.tokens + len(ids), sampling.max_new_tokens)
+        first_step = self.meter.next_step()
+        lm = self.engine.lm
+        with self._scratch_tail(len(ids) + sampling.max_new_tokens), torch.no_grad():
+            t0 = time.perf_counter()
+            logits = self.runner.run(ids, self.tokens)
+            question_ms = 1e3 * (time.perf_counter() - t0)
+            out = generate_tokens(self.runner, lm.tokenizer, lm.eos_token_ids, logits, self.tokens + len(ids), sampling,
+                                  self.meter, on_text)
+        stats = answer_stats(self.state, self.meter, first_step, len(ids) + out.steps, out.steps, self.prefill_ms,
+                             question_ms, out.decode_s)
+        return Answer(out.text, out.tokens, self.tokens + len(ids), len(out.tokens), stats)
+
+    def logits(self, continuation: str | list[int]) -> torch.Tensor:
+        """Teacher-forced next-token logits ``(T, vocab)`` float32 after each of the ``T`` tokens of
+        ``continuation`` appended to the document (row t predicts token t + 1).  For scoring answers
+        and measuring quality; the document is left as it was."""
+        ids = self._tokens(continuation, "continuation")
+        self.engine.check_length(self.tokens + len(ids), 0)
+        self.meter.next_step()
+        with self._scratch_tail(len(ids)), torch.no_grad():
+            return self.runner.run(ids, self.tokens, every_position=True)[0]
+
+    def continue_prompt(self, sampling: SamplingConfig | None = None, on_text: Callable[[str], None] | None = None) -> Answer:
+        """Continue the prefilled prompt itself (what ``generate`` does); tail tokens spill."""
+        if self.last_logits is None:
+            raise ValueError("a reopened document has no pending prompt to continue: ask it a question instead")
+        sampling = sampling or SamplingConfig()
+        first_step = self.meter.step + 1
+        lm = self.engine.lm
+        with torch.no_grad():
+            out = generate_tokens(self.runner, lm.tokenizer, lm.eos_token_ids, self.last_logits, self.tokens, sampling,
+                                  self.meter, on_text)
+        self.last_logits = None
+        stats = answer_stats(self.state, self.meter, first_step, out.steps, out.steps, self.prefill_ms, 0.0, out.decode_s)
+        return Answer(out.text, out.tokens, self.tokens, len(out.tokens), stats)
+
+    def close(self) -> None:
+        self.runner.drop_graphs()
+        self._finalizer()
+
+    def __enter__(self) -> "Document":
+        return self
+
+    def __exit__(self, *exc) -> None:  # noqa: ANN002
+        self.close()
+
+
+def _cleanup(tier: KVTier, scratch: str | None) -> None:
+    tier.close()
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,182 @@
+"""The public API: load a model once, prefill a document once, ask it many questions.
+
+    engine = Engine.load("path/to/model", EngineConfig(method="rc", budget=0.02, offload="disk"))
+    doc = engine.prefill(text, store="doc.rcs")    # persisted: reopen later with engine.open
+    answer = doc.ask("What is the special magic number for ...?")
+    print(answer.text, answer.stats["bytes"]["logical"])
+
+A document is one sequence (batch 1).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from ...storage import Artifact, ArtifactWriter, ByteMeter, DiskTier, IndexSpec, KVTier, MemoryTier, TierLayout, device_tier, host_tier
+from ...storage.document_store import DocumentReader
+from ...storage.rows import dtype_name
+from ..config import EngineConfig
+from ..decode.state import KVState
+from ..hf.cache import RCCache
+from ..hf.integration import prefill_chunk
+from ..hf.loader import LoadedModel, load_model
+from ..progress import progress
+from ..rule.feature_maps import EstimatorSpec
+from ..sampling import SamplingConfig
+from .document import Answer, Document
+from .persist import persist, restore
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, config: EngineConfig | None = None, show_progress: bool = True) -> None:
+        self.lm = lm
+        self.config = config if config is not None else EngineConfig()
+        self.show_progress = show_progress
+
+    @classmethod
+    def load(
+        cls,
+        model: str | Path | None = None,
+        config: EngineConfig | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        trust_remote_code: bool = False,
+        show_progress: bool = True,
+    ) -> "Engine":
+        """Load a local model folder (None: the embedded default model)."""
+        return cls(load_model(model, device, dtype, trust_remote_code), config, show_progress)
+
+    def tokenize(self, text: str, special: bool = True) -> list[int]:
+        return list(self.lm.tokenizer(text, add_special_tokens=special)["input_ids"])
+
+    def prefill(self, document: str | list[int], store: str | Path | None = None, overwrite: bool = False) -> Document:
+        """Prefill ``document`` (text, or token ids) once.  With ``store`` it is also persisted
+        there, to be reopened by :meth:`open` in another process or on another machine."""
+        ids = self.tokenize(document) if isinstance(document, str) else list(document)
+        if not ids:
+            raise ValueError("the document is empty")
+        if len(ids) >= self.lm.max_positions:
+            raise ValueError(f"the document has {len(ids)} tokens; the model handles at most {self.lm.max_positions} positions")
+        cfg = self.config
+        meter = ByteMeter()
+        writer = ArtifactWriter(store, overwrite=overwrite) if store is not None else None
+        scratch = None
+        try:
+            if cfg.offload == "disk":
+                if writer is not None:
+                    location = writer.kv_location
+                else:
+                    scratch = tempfile.mkdtemp(prefix="rcengine-kv-", dir=cfg.store)
+                    location = f"{scratch}/kv.zarr"
+                tier: KVTier = DiskTier.create(location, self._layout(), cfg.block_tokens, cfg.cache_bytes, self.lm.device, meter)
+            else:
+                tier = self._memory_tier(meter)
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                cache, last_logits = self._run_prefill(ids, self._state(cfg, tier, meter))
+            prefill_ms = 1e3 * (time.perf_counter() - t0)
+            if writer is not None:
+                persist(cache.state, ids, writer, self.lm.fingerprint(), dtype_name(self.lm.dtype))
+                if isinstance(tier, DiskTier):  # read from the committed store from now on
+                    tier.close()
+                    art = Artifact.open(store)
+                    cache.state.tier = DiskTier.open(art.kv_location, cfg.cache_bytes, self.lm.device, meter, art.kv_checksums)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+            raise
+        return Document(self, cache, len(ids), last_logits, prefill_ms, store=str(store) if store else None, scratch=scratch)
+
+    def open(self, store: str | Path, offload: str | None = None) -> Document:
+        """Reopen a persisted document without recomputing its prefill.  The KV stays in the store
+        and is read as needed (``offload`` ``cpu`` or ``device`` copies it into memory instead)."""
+        reader = DocumentReader(Artifact.open(store, expect_fingerprint=self.lm.fingerprint()))
+        meta, art = reader.meta, reader.art
+        layers, heads, dim = self.lm.kv_shape
+        if (meta.num_layers, meta.num_kv_heads, meta.head_dim, meta.dtype) != (layers, heads, dim, dtype_name(self.lm.dtype)):
+            raise ValueError(f"{store} holds a KV layout the loaded model does not have: {meta}")
+        cfg = replace(
+            self.config, sink=meta.sink, tail=meta.tail, offload=offload or "disk", block_tokens=meta.block_tokens,
+            estimator=EstimatorSpec(**meta.estimator), index=IndexSpec(**meta.index),
+        )
+        meter = ByteMeter()
+        disk = DiskTier.open(art.kv_location, cfg.cache_bytes, self.lm.device, meter, art.kv_checksums)
+        tier: KVTier = disk
+        if cfg.offload != "disk":
+            tier = self._memory_tier(meter, cfg.offload)
+            for layer in range(layers):
+                n = disk.num_rows(layer)
+                tier.reserve(n)
+                k, v = disk.gather(layer, torch.arange(n).expand(heads, n))
+                tier.append(layer, k.to(self.lm.dtype), v.to(self.lm.dtype), torch.from_numpy(disk.positions(layer)))
+            disk.close()
+            meter.reset()
+        state = self._state(cfg, tier, meter)
+        streamed = cfg.offload == "disk" and not cfg.keys_in_memory
+        restore(state, reader, streamed_keys=streamed)
+        engine = Engine(self.lm, cfg, self.show_progress)
+        return Document(engine, RCCache(state, prefill=False), meta.tokens, None, 0.0, store=str(store), scratch=None)
+
+    def generate(
+        self, prompt: str | list[int], sampling: SamplingConfig | None = None, on_text: Callable[[str], None] | None = None,
+        store: str | Path | None = None,
+    ) -> Answer:
+        """Prefill ``prompt`` and continue it.  Tail tokens spill as generation grows."""
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        sampling = sampling or SamplingConfig()
+        self.check_length(len(ids), sampling.max_new_tokens)
+        doc = self.prefill(ids, store=store)
+        try:
+            return doc.continue_prompt(sampling, on_text)
+        finally:
+            doc.close()
+
+    def check_length(self, prompt_tokens: int, new_tokens: int) -> None:
+        if prompt_tokens + new_tokens > self.lm.max_positions:
+            raise ValueError(
+                f"{prompt_tokens} prompt tokens + {new_tokens} new tokens exceed the model's {self.lm.max_positions} positions: "
+                "shorten the prompt or ask for fewer tokens"
+            )
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _layout(self) -> TierLayout:
+        layers, heads, dim = self.lm.kv_shape
+        return TierLayout(layers, heads, dim, self.lm.dtype)
+
+    def _memory_tier(self, meter: ByteMeter, offload: str | None = None) -> MemoryTier:
+        if (offload or self.config.offload) == "device":
+            return device_tier(self._layout(), self.lm.device, meter)
+        return host_tier(self._layout(), self.lm.device, meter)
+
+    def _state(self, cfg: EngineConfig, tier: KVTier, meter: ByteMeter) -> KVState:
+        layers, heads, dim = self.lm.kv_shape
+        index = None
+        if cfg.selector == "faiss":
+            from ...storage import KeyIndex
+
+            index = KeyIndex(cfg.index, layers, heads, dim, meter)
+        return KVState(cfg, layers, heads, dim, self.lm.dtype, self.lm.device, tier, meter, index)
+
+    def _run_prefill(self, ids: list[int], state: KVState) -> tuple[RCCache, torch.Tensor]:
+        cache = RCCache(state)
+        chunk = self.config.prefill_chunk
+        x = torch.tensor(ids, device=self.lm.device)[None]
+        with progress("prefill", len(ids), "tokens", self.show_progress) as advance:
+            for start in range(0, len(ids), chunk):
+                logits = prefill_chunk(self.lm.model, x[:, start : start + chunk], cache, start)
+                advance(min(chunk, len(ids) - start))
+        with progress("offloading, selection state and summaries", state.num_layers, "layers", self.show_progress) as advance:
+            cache.finalize_prefill(progress=lambda _layer: advance(1))
+        if isinstance(state.tier, DiskTier) and not state.tier.read_only:
+            state.tier.flush()
+        return cache, logits

@@ -1,0 +1,87 @@
+"""A document's state to and from its persisted form (``storage/document_store.py``)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from ...storage import ArtifactWriter, DiskTier, TierLayout
+from ...storage.document_store import DocumentMeta, DocumentReader, DocumentWriter
+from ..decode.state import KVState
+from ..rule.feature_maps import feature_map_from_tensors, feature_map_tensors
+from ..rule.summary import Summary
+
+
+def persist(state: KVState, doc_ids: list[int], writer: ArtifactWriter, fingerprint: dict[str, Any], dtype_name: str) -> None:
+    """Write everything a reopened document needs; commit makes it visible (atomically)."""
+    cfg = state.config
+    layers, heads = state.num_layers, state.num_kv_heads
+    tier = state.tier
+    if isinstance(tier, DiskTier) and not tier.read_only:
+        checksums = tier.checksums
+    else:  # the persisted form is always a Zarr store
+        disk = DiskTier.create(writer.kv_location, TierLayout(layers, heads, state.head_dim, state.dtype), cfg.block_tokens)
+        for layer in range(layers):
+            k, v = state.read_mid(layer)
+            disk.append(layer, k[0], v[0], torch.from_numpy(tier.positions(layer)))
+        disk.flush()
+        checksums = disk.checksums
+        disk.close()
+    doc = DocumentWriter(writer)
+    tail_k, tail_v, tail_pos = state.tail.view()
+    for layer in range(layers):
+        doc.put_anchors(layer, state.sink_k[layer], state.sink_v[layer], tail_k[layer], tail_v[layer], tail_pos.cpu())
+        if state.maps[layer] is not None:
+            doc.put_estimator(layer, feature_map_tensors(state.maps[layer]), state.summaries[layer].state_dict())
+        keys, _ = state.read_mid(layer)  # (1, Hkv, n, d): the selection state of every selector
+        for head in range(heads):
+            doc.put_keys(layer, head, keys[0, head].float().cpu().numpy())
+            if cfg.selector == "faiss" and cfg.index.kind != "flat":
+                doc.put_index(layer, head, state.index.serialize(layer, head))
+    meta = DocumentMeta(tokens=state.seen, num_layers=layers, num_kv_heads=heads, head_dim=state.head_dim, dtype=dtype_name,
+                        sink=cfg.sink, tail=cfg.tail, block_tokens=cfg.block_tokens,
+                        estimator=asdict(cfg.estimator), index=asdict(cfg.index))
+    doc.commit(doc_ids, meta, fingerprint, checksums)
+
+
+def restore(state: KVState, reader: DocumentReader, streamed_keys: bool) -> None:
+    """Anchors, feature maps, summaries and the selection state of a reopened document (the KV
+    rows stay in ``state.tier``).  ``streamed_keys``: a flat FAISS index reads its keys from the
+    store at each search instead of holding them."""
+    cfg, dev = state.config, state.device
+    meta = reader.meta
+    tails_k, tails_v = [], []
+    for layer in range(state.num_layers):
+        a = reader.anchors(layer)
+        state.set_anchors(layer, a["sink_k"].to(dev), a["sink_v"].to(dev))
+        tails_k.append(a["tail_k"])
+        tails_v.append(a["tail_v"])
+        if cfg.estimator.kind != "none":
+            map_tensors, summary = reader.estimator(layer)
+            state.maps[layer] = feature_map_from_tensors(cfg.estimator.kind, map_tensors, dev)
+            state.summaries[layer] = Summary.from_state_dict({k: v.to(dev) for k, v in summary.items()})
+        _restore_selection(state, reader, layer, streamed_keys)
+    state.tail.append(torch.stack(tails_k), torch.stack(tails_v), reader.anchors(0)["tail_pos"])
+    state.seen = meta.tokens
+    state.ready()
+
+
+def _restore_selection(state: KVState, reader: DocumentReader, layer: int, streamed_keys: bool) -> None:
+    cfg, heads = state.config, state.num_kv_heads
+    if cfg.selector == "faiss":
+        index = state.index
+        for head in range(heads):
+            if cfg.index.kind != "flat":
+                index.load(layer, head, reader.index(layer, head))
+            elif streamed_keys:
+                blocks = reader.keys_blocks(layer, head)
+                index.attach_streamed(layer, head, blocks, blocks.size // (4 * state.head_dim))
+            else:
+                index.load_keys(layer, head, reader.keys(layer, head))
+        return
+    keys = torch.stack([torch.from_numpy(reader.keys(layer, head).copy()) for head in range(heads)])  # (Hkv, n, d)
+    state.selectors[layer].reserve(keys.shape[1])
+    state.selectors[layer].add(keys.to(state.device, state.dtype))
+
