@@ -139,7 +139,9 @@ def test_sanity_dense_is_the_reference_and_bytes_follow_the_budget(report):
     rep, _ = report
     rows = {(r["variant"], r["tier"]): r for r in rep["overview"]}
     dense = rows["dense", "cpu"]
-    assert dense["kl"] < 1e-6 and abs(dense["loglik_delta_per_token"]) < 1e-4
+    # Our dense attention against the model's own: float32 rounding, or bfloat16's on the GPU.
+    kl_bound, ll_bound = (1e-6, 1e-4) if rep["meta"]["dtype"] == "float32" else (1e-2, 5e-2)
+    assert dense["kl"] < kl_bound and abs(dense["loglik_delta_per_token"]) < ll_bound
     assert rows["sink-tail", "cpu"]["bytes_per_token"]["logical"] == 0
     mid = dense["mid_tokens"]
     assert dense["token_equivalent"]["support"] == pytest.approx(mid)  # dense reads every mid token once per step

@@ -78,8 +78,11 @@ def test_cpu_and_disk_offload_are_identical(models, tmp_path):
     disk = _decode_logits(_engine(models["llama"], method="rc", budget=0.05, offload="disk", store=str(tmp_path)), ids, NEW)
     dev = _decode_logits(_engine(models["llama"], method="rc", budget=0.05, offload="device"), ids, NEW)
     assert cpu[0] == disk[0] == dev[0]
-    # The same rows in the same order reach the same computation: bit-identical on one device.
-    assert torch.equal(cpu[1], disk[1]) and torch.equal(cpu[1], dev[1])
+    # The same rows in the same order reach the same computation: bit-identical on the CPU.  On a
+    # GPU, memory tiers run captured steps whose plans pad K (masked rows), disk steps run eagerly:
+    # sums of other widths, equal to rounding.
+    tol = 0.0 if torch.device(_engine(models["llama"]).lm.device).type == "cpu" else logit_tolerance(torch.bfloat16)
+    assert torch.allclose(cpu[1], disk[1], rtol=tol, atol=tol) and torch.allclose(cpu[1], dev[1], rtol=tol, atol=tol)
     assert not list(tmp_path.iterdir())  # the scratch store is removed with its document
 
 

@@ -46,7 +46,7 @@ class StepRunner:
         st = self.state
         t = len(ids)
         st.tail.reserve(st.tail.n + t)
-        captured = self.use_graphs and t == 1 and not every_position and st.probe is None
+        captured = self.use_graphs and t == 1 and not every_position and st.probe is None and st.graph_safe()
         plan = self._plan_for(t, every_position, captured)
         inputs = self._inputs.setdefault(t, StepInputs(t, st.device))
         inputs.fill(torch.tensor(ids, dtype=torch.int64)[None], start, st.tail.slots_for(t))

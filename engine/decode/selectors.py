@@ -22,11 +22,12 @@ bumps ``version``.
 from __future__ import annotations
 
 import math
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
-from ...storage import KeyIndex
+if TYPE_CHECKING:
+    from ...storage import KeyIndex
 
 
 @runtime_checkable

@@ -16,10 +16,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 
-from ...storage import ByteMeter, KeyIndex, KVTier, MemoryTier
+from ...storage import ByteMeter, KVTier, MemoryTier
 from ..config import EngineConfig
 from ..rule.feature_maps import EstimatorSpec, FeatureMap, build_feature_map
 from ..rule.methods import method_rule
@@ -27,6 +28,9 @@ from ..rule.summary import Summary
 from .plan import DecodePlan, StepInputs
 from .selectors import BlockSelector, ExactSelector, FaissSelector, Selector
 from .tail import TailRing
+
+if TYPE_CHECKING:
+    from ...storage import KeyIndex
 
 # Rows a captured step's plan covers beyond the current mid-region: spilled tail tokens fit without
 # a new graph for this many tokens (at 1 % it pads K by at most 11 rows).
@@ -63,16 +67,10 @@ class KVState:
         # (bench-io); None on the normal path (and no graph is captured while it is set).
         self.probe: Callable[..., None] | None = None
         self._estimators: dict[EstimatorSpec, list[tuple[FeatureMap | None, Summary | None]]] = {}
+        self._selectors: dict[tuple[str, int], list[Selector]] = {}  # built for other selectors, by (name, block)
 
     def _new_selector(self, layer: int) -> Selector:
-        cfg, h, d = self.config, self.num_kv_heads, self.head_dim
-        if cfg.selector == "exact":
-            return ExactSelector(h, d, self.dtype, self.device)
-        if cfg.selector == "block":
-            return BlockSelector(h, d, self.dtype, self.device, cfg.select_block)
-        if self.index is None:
-            raise ValueError("the faiss selector needs a key index")
-        return FaissSelector(self.index, layer, self.device)
+        return _selector(self.config, layer, self.num_kv_heads, self.head_dim, self.dtype, self.device, self.index)
 
     # -- building ----------------------------------------------------------------------------
 
@@ -143,6 +141,13 @@ class KVState:
         live = math.ceil(self.method.count(self.config.budget, n) / self.block) if self.method.selects else 0
         self.live.fill_(live)
 
+    def graph_safe(self) -> bool:
+        """Whether a step runs on the device alone (no host read, no host selection), so that it
+        can be captured: the tier is read in place and the selector works on the device."""
+        method = self.method
+        reads_in_place = isinstance(self.tier, MemoryTier) and self.tier.device_rows(0) is not None
+        return (reads_in_place or method.count(1.0, 1) == 0) and (not method.selects or self.selectors[0].on_device)
+
     def make_plan(self, queries: int, every_position: bool, captured: bool) -> DecodePlan:
         """The plan of a step of ``queries`` positions (captured: with room for spills)."""
         n = self.mid_len
@@ -172,7 +177,8 @@ class KVState:
         if not self.spill_enabled or self.tail.n < cfg.tail + cfg.spill or count <= 0:
             return
         k, v, pos = self.tail.pop_oldest(count)
-        self._estimators.clear()  # other estimators' summaries no longer cover the mid-region
+        self._estimators.clear()  # other estimators' summaries and selectors no longer cover the mid-region
+        self._selectors.clear()
         for layer in range(self.num_layers):
             self.add_mid(layer, k[layer], v[layer], pos.cpu())
         self.spilled += count
@@ -214,11 +220,38 @@ class KVState:
         self.config = replace(self.config, estimator=spec)
         self.version += 1
 
+    def use_selector(self, name: str, block: int) -> None:
+        """Switch every layer's selector (between questions); a new one's state is built once from
+        the tier's keys (not metered) and kept, as for estimators."""
+        key = (name, block if name == "block" else 1)
+        current = (self.config.selector, self.config.select_block if self.config.selector == "block" else 1)
+        if key == current:
+            return
+        if key not in self._selectors:
+            cfg = replace(self.config, selector=name, select_block=block)
+            if name == "faiss" and self.index is None:
+                from ...storage import KeyIndex
+
+                self.index = KeyIndex(cfg.index, self.num_layers, self.num_kv_heads, self.head_dim, self.meter)
+            built = []
+            for layer in range(self.num_layers):
+                sel = _selector(cfg, layer, self.num_kv_heads, self.head_dim, self.dtype, self.device, self.index)
+                sel.reserve(self.mid_len)
+                k, _ = self.read_mid(layer)
+                for start in range(0, k.shape[2], CHUNK_TOKENS):
+                    sel.add(k[0, :, start : start + CHUNK_TOKENS].to(self.dtype))
+                built.append(sel)
+            self._selectors[key] = built
+        self._selectors[current] = self.selectors
+        self.selectors = self._selectors.pop(key)
+        self.config = replace(self.config, selector=name, select_block=block)
+
     def configure(self, config: EngineConfig) -> None:
-        """Method, budget and estimator of the next steps (the selector stays as built)."""
+        """Method, budget, estimator and selector of the next steps (between questions)."""
         if config.estimator != self.config.estimator:
             self.use_estimator(config.estimator)
-        self.config = replace(config, selector=self.config.selector, select_block=self.config.select_block)
+        self.use_selector(config.selector, config.select_block)
+        self.config = config
         self.refresh()
 
     # -- sizes --------------------------------------------------------------------------------
@@ -240,3 +273,14 @@ class KVState:
         if self.tier.name == "device":
             out["tier"] = self.mid_len * self.num_layers * self.tier.layout.row_bytes * self.num_kv_heads
         return out
+
+
+def _selector(cfg: EngineConfig, layer: int, heads: int, dim: int, dtype: torch.dtype, device: torch.device,
+              index: KeyIndex | None) -> Selector:
+    if cfg.selector == "exact":
+        return ExactSelector(heads, dim, dtype, device)
+    if cfg.selector == "block":
+        return BlockSelector(heads, dim, dtype, device, cfg.select_block)
+    if index is None:
+        raise ValueError("the faiss selector needs a key index")
+    return FaissSelector(index, layer, device)

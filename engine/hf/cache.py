@@ -47,6 +47,10 @@ class PrefillBuffer:
         self.v[:, :, self.n : self.n + m] = v
         self.n += m
 
+    def wrap(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Hold ``k, v: (1, H, n, d)`` as they are (no copy): a whole prefill computed elsewhere."""
+        self.k, self.v, self.n = k, v, k.shape[2]
+
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[:, :, : self.n], self.v[:, :, : self.n]
 

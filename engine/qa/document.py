@@ -65,10 +65,12 @@ class Document:
     def meter(self) -> ByteMeter:
         return self.cache.state.meter
 
-    def configure(self, method: str | None = None, budget: float | None = None, estimator: EstimatorSpec | None = None) -> None:
-        """Change how the next questions attend to this document: the KV, selection state and
-        anchors are reused.  A new ``estimator`` is built once from the tier."""
-        changes = {k: v for k, v in {"method": method, "budget": budget, "estimator": estimator}.items() if v is not None}
+    def configure(self, method: str | None = None, budget: float | None = None, estimator: EstimatorSpec | None = None,
+                  selector: str | None = None, select_block: int | None = None) -> None:
+        """Change how the next questions attend to this document: the KV and anchors are reused.
+        A new ``estimator`` or ``selector`` is built once from the tier (not metered) and kept."""
+        changes = {k: v for k, v in {"method": method, "budget": budget, "estimator": estimator, "selector": selector,
+                                     "select_block": select_block}.items() if v is not None}
         new = replace(self.engine.config, **changes)  # validated by EngineConfig
         self.state.configure(new)
         self.engine = type(self.engine)(self.engine.lm, new, self.engine.show_progress)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -95,6 +95,23 @@ class Engine:
                 shutil.rmtree(scratch, ignore_errors=True)
             raise
         return Document(self, cache, len(ids), last_logits, prefill_ms, store=str(store) if store else None, scratch=scratch)
+
+    def adopt(self, ids: list[int], keys_values: Sequence[tuple[torch.Tensor, torch.Tensor]], last_logits: torch.Tensor) -> Document:
+        """A document from keys and values this model already computed for ``ids`` (for example a
+        transformers ``DynamicCache``'s layers): ``(1, Hkv, n, d)`` per layer, post-RoPE, on the
+        compute device.  No prefill is run; they are split and offloaded as a prefill's would be."""
+        layers, heads, dim = self.lm.kv_shape
+        if len(keys_values) != layers or any(k.shape != (1, heads, len(ids), dim) for k, _ in keys_values):
+            raise ValueError(f"need {layers} layers of keys and values shaped (1, {heads}, {len(ids)}, {dim})")
+        if self.config.offload == "disk":
+            raise ValueError("adopt offloads to memory tiers (cpu or device); persist with prefill(store=...)")
+        meter = ByteMeter()
+        cache = RCCache(self._state(self.config, self._memory_tier(meter), meter))
+        for buf, (k, v) in zip(cache.prefill, keys_values, strict=True):
+            buf.wrap(k, v)
+        with torch.no_grad():
+            cache.finalize_prefill()
+        return Document(self, cache, len(ids), last_logits, 0.0, store=None, scratch=None)
 
     def open(self, store: str | Path, offload: str | None = None) -> Document:
         """Reopen a persisted document without recomputing its prefill.  The KV stays in the store

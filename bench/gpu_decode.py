@@ -1,0 +1,277 @@
+"""Decode speed with the KV off the GPU: an 8B-shaped random model, side by side in one run.
+
+For each length (default 8K, 32K and 128K tokens of random ids): one prefill by stock transformers
+(SDPA, DynamicCache on the GPU), whose decode is the baseline; the same keys and values become an
+rcengine document with its mid-region in pinned host memory (``Engine.adopt``: no second
+prefill).  Then, side by side: ``dense`` from host (reads every mid row each step), and ``topk``
+and ``rc`` at 1 % with each selector (``exact``: keys on the GPU; ``block``: 16-token block bounds
+on the GPU), each decoding with CUDA graphs; ``rc`` exact once more without graphs.  Then a
+1M-token case whose mid KV is written to the host tier directly (random rows, no prefill; the
+host's 128 GiB cannot hold 1M tokens of 32 layers, so layers share 4 distinct row buffers: the
+bytes read per step are those of 32 distinct layers).
+
+Per variant: ms per decoded token (median of rounds, each after a warm-up answer that captures
+its graphs), bytes per step by tier (KV read, logical and physical, and selection reads), and the
+device memory held for the KV side (anchors, selection state, summaries).  A profile of rc-exact
+steps at the longest length goes to ``profile.txt``.  Every length and variant runs under its own
+deadline; results are written after each row.
+
+    python bench/gpu_decode.py [--lengths 8192,32768,131072] [--million] [--tokens 32] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from ..engine.config import EngineConfig
+from ..engine.decode.state import KVState
+from ..engine.hf.cache import RCCache
+from ..engine.hf.integration import model_call, stock_prefill
+from ..engine.qa.document import Document
+from ..engine.qa.engine import Engine
+from ..engine.sampling import SamplingConfig
+from ..storage import ByteMeter, MemoryTier, TierLayout
+from .synthetic import SHAPE_8B, random_llama
+
+VARIANTS = [("dense", None, "exact", True), ("topk", 0.01, "exact", True), ("topk", 0.01, "block", True),
+            ("rc", 0.01, "exact", True), ("rc", 0.01, "block", True), ("rc", 0.01, "exact", False)]
+PCIE_BYTES_PER_S = 55e9  # pinned host-to-device bandwidth measured on the GPU machine
+QUESTION_TOKENS = 16
+
+
+class Report:
+    def __init__(self, path: Path, meta: dict) -> None:
+        self.path, self.data = path, {"meta": meta, "rows": [], "notes": []}
+
+    def add(self, row: dict) -> None:
+        self.data["rows"].append(row)
+        self.flush()
+        print(json.dumps(row), flush=True)
+
+    def note(self, text: str) -> None:
+        self.data["notes"].append(text)
+        self.flush()
+        print(text, flush=True)
+
+    def flush(self) -> None:
+        tmp = self.path.with_suffix(".part")
+        tmp.write_text(json.dumps(self.data, indent=1))
+        os.replace(tmp, self.path)
+
+
+def stock_decode_ms(lm, cache, logits: torch.Tensor, start: int, tokens: int) -> float:  # noqa: ANN001
+    """ms per token of stock transformers' greedy decode over its own cache (eager)."""
+    token, times = int(logits[0].argmax()), []
+    with torch.no_grad():
+        for i in range(tokens):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = model_call(lm.model, torch.tensor([[token]], device=lm.device), cache,
+                             position_ids=torch.tensor([[start + i]], device=lm.device))
+            token = int(out.logits[0, -1].argmax())
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times[2:])
+
+
+def time_variant(doc: Document, question: list[int], tokens: int, rounds: int) -> dict:
+    """Warm-up answer (captures graphs), then ``rounds`` answers of ``tokens`` decode steps."""
+    doc.ask(question, SamplingConfig(max_new_tokens=4, ignore_eos=True))
+    ms, stats = [], None
+    for _ in range(rounds):
+        answer = doc.ask(question, SamplingConfig(max_new_tokens=tokens + 1, ignore_eos=True))
+        ms.append(answer.stats["timings_ms"]["decode_per_token"])
+        stats = answer.stats
+    per_step = stats["bytes_per_decode_step"]
+    return {"ms_per_token": statistics.median(ms), "ms_rounds": ms,
+            "kv_bytes_per_step": {t: v["logical"] for t, v in per_step["by_tier"].items()},
+            "kv_physical_bytes_per_step": {t: v["physical"] for t, v in per_step["by_tier"].items()},
+            "selection_bytes_per_step": per_step["index"], "device_bytes": stats["memory_bytes"],
+            "kv_side_device_bytes": sum(stats["memory_bytes"].values()), "graphs_captured": doc.runner.captures}
+
+
+def run_length(lm, n: int, args, report: Report, deadline: float) -> None:  # noqa: ANN001
+    vocab = lm.model.config.vocab_size
+    ids = torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    question = ids[-QUESTION_TOKENS:]
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    cache, logits = stock_prefill(lm.model, ids, 4096 if n >= 65536 else 2048)
+    torch.cuda.synchronize()
+    prefill_s = time.perf_counter() - t0
+    kv_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    stock = stock_decode_ms(lm, cache, logits, n, args.tokens)
+    report.add({"tokens": n, "variant": "stock transformers (KV on GPU, SDPA, eager)", "ms_per_token": stock,
+                "prefill_s": prefill_s, "kv_side_device_bytes": kv_bytes})
+    for layer in cache.layers:  # back to the prefill's own length (the stock decode appended tokens)
+        layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+    engine = Engine(lm, EngineConfig(method="rc", budget=0.01, offload="cpu", selector="exact"), show_progress=False)
+    t0 = time.perf_counter()
+    doc = engine.adopt(ids, [(layer.keys, layer.values) for layer in cache.layers], logits)
+    adopt_s = time.perf_counter() - t0
+    del cache
+    torch.cuda.empty_cache()
+    mid_kv = doc.state.mid_len * doc.state.num_layers * doc.state.num_kv_heads * doc.state.tier.layout.row_bytes
+    report.note(f"{n} tokens: stock prefill {prefill_s:.1f} s; offloading it ({mid_kv / 1e9:.2f} GB of mid KV to pinned host "
+                f"memory, exact selection state, centroid summaries) {adopt_s:.1f} s")
+    for method, budget, selector, graphs in VARIANTS:
+        if time.perf_counter() > deadline:
+            report.note(f"{n} tokens: deadline reached before {method} {selector}")
+            break
+        doc.configure(method=method, budget=budget if budget else 0.01, selector=selector)
+        doc.runner.use_graphs = graphs
+        tokens = args.dense_tokens if method == "dense" else args.tokens
+        row = {"tokens": n, "variant": f"{method}" + (f" {budget:.0%} {selector}" if budget else "") + ("" if graphs else " (no graphs)"),
+               "tier": "cpu (pinned, zero-copy)", **time_variant(doc, question, tokens, args.rounds)}
+        row["vs_stock"] = row["ms_per_token"] / stock
+        if method == "dense":
+            physical = sum(row["kv_physical_bytes_per_step"].values())
+            row["pcie_floor_ms"] = 1e3 * physical / PCIE_BYTES_PER_S
+            row["vs_pcie_floor"] = row["ms_per_token"] / row["pcie_floor_ms"]
+        report.add(row)
+    if args.profile and n == max(args.lengths):
+        profile(doc, question, Path(args.out) / "profile.txt")
+    doc.close()
+    torch.cuda.empty_cache()
+
+
+def profile(doc: Document, question: list[int], path: Path) -> None:
+    """Kernel times of rc-exact decode steps, captured (graphs) and eager, one table each."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    doc.configure(method="rc", budget=0.01, selector="exact")
+    parts = []
+    for graphs in (True, False):
+        doc.runner.use_graphs = graphs
+        doc.ask(question, SamplingConfig(max_new_tokens=3, ignore_eos=True))
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            doc.ask(question[-1:], SamplingConfig(max_new_tokens=9, ignore_eos=True))
+        parts.append(f"== rc 1 % exact, {'CUDA graphs' if graphs else 'eager'}, 8 decode steps (and one 1-token question step)\n"
+                     + prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
+    path.write_text("\n\n".join(parts))
+    doc.runner.use_graphs = True
+
+
+class AliasedHostTier(MemoryTier):
+    """A pinned host tier whose layers share ``distinct`` row buffers, filled with random rows:
+    the 1M-token case, whose 32 distinct layers would need 134 GB of host memory."""
+
+    def __init__(self, layout: TierLayout, rows: int, distinct: int, meter: ByteMeter, seed: int = 0) -> None:
+        super().__init__("cpu", layout, "cpu", "cuda", meter, initial_capacity=1)
+        gen = torch.Generator(device="cuda").manual_seed(seed)
+        buffers = []
+        for _ in range(distinct):
+            host = self._alloc(rows)
+            for start in range(0, rows, 1 << 17):  # random rows made on the GPU, copied over in slices
+                part = host[start : start + (1 << 17)]
+                part.copy_(torch.randn(part.shape, generator=gen, device="cuda", dtype=layout.dtype))
+            buffers.append(host)
+        self._rows = [buffers[layer % distinct] for layer in range(layout.num_layers)]
+        self._views = [self._device_view(r) for r in self._rows]
+        self._n = [rows] * layout.num_layers
+        self._positions = [[torch.arange(4, 4 + rows).numpy()] for _ in range(layout.num_layers)]
+
+
+def million_document(lm, n: int, selector: str) -> Document:  # noqa: ANN001
+    """An rc document of ``n`` mid tokens written to the host tier directly (see AliasedHostTier)."""
+    layers, heads, dim = lm.kv_shape
+    cfg = EngineConfig(method="rc", budget=0.01, offload="cpu", selector=selector)
+    meter = ByteMeter()
+    tier = AliasedHostTier(TierLayout(layers, heads, dim, lm.dtype), n, 4, meter)
+    state = KVState(cfg, layers, heads, dim, lm.dtype, lm.device, tier, meter)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, device="cuda", dtype=lm.dtype)  # noqa: E731
+    state.reserve(n)
+    for layer in range(layers):
+        state.set_anchors(layer, rnd(1, heads, cfg.sink, dim), rnd(1, heads, cfg.sink, dim))
+        rows = tier.device_rows(layer)[:n]  # (n, Hkv, 2, d), read over PCIe
+        state.build_summary(layer, rows[:65536, :, 0].transpose(0, 1)[None].clone())
+        for start in range(0, n, 65536):
+            part = rows[start : start + 65536].clone()  # (m, Hkv, 2, d) in device memory
+            k, v = part[:, :, 0].transpose(0, 1)[None], part[:, :, 1].transpose(0, 1)[None]
+            state.selectors[layer].add(k[0])
+            state.summaries[layer].fold(state.maps[layer].key_logits(k), v)
+    state.tail.append(rnd(layers, 1, heads, cfg.tail, dim), rnd(layers, 1, heads, cfg.tail, dim),
+                      torch.arange(4 + n, 4 + n + cfg.tail))
+    state.seen = 4 + n + cfg.tail
+    state.ready()
+    engine = Engine(lm, cfg, show_progress=False)
+    return Document(engine, RCCache(state, prefill=False), state.seen, None, 0.0, store=None, scratch=None)
+
+
+def run_million(lm, n: int, args, report: Report, deadline: float) -> None:  # noqa: ANN001
+    report.note(f"{n} tokens: mid KV written to the host tier directly (random rows; 32 layers share 4 distinct row buffers "
+                "because host memory cannot hold 32 distinct ones); no prefill, no stock or dense baseline")
+    question = list(range(5, 5 + QUESTION_TOKENS))
+    for selector in ("block", "exact"):
+        if time.perf_counter() > deadline:
+            report.note(f"{n} tokens: deadline reached before selector {selector}")
+            break
+        t0 = time.perf_counter()
+        doc = million_document(lm, n, selector)
+        report.note(f"{n} tokens, {selector}: document built in {time.perf_counter() - t0:.0f} s")
+        kv_bytes = n * doc.state.num_layers * doc.state.num_kv_heads * doc.state.tier.layout.row_bytes
+        for method in ("topk", "rc"):
+            if time.perf_counter() > deadline:
+                break
+            doc.configure(method=method, budget=0.01, selector=selector)
+            row = {"tokens": n, "variant": f"{method} 1% {selector}", "tier": "cpu (pinned, zero-copy; layers aliased)",
+                   **time_variant(doc, question, args.tokens, args.rounds), "mid_kv_bytes": kv_bytes}
+            row["kv_side_vs_kv"] = row["kv_side_device_bytes"] / kv_bytes
+            report.add(row)
+        doc.close()
+        del doc
+        torch.cuda.empty_cache()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="8192,32768,131072")
+    parser.add_argument("--million", type=int, default=1 << 20, help="mid tokens of the directly written case (0: skip)")
+    parser.add_argument("--tokens", type=int, default=32, help="decode steps per timed answer")
+    parser.add_argument("--dense-tokens", type=int, default=8, help="decode steps per timed dense answer")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=540, help="stop starting work after this long")
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    args = parser.parse_args()
+    args.lengths = [int(x) for x in args.lengths.split(",") if x]
+    start = time.perf_counter()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    positions = max([*args.lengths, args.million + 4096]) + 4096
+    lm = random_llama(SHAPE_8B, positions, "cuda")
+    meta = {"date": date.today().isoformat(), "machine": f"{platform.node()} ({os.cpu_count()} CPU cores, {torch.cuda.get_device_name(0)})",
+            "torch": torch.__version__, "model": "Llama-3-8B shape (32 layers, 32 q / 8 KV heads of 128), random bf16 weights, "
+            f"vocabulary {lm.model.config.vocab_size}", "question_tokens": QUESTION_TOKENS, "tokens": args.tokens, "rounds": args.rounds}
+    report = Report(Path(args.out) / "gpu_decode.json", meta)
+    share = (args.budget_s - (time.perf_counter() - start)) / (len(args.lengths) + (2 if args.million else 0))
+    for i, n in enumerate(args.lengths):
+        try:
+            run_length(lm, n, args, report, time.perf_counter() + share * (i + 1.5))
+        except Exception as e:  # one length's failure must not lose the others' results
+            report.note(f"{n} tokens failed: {type(e).__name__}: {e}")
+        torch.cuda.empty_cache()
+    if args.million:
+        try:
+            run_million(lm, args.million, args, report, start + args.budget_s)
+        except Exception as e:
+            report.note(f"{args.million} tokens failed: {type(e).__name__}: {e}")
+    print(f"{'tokens':>8} {'variant':<44}{'ms/token':>10}{'vs stock':>9}{'KV MB/step':>12}{'sel MB/step':>12}{'KV-side GB':>11}")
+    for r in report.data["rows"]:
+        kv = sum(r.get("kv_bytes_per_step", {}).values()) / 1e6
+        print(f"{r['tokens']:>8} {r['variant']:<44}{r['ms_per_token']:>10.2f}{r.get('vs_stock', math.nan):>9.3f}{kv:>12.1f}"
+              f"{r.get('selection_bytes_per_step', 0) / 1e6:>12.1f}{r.get('kv_side_device_bytes', 0) / 1e9:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()

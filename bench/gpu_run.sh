@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Everything rcengine runs on the GPU machine, in one call of the device tool (carry .whl: see
+# ../shared/gpu/README.md).  Each part runs under its own time limit, and what it wrote under $OUT
+# comes back even when a part is cut short.
+#
+#   bash bench/gpu_run.sh tests                 # the whole test suite  ($OUT/tests.log)
+#   bash bench/gpu_run.sh decode [ARGS...]      # bench/gpu_decode.py   ($OUT/gpu_decode.json, decode.log)
+#   bash bench/gpu_run.sh tests decode [ARGS]   # both, tests first
+#
+# TESTS_S and DECODE_S (seconds) bound the two parts.
+set -uo pipefail
+OUT=${OUT:-bench/out}
+mkdir -p "$OUT" /tmp/pkg
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+ln -sfn "$PWD" /tmp/pkg/rcengine   # the repository root is the package
+export PYTHONPATH=/tmp/pkg:/tmp/site PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+if [ "${1:-}" = tests ]; then
+  shift
+  timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -x --durations=10 tests > "$OUT/tests.log" 2>&1
+  echo "tests exit $?"; tail -n 30 "$OUT/tests.log"
+fi
+if [ "${1:-}" = decode ]; then
+  shift
+  timeout "${DECODE_S:-540}" python3 -m rcengine.bench.gpu_decode --out "$OUT" "$@" > "$OUT/decode.log" 2>&1
+  echo "decode exit $?"; tail -n 40 "$OUT/decode.log"
+fi
