@@ -43,8 +43,10 @@ from ..engine.sampling import SamplingConfig
 from ..storage import ByteMeter, MemoryTier, TierLayout
 from .synthetic import SHAPE_8B, random_llama
 
-VARIANTS = [("dense", None, "exact", True), ("topk", 0.01, "exact", True), ("topk", 0.01, "block", True),
-            ("rc", 0.01, "exact", True), ("rc", 0.01, "block", True), ("rc", 0.01, "exact", False)]
+# (method, budget, selector, CUDA graphs, fused kernels); the last two are ablations of rc-exact.
+VARIANTS = [("dense", None, "exact", True, True), ("topk", 0.01, "exact", True, True), ("topk", 0.01, "block", True, True),
+            ("rc", 0.01, "exact", True, True), ("rc", 0.01, "block", True, True), ("rc", 0.01, "exact", True, False),
+            ("rc", 0.01, "exact", False, True)]
 PCIE_BYTES_PER_S = 55e9  # pinned host-to-device bandwidth measured on the GPU machine
 QUESTION_TOKENS = 16
 
@@ -84,11 +86,12 @@ def stock_decode_ms(lm, cache, logits: torch.Tensor, start: int, tokens: int) ->
 
 
 def time_variant(doc: Document, question: list[int], tokens: int, rounds: int) -> dict:
-    """Warm-up answer (captures graphs), then ``rounds`` answers of ``tokens`` decode steps."""
-    doc.ask(question, SamplingConfig(max_new_tokens=4, ignore_eos=True))
+    """A warm-up answer (captures graphs), then ``rounds`` answers of ``tokens`` decode steps."""
+    sampling = SamplingConfig(max_new_tokens=tokens + 1, ignore_eos=True)
+    doc.ask(question, sampling)
     ms, stats = [], None
     for _ in range(rounds):
-        answer = doc.ask(question, SamplingConfig(max_new_tokens=tokens + 1, ignore_eos=True))
+        answer = doc.ask(question, sampling)
         ms.append(answer.stats["timings_ms"]["decode_per_token"])
         stats = answer.stats
     per_step = stats["bytes_per_decode_step"]
@@ -123,15 +126,16 @@ def run_length(lm, n: int, args, report: Report, deadline: float) -> None:  # no
     mid_kv = doc.state.mid_len * doc.state.num_layers * doc.state.num_kv_heads * doc.state.tier.layout.row_bytes
     report.note(f"{n} tokens: stock prefill {prefill_s:.1f} s; offloading it ({mid_kv / 1e9:.2f} GB of mid KV to pinned host "
                 f"memory, exact selection state, centroid summaries) {adopt_s:.1f} s")
-    for method, budget, selector, graphs in VARIANTS:
+    for method, budget, selector, graphs, fused in VARIANTS:
         if time.perf_counter() > deadline:
             report.note(f"{n} tokens: deadline reached before {method} {selector}")
             break
-        doc.configure(method=method, budget=budget if budget else 0.01, selector=selector)
+        doc.configure(method=method, budget=budget if budget else 0.01, selector=selector, fused=fused)
         doc.runner.use_graphs = graphs
         tokens = args.dense_tokens if method == "dense" else args.tokens
-        row = {"tokens": n, "variant": f"{method}" + (f" {budget:.0%} {selector}" if budget else "") + ("" if graphs else " (no graphs)"),
-               "tier": "cpu (pinned, zero-copy)", **time_variant(doc, question, tokens, args.rounds)}
+        name = f"{method}" + (f" {budget:.0%} {selector}" if budget else "") + ("" if graphs else ", no graphs") + \
+            ("" if fused else ", PyTorch rule")
+        row = {"tokens": n, "variant": name, "tier": "cpu (pinned, zero-copy)", **time_variant(doc, question, tokens, args.rounds)}
         row["vs_stock"] = row["ms_per_token"] / stock
         if method == "dense":
             physical = sum(row["kv_physical_bytes_per_step"].values())
@@ -149,7 +153,7 @@ def profile(doc: Document, question: list[int], path: Path) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    doc.configure(method="rc", budget=0.01, selector="exact")
+    doc.configure(method="rc", budget=0.01, selector="exact", fused=True)
     parts = []
     for graphs in (True, False):
         doc.runner.use_graphs = graphs

@@ -38,6 +38,9 @@ class EngineConfig:
       they stay in the store and each search reads them block by block.
     - ``graphs``: on CUDA, capture each single-token decode step as a CUDA graph and replay it
       (needs a device selector and a tier the GPU reads directly; other steps run eagerly).
+    - ``fused``: on CUDA, compute the rule with two Triton kernels per layer that read the
+      retrieved rows in place (device selectors, a tier the GPU reads directly, the centroid
+      estimator or none); otherwise, and where those do not hold, with PyTorch operations.
     """
 
     method: Method = "rc"
@@ -56,6 +59,7 @@ class EngineConfig:
     select_block: int = 16  # Quest's page size: 16-token pages selected 7.7 ms/token at 128K (DESIGN 5)
     keys_in_memory: bool = False
     graphs: bool = True
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..rule.attention import Completion, TokenSet, normalize, rc_state
+from ..rule.feature_maps import CentroidFeatures
+from . import kernels
 from .state import KVState
 
 
@@ -40,10 +42,43 @@ def decode_attention(state: KVState, layer: int, query: torch.Tensor, scale: flo
     ]
     if state.probe is not None:  # evaluation only (bench-io): the queries and the anchors they see
         state.probe(layer, qg, anchors, step.q_pos)
+    elif fusable(state, layer):
+        out = fused_decode(state, layer, qg, scale)  # (T, Hkv, G, d)
+        return out.reshape(1, t, hq, d).to(query.dtype)
     retrieved = read_mid(state, layer, qg) if plan.rows else None
     completion = Completion(state.maps[layer], state.summaries[layer]) if plan.method.completes else None
     out = normalize(rc_state(qg, anchors, scale, retrieved, completion))  # (T, Hkv, G, d)
     return out.reshape(1, t, hq, d).to(query.dtype)
+
+
+def fusable(state: KVState, layer: int) -> bool:
+    """Whether this layer's step can run as the fused kernels (see kernels.py)."""
+    plan = state.plan
+    if not (plan.fused and kernels.available(state.device)):
+        return False
+    rows = state.tier.device_rows(layer) if hasattr(state.tier, "device_rows") else None
+    if plan.rows and rows is None:
+        return False
+    if plan.method.selects and not state.selectors[layer].on_device:
+        return False
+    return not plan.method.completes or (isinstance(state.maps[layer], CentroidFeatures) and state.clusters[layer] is not None)
+
+
+def fused_decode(state: KVState, layer: int, qg: torch.Tensor, scale: float) -> torch.Tensor:
+    """The step's rule for ``qg: (T, Hkv, G, d)`` through the fused kernels -> ``(T, Hkv, G, d)``."""
+    plan, step = state.plan, state.step
+    rows = state.tier.device_rows(layer) if plan.rows else None
+    ids, unit = None, 1
+    if plan.method.selects and plan.units:
+        sel = state.selectors[layer]
+        ids, unit = sel.choose(qg, plan.mid_cap, plan.units, state.n_mid), sel.block
+    completes = plan.method.completes
+    return kernels.fused_attention(
+        qg, state.sink_k[layer][0], state.sink_v[layer][0], state.tail.k[layer][0], state.tail.v[layer][0], state.tail.pos,
+        step.q_pos, rows, ids, unit, plan.rows, state.n_mid, state.live, plan.method.name == "dense", scale,
+        centroids=state.maps[layer].centroids if completes else None, summary=state.summaries[layer] if completes else None,
+        clusters=state.clusters[layer] if completes else None,
+    )
 
 
 def read_mid(state: KVState, layer: int, qg: torch.Tensor) -> TokenSet:

@@ -34,13 +34,14 @@ class DecodePlan:
     block: int  # tokens per selected unit (1: token-level)
     units: int  # units selected per KV head and query
     every_position: bool  # logits of every position (teacher forcing), or of the last
-    version: int  # buffers' version it was made against
+    fused: bool  # the rule through the fused kernels where they apply
+    version: tuple  # the buffers it was made against (KVState.buffers_version)
 
     @staticmethod
     def make(method: MethodRule, budget: float, queries: int, mid_len: int, mid_cap: int, block: int,
-             every_position: bool, version: int) -> "DecodePlan":
+             every_position: bool, fused: bool, version: tuple) -> "DecodePlan":
         units = math.ceil(method.count(budget, mid_cap) / block) if method.selects else 0
-        return DecodePlan(method, budget, queries, mid_cap, block, units, every_position, version)
+        return DecodePlan(method, budget, queries, mid_cap, block, units, every_position, fused, version)
 
     @property
     def rows(self) -> int:

@@ -71,7 +71,8 @@ class StepRunner:
         st, p = self.state, self._plan
         n = st.mid_len
         if (captured and p is not None and p.queries == queries and not p.every_position and p.covers(n)
-                and p.method == st.method and p.budget == st.config.budget and p.version == st.buffers_version()):
+                and p.method == st.method and p.budget == st.config.budget and p.fused == st.config.fused
+                and p.version == st.buffers_version()):
             return p
         plan = st.make_plan(queries, every_position, captured)
         if captured:

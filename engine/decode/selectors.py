@@ -47,8 +47,9 @@ class Selector(Protocol):
 
     def select(self, qg: torch.Tensor, cap: int, count: int, live: torch.Tensor | int,
                n_mid: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The ``count`` best units over the first ``cap`` rows (rows ``>= n_mid`` never chosen);
-        units ranked ``>= live`` are returned but marked invalid."""
+        """The ``count`` best units over the first ``cap`` rows (rows ``>= n_mid`` never chosen
+        ahead of a real one), as token ids; units ranked ``>= live`` and rows ``>= n_mid`` are
+        returned but marked invalid."""
         ...
 
     def state_bytes(self) -> int:
@@ -83,11 +84,15 @@ def _group_max(s: torch.Tensor, t: int) -> torch.Tensor:
     return s.view(h, t, tg // t, n).amax(dim=2).transpose(0, 1)
 
 
-def _top(s: torch.Tensor, count: int, live: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top ``count`` of ``s: (T, Hkv, N)`` (masked entries -inf), best first, and which are live."""
-    top = s.topk(count, dim=-1)
-    rank = torch.arange(count, device=s.device)
-    return top.indices, (rank < live) & torch.isfinite(top.values)
+def expand_units(units: torch.Tensor, block: int, live: torch.Tensor | int, n_mid: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen units ``(T, Hkv, count)`` of ``block`` tokens, best first -> their token ids ``(T,
+    Hkv, count block)`` and which count: units ranked below ``live``, rows below ``n_mid``."""
+    count = units.shape[-1]
+    ok = torch.arange(count, device=units.device) < live  # (count,)
+    if block == 1:
+        return units, ok & (units < n_mid)
+    ids = (units[..., None] * block + torch.arange(block, device=units.device)).flatten(-2)
+    return ids, ok.repeat_interleave(block) & (ids < n_mid)
 
 
 def _grow(buf: torch.Tensor, used: int, rows: int) -> torch.Tensor:
@@ -120,12 +125,16 @@ class ExactSelector:
         self.keys[:, self.n : self.n + m] = keys.to(self.keys.device, self.keys.dtype)
         self.n += m
 
-    def select(self, qg: torch.Tensor, cap: int, count: int, live: torch.Tensor | int,
-               n_mid: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    def choose(self, qg: torch.Tensor, cap: int, count: int, n_mid: torch.Tensor | int) -> torch.Tensor:
+        """Row ids ``(T, Hkv, count)`` of the best keys among the first ``cap`` rows, best first."""
         t = qg.shape[0]
         s = _group_max(scores_fp32(_grouped(qg), self.keys[:, :cap].transpose(1, 2)), t)  # (T, Hkv, cap)
         s = s.masked_fill(torch.arange(cap, device=s.device) >= n_mid, -math.inf)
-        return _top(s, count, live)
+        return s.topk(count, dim=-1).indices
+
+    def select(self, qg: torch.Tensor, cap: int, count: int, live: torch.Tensor | int,
+               n_mid: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        return expand_units(self.choose(qg, cap, count, n_mid), 1, live, n_mid)
 
     def state_bytes(self) -> int:
         return self.keys.numel() * self.keys.element_size()
@@ -180,8 +189,8 @@ class BlockSelector:
         self.kmin[:, first : first + blocks] = lo
         self.n += m
 
-    def select(self, qg: torch.Tensor, cap: int, count: int, live: torch.Tensor | int,
-               n_mid: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    def choose(self, qg: torch.Tensor, cap: int, count: int, n_mid: torch.Tensor | int) -> torch.Tensor:
+        """Block ids ``(T, Hkv, count)`` of the best blocks over the first ``cap`` rows, best first."""
         t, b = qg.shape[0], self.block
         blocks = math.ceil(cap / b)
         q = _grouped(qg).float()
@@ -190,10 +199,11 @@ class BlockSelector:
             scores_fp32(q.clamp_max(0), self.kmin[:, :blocks].transpose(1, 2))
         s = _group_max(s, t)  # (T, Hkv, blocks)
         s = s.masked_fill(torch.arange(blocks, device=s.device) * b >= n_mid, -math.inf)
-        chosen, ok = _top(s, count, live)  # (T, Hkv, count)
-        ids = (chosen[..., None] * b + torch.arange(b, device=s.device)).flatten(-2)  # (T, Hkv, count b)
-        valid = ok.repeat_interleave(b, dim=-1) & (ids < n_mid)
-        return ids, valid
+        return s.topk(count, dim=-1).indices
+
+    def select(self, qg: torch.Tensor, cap: int, count: int, live: torch.Tensor | int,
+               n_mid: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        return expand_units(self.choose(qg, cap, count, n_mid), self.block, live, n_mid)
 
     def state_bytes(self) -> int:
         return 2 * self.kmax.numel() * self.kmax.element_size()

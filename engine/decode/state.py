@@ -22,7 +22,7 @@ import torch
 
 from ...storage import ByteMeter, KVTier, MemoryTier
 from ..config import EngineConfig
-from ..rule.feature_maps import EstimatorSpec, FeatureMap, build_feature_map
+from ..rule.feature_maps import CentroidFeatures, EstimatorSpec, FeatureMap, build_feature_map
 from ..rule.methods import method_rule
 from ..rule.summary import Summary
 from .plan import DecodePlan, StepInputs
@@ -55,6 +55,9 @@ class KVState:
         self.selectors: list[Selector] = [self._new_selector(layer) for layer in range(layers)]
         self.maps: list[FeatureMap | None] = [None] * layers
         self.summaries: list[Summary | None] = [None] * layers
+        # Centroid estimator: the centroid of every mid row, (Hkv, capacity) int32 (the fused
+        # kernels subtract a retrieved token's share of the summary through it).
+        self.clusters: list[torch.Tensor | None] = [None] * layers
         self.n_mid = torch.zeros((), dtype=torch.int64, device=device)
         self.live = torch.zeros((), dtype=torch.int64, device=device)
         self.seen = 0  # tokens of the sequence so far
@@ -87,13 +90,30 @@ class KVState:
         """Rows ``(1, Hkv, n, d)`` at ``positions: (n,)`` appended to a layer's mid-region: tier,
         selection state and summary (in chunks)."""
         summary, fmap = self.summaries[layer], self.maps[layer]
+        first = self.tier.num_rows(layer)
         for start in range(0, k.shape[2], CHUNK_TOKENS):
             part = slice(start, start + CHUNK_TOKENS)
             kp, vp = k[:, :, part], v[:, :, part]
             self.tier.append(layer, kp[0], vp[0], positions[part])
             self.selectors[layer].add(kp[0])
+            self.assign_clusters(layer, kp, first + start)
             if summary is not None:
                 summary.fold(fmap.key_logits(kp), vp)
+
+    def assign_clusters(self, layer: int, k: torch.Tensor, start: int) -> None:
+        """Record the centroid of mid rows ``start..`` (keys ``(1, Hkv, m, d)``), for a centroid map."""
+        fmap = self.maps[layer]
+        if not isinstance(fmap, CentroidFeatures) or k.shape[2] == 0:
+            return
+        m = k.shape[2]
+        buf = self.clusters[layer]
+        if buf is None or buf.shape[1] < start + m:
+            grown = torch.zeros(self.num_kv_heads, max(start + m, self.mid_len), dtype=torch.int32, device=self.device)
+            if buf is not None:
+                grown[:, : buf.shape[1]] = buf
+            self.clusters[layer] = buf = grown
+            self.version += 1
+        buf[:, start : start + m] = fmap.assign(k)[0].to(torch.int32)
 
     def build_summary(self, layer: int, k_mid: torch.Tensor | None = None, v_mid: torch.Tensor | None = None) -> None:
         """The layer's feature map and an empty summary under the configured estimator (fitted maps
@@ -154,18 +174,26 @@ class KVState:
         cap = n + PLAN_HORIZON if captured else n
         self.reserve(cap)
         version = self.buffers_version()
-        return DecodePlan.make(self.method, self.config.budget, queries, n, cap, self.block, every_position, version)
+        return DecodePlan.make(self.method, self.config.budget, queries, n, cap, self.block, every_position, self.config.fused,
+                               version)
 
     def reserve(self, rows: int) -> None:
         if isinstance(self.tier, MemoryTier):
             self.tier.reserve(rows)
         for sel in self.selectors:
             sel.reserve(rows)
+        for layer, buf in enumerate(self.clusters):
+            if buf is not None and buf.shape[1] < rows:
+                grown = buf.new_zeros(buf.shape[0], rows)
+                grown[:, : buf.shape[1]] = buf
+                self.clusters[layer] = grown
+                self.version += 1
 
-    def buffers_version(self) -> int:
-        """Changes whenever a buffer a captured step reads is replaced."""
+    def buffers_version(self) -> tuple:
+        """Changes whenever a buffer a captured step reads is replaced (grown, or another selector's
+        or estimator's put in its place)."""
         tier = getattr(self.tier, "version", 0)
-        return hash((self.version, self.tail.version, tier, *(s.version for s in self.selectors)))
+        return (self.version, self.tail.version, tier, *((id(s), s.version) for s in self.selectors))
 
     # -- spills -------------------------------------------------------------------------------
 
@@ -219,6 +247,12 @@ class KVState:
         self.summaries = [s for _, s in layers]
         self.config = replace(self.config, estimator=spec)
         self.version += 1
+        self.clusters = [None] * self.num_layers
+        for layer, fmap in enumerate(self.maps):
+            if isinstance(fmap, CentroidFeatures):
+                k, _ = self.read_mid(layer)
+                for start in range(0, k.shape[2], CHUNK_TOKENS):
+                    self.assign_clusters(layer, k[:, :, start : start + CHUNK_TOKENS].to(self.dtype), start)
 
     def use_selector(self, name: str, block: int) -> None:
         """Switch every layer's selector (between questions); a new one's state is built once from

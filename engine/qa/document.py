@@ -66,11 +66,11 @@ class Document:
         return self.cache.state.meter
 
     def configure(self, method: str | None = None, budget: float | None = None, estimator: EstimatorSpec | None = None,
-                  selector: str | None = None, select_block: int | None = None) -> None:
+                  selector: str | None = None, select_block: int | None = None, fused: bool | None = None) -> None:
         """Change how the next questions attend to this document: the KV and anchors are reused.
         A new ``estimator`` or ``selector`` is built once from the tier (not metered) and kept."""
         changes = {k: v for k, v in {"method": method, "budget": budget, "estimator": estimator, "selector": selector,
-                                     "select_block": select_block}.items() if v is not None}
+                                     "select_block": select_block, "fused": fused}.items() if v is not None}
         new = replace(self.engine.config, **changes)  # validated by EngineConfig
         self.state.configure(new)
         self.engine = type(self.engine)(self.engine.lm, new, self.engine.show_progress)

@@ -70,7 +70,7 @@ def restore(state: KVState, reader: DocumentReader, streamed_keys: bool) -> None
 
 def _restore_selection(state: KVState, reader: DocumentReader, layer: int, streamed_keys: bool) -> None:
     cfg, heads = state.config, state.num_kv_heads
-    if cfg.selector == "faiss":
+    if cfg.selector == "faiss":  # (no cluster ids: only device selectors run the fused kernels)
         index = state.index
         for head in range(heads):
             if cfg.index.kind != "flat":
@@ -82,6 +82,8 @@ def _restore_selection(state: KVState, reader: DocumentReader, layer: int, strea
                 index.load_keys(layer, head, reader.keys(layer, head))
         return
     keys = torch.stack([torch.from_numpy(reader.keys(layer, head).copy()) for head in range(heads)])  # (Hkv, n, d)
+    keys = keys.to(state.device, state.dtype)
     state.selectors[layer].reserve(keys.shape[1])
-    state.selectors[layer].add(keys.to(state.device, state.dtype))
+    state.selectors[layer].add(keys)
+    state.assign_clusters(layer, keys[None], 0)
 

@@ -150,12 +150,17 @@ class CentroidFeatures:
         dt = _dtype(qg)
         return torch.matmul(qg.to(dt), self.centroids.to(dt).transpose(-1, -2)) / math.sqrt(qg.shape[-1])
 
+    def assign(self, k: torch.Tensor) -> torch.Tensor:
+        """The nearest centroid of each key, ``k: (B, Hkv, n, d) -> (B, Hkv, n)`` int64."""
+        dt = _dtype(k)
+        return _nearest(k.to(dt), self.centroids.to(dt))
+
     def key_logits(self, k: torch.Tensor) -> torch.Tensor:
         dt = _dtype(k)
         logits = k.new_full((*k.shape[:-1], self.num_features), -math.inf, dtype=dt)
         if k.shape[-2] == 0:
             return logits
-        return logits.scatter(-1, _nearest(k.to(dt), self.centroids.to(dt))[..., None], 0.0)
+        return logits.scatter(-1, self.assign(k)[..., None], 0.0)
 
     def state_bytes_per_head(self) -> int:
         c, d = self.centroids.shape[-2:]

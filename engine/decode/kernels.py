@@ -1,0 +1,275 @@
+"""The rule for one layer's decode queries as two Triton kernels (the CUDA fast path).
+
+:func:`fused_attention` computes what ``rc_state`` computes for the configured method, for the
+centroid estimator (or none), reading the retrieved rows straight from the tier's device-readable
+buffer (zero-copy host memory or device memory) by row id, without gathering them first:
+
+1. ``_partial_kernel``, one program per (query position, KV head, slice of the mid tokens): an
+   online softmax over its slice (slice 0 also over the sink and the visible tail), in float32,
+   and, with completion, the retrieved tokens' share of the summary (``sum lambda_j`` and ``sum
+   lambda_j v_j`` with ``lambda_j = w[cluster(j)]``), written as partial states;
+2. ``_combine_kernel``, one program per (query position, KV head): the log-sum-exp merge of the
+   partials, the summary's estimate of the unread tokens with the retrieved share subtracted and the
+   safety checks of ``completion_state``, the merge of the two, one normalisation.
+
+Each program serves the G query heads of its KV head (padded to 16 rows for the tensor cores).
+Everything is fixed by the plan (static shapes) and read from device tensors, so the kernels run
+inside a captured CUDA graph.  The generic PyTorch rule stays the reference: the tests compare the
+two (``tests/test_gpu.py``; on the CPU through Triton's interpreter when it is installed).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; the CPU path never needs it.
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the machine
+    triton = None
+
+# Drop the completion below this fraction of the summary's total mass (as rule.attention does).
+from ..rule.attention import RESIDUAL_DROP_FRACTION
+
+BLOCK_N = 32  # tokens per inner step of a program
+MAX_SLICES = 256  # slices of the mid tokens per (position, KV head): enough programs to hide PCIe latency
+
+
+def available(device: torch.device) -> bool:
+    """Whether the kernels can run for tensors on ``device`` (CUDA with Triton, or Triton's CPU
+    interpreter when ``TRITON_INTERPRET=1``)."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _online(q, k, v, valid, m_i, l_i, acc, scale, IEEE: tl.constexpr):
+        """One block of exact attention: scores of ``q (GP, D)`` against ``k (N, D)``, masked by
+        ``valid (N,)``, folded into the running max ``m_i``, sum ``l_i`` and ``acc (GP, D)``."""
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.exp(m_i - m_ref)
+        p = tl.exp(s - m_ref[:, None])
+        l_i = l_i * rescale + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * rescale[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
+    def _weights(q, cent_ptr, beta_ptr, h, CR, D: tl.constexpr, CRP: tl.constexpr):
+        """Centroid weights ``w (GP, CRP) = exp(a(q) + beta - alpha)`` and ``alpha (GP,)`` with
+        ``a(q)_c = q . c / sqrt(D)``; padded centroids get weight 0."""
+        offs_c = tl.arange(0, CRP)
+        offs_d = tl.arange(0, D)
+        cmask = offs_c < CR
+        cent = tl.load(cent_ptr + (h * CR + offs_c[:, None]) * D + offs_d[None, :], mask=cmask[:, None], other=0.0)
+        aq = tl.dot(q.to(tl.float32), tl.trans(cent.to(tl.float32)), input_precision="ieee") / tl.sqrt(D * 1.0)
+        beta = tl.load(beta_ptr + h * CR + offs_c, mask=cmask, other=float("-inf"))
+        g = aq + beta[None, :]
+        alpha = tl.max(g, axis=1)
+        alpha_ref = tl.where(alpha == float("-inf"), 0.0, alpha)
+        w = tl.exp(g - alpha_ref[:, None])
+        return w, alpha
+
+    @triton.jit
+    def _partial_kernel(
+        q_ptr, sink_k, sink_v, tail_k, tail_v, tail_pos, q_pos, rows, ids, n_mid_ptr, live_ptr,
+        cent_ptr, beta_ptr, clusters, part_m, part_l, part_acc, part_lam, part_lamv,
+        scale, HKV, S, C, R, U, CAP, CR, CHUNK, NS,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, UNIT: tl.constexpr, DENSE: tl.constexpr,
+        COMPLETE: tl.constexpr, CRP: tl.constexpr, IEEE: tl.constexpr, BN: tl.constexpr,
+    ):
+        pid = tl.program_id(0)  # query position t and KV head h
+        sl = tl.program_id(1)  # slice of the mid tokens
+        t = pid // HKV
+        h = pid % HKV
+        offs_g = tl.arange(0, GP)
+        offs_d = tl.arange(0, D)
+        offs_n = tl.arange(0, BN)
+        gmask = offs_g < G
+        q = tl.load(q_ptr + ((t * HKV + h) * G + offs_g[:, None]) * D + offs_d[None, :], mask=gmask[:, None], other=0.0)
+        m_i = tl.full([GP], float("-inf"), tl.float32)
+        l_i = tl.zeros([GP], tl.float32)
+        acc = tl.zeros([GP, D], tl.float32)
+        if sl == 0:  # the anchors: the sink, then the tail slots this position sees
+            for n0 in range(0, S, BN):
+                n = n0 + offs_n
+                ok = n < S
+                k = tl.load(sink_k + (h * S + n[:, None]) * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+                v = tl.load(sink_v + (h * S + n[:, None]) * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+                m_i, l_i, acc = _online(q, k, v, ok, m_i, l_i, acc, scale, IEEE)
+            qp = tl.load(q_pos + t)
+            for n0 in range(0, C, BN):
+                n = n0 + offs_n
+                pos = tl.load(tail_pos + n, mask=n < C, other=-1)
+                ok = (pos >= 0) & (pos <= qp)
+                k = tl.load(tail_k + (h * C + n[:, None]) * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+                v = tl.load(tail_v + (h * C + n[:, None]) * D + offs_d[None, :], mask=ok[:, None], other=0.0)
+                m_i, l_i, acc = _online(q, k, v, ok, m_i, l_i, acc, scale, IEEE)
+        if COMPLETE:
+            w, alpha = _weights(q, cent_ptr, beta_ptr, h, CR, D, CRP)
+            lam_s = tl.zeros([GP], tl.float32)
+            lam_v = tl.zeros([GP, D], tl.float32)
+            offs_c = tl.arange(0, CRP)
+        n_mid = tl.load(n_mid_ptr)
+        live = tl.load(live_ptr)
+        start = sl * CHUNK
+        stop = tl.minimum(start + CHUNK, R)
+        for n0 in range(start, stop, BN):
+            r = n0 + offs_n
+            inside = r < stop
+            if DENSE:
+                row = r
+                ok = inside & (row < n_mid)
+            else:  # r-th retrieved token: token r % UNIT of the (r // UNIT)-th chosen unit
+                unit = r // UNIT
+                uid = tl.load(ids + (t * HKV + h) * U + unit, mask=inside, other=0)
+                row = uid * UNIT + r % UNIT
+                ok = inside & (unit < live) & (row < n_mid)
+            row = tl.where(ok, row, 0)
+            base = rows + (row[:, None].to(tl.int64) * HKV + h) * 2 * D + offs_d[None, :]
+            k = tl.load(base, mask=ok[:, None], other=0.0)
+            v = tl.load(base + D, mask=ok[:, None], other=0.0)
+            m_i, l_i, acc = _online(q, k, v, ok, m_i, l_i, acc, scale, IEEE)
+            if COMPLETE:  # lambda_j = w[cluster(j)]: the retrieved token's share of the summary
+                cid = tl.load(clusters + h * CAP + row, mask=ok, other=0)
+                onehot = ((cid[:, None] == offs_c[None, :]) & ok[:, None]).to(tl.float32)
+                lam = tl.dot(w, tl.trans(onehot), input_precision="ieee")
+                lam_s += tl.sum(lam, axis=1)
+                lam_v += tl.dot(lam, v.to(tl.float32), input_precision="ieee")
+        out = pid * NS + sl
+        tl.store(part_m + out * GP + offs_g, m_i)
+        tl.store(part_l + out * GP + offs_g, l_i)
+        tl.store(part_acc + (out * GP + offs_g[:, None]) * D + offs_d[None, :], acc)
+        if COMPLETE:
+            tl.store(part_lam + out * GP + offs_g, lam_s)
+            tl.store(part_lamv + (out * GP + offs_g[:, None]) * D + offs_d[None, :], lam_v)
+
+    @triton.jit
+    def _combine_kernel(
+        q_ptr, out_ptr, part_m, part_l, part_acc, part_lam, part_lamv, cent_ptr, beta_ptr, s_ptr, u_ptr, vmax_ptr,
+        HKV, CR, NS, drop,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, COMPLETE: tl.constexpr, CRP: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        h = pid % HKV
+        offs_g = tl.arange(0, GP)
+        offs_d = tl.arange(0, D)
+        gmask = offs_g < G
+        m = tl.full([GP], float("-inf"), tl.float32)
+        for s in range(0, NS):
+            m = tl.maximum(m, tl.load(part_m + (pid * NS + s) * GP + offs_g))
+        m_ref = tl.where(m == float("-inf"), 0.0, m)
+        den = tl.zeros([GP], tl.float32)
+        num = tl.zeros([GP, D], tl.float32)
+        lam_s = tl.zeros([GP], tl.float32)
+        lam_v = tl.zeros([GP, D], tl.float32)
+        for s in range(0, NS):
+            part = pid * NS + s
+            f = tl.exp(tl.load(part_m + part * GP + offs_g) - m_ref)
+            den += f * tl.load(part_l + part * GP + offs_g)
+            num += f[:, None] * tl.load(part_acc + (part * GP + offs_g[:, None]) * D + offs_d[None, :])
+            if COMPLETE:
+                lam_s += tl.load(part_lam + part * GP + offs_g)
+                lam_v += tl.load(part_lamv + (part * GP + offs_g[:, None]) * D + offs_d[None, :])
+        if COMPLETE:  # the summary's estimate of the unread tokens (completion_state), merged
+            q = tl.load(q_ptr + (pid * G + offs_g[:, None]) * D + offs_d[None, :], mask=gmask[:, None], other=0.0)
+            w, alpha = _weights(q, cent_ptr, beta_ptr, h, CR, D, CRP)
+            offs_c = tl.arange(0, CRP)
+            cmask = offs_c < CR
+            u = tl.load(u_ptr + h * CR + offs_c, mask=cmask, other=0.0)
+            summ = tl.load(s_ptr + (h * CR + offs_c[:, None]) * D + offs_d[None, :], mask=cmask[:, None], other=0.0)
+            den_all = tl.sum(w * u[None, :], axis=1)
+            den_u = den_all - lam_s
+            num_u = tl.dot(w, summ, input_precision="ieee") - lam_v
+            ok = (den_u > 0) & (den_u > drop * den_all) & (alpha > float("-inf"))
+            den_safe = tl.where(ok, den_u, 1.0)
+            norm = tl.sqrt(tl.sum(num_u * num_u, axis=1)) / den_safe
+            vmax = tl.load(vmax_ptr + h)
+            shrink = tl.where(norm > vmax, vmax / tl.maximum(norm, 1e-30), 1.0)
+            num_u = tl.where(ok[:, None], num_u * shrink[:, None], 0.0)
+            den_u = tl.where(ok, den_u, 0.0)
+            m_u = tl.where(ok, alpha, float("-inf"))
+            top = tl.maximum(m, m_u)
+            top_ref = tl.where(top == float("-inf"), 0.0, top)
+            fa = tl.exp(m - top_ref)
+            fb = tl.exp(m_u - top_ref)
+            num = num * fa[:, None] + num_u * fb[:, None]
+            den = den * fa + den_u * fb
+        o = tl.where(den[:, None] > 0, num / tl.maximum(den, 1e-38)[:, None], 0.0)
+        tl.store(out_ptr + (pid * G + offs_g[:, None]) * D + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+
+
+def _pow2(x: int, at_least: int = 16) -> int:
+    return max(at_least, 1 << max(0, (x - 1).bit_length()))
+
+
+def fused_attention(
+    qg: torch.Tensor, sink_k: torch.Tensor, sink_v: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor,
+    tail_pos: torch.Tensor, q_pos: torch.Tensor, rows: torch.Tensor | None, ids: torch.Tensor | None, unit: int,
+    rows_read: int, n_mid: torch.Tensor, live: torch.Tensor, dense: bool, scale: float,
+    centroids: torch.Tensor | None = None, summary=None, clusters: torch.Tensor | None = None,  # noqa: ANN001 (a Summary)
+) -> torch.Tensor:
+    """One layer's decode attention for ``qg: (T, Hkv, G, d)`` -> ``(T, Hkv, G, d)`` in qg's dtype.
+
+    - anchors: ``sink_k, sink_v: (Hkv, S, d)``; the tail ring ``tail_k, tail_v: (Hkv, C, d)`` with
+      slot positions ``tail_pos: (C,)``; query positions ``q_pos: (T,)``;
+    - the mid-region: ``rows: (cap, Hkv, 2, d)`` (device-readable), ``n_mid`` rows of it valid;
+      ``dense``: every row; otherwise ``ids: (T, Hkv, U)`` units of ``unit`` tokens, best first, of
+      which the first ``live`` count (``n_mid``, ``live``: 0-dim int64 device tensors);
+      ``rows_read``: mid tokens per program row (``U * unit``, or the rows' capacity when dense);
+    - completion (centroid estimator): ``centroids: (1, Hkv, C, d)``, the summary (``S, u, beta,
+      v_max``) and ``clusters: (Hkv, cap)`` the centroid of every mid row.
+    """
+    t, hkv, g, d = qg.shape
+    dev = qg.device
+    qg = qg.contiguous()
+    s_len, c_len = sink_k.shape[1], tail_k.shape[1]
+    complete = centroids is not None
+    ieee = qg.dtype == torch.float32
+    gp = _pow2(g)
+    r = rows_read if rows is not None else 0
+    chunk = BLOCK_N * max(1, math.ceil(r / (BLOCK_N * MAX_SLICES)))
+    ns = max(1, math.ceil(r / chunk))
+    f32 = dict(dtype=torch.float32, device=dev)
+    part_m = torch.empty(t * hkv, ns, gp, **f32)
+    part_l = torch.empty(t * hkv, ns, gp, **f32)
+    part_acc = torch.empty(t * hkv, ns, gp, d, **f32)
+    part_lam = torch.empty(t * hkv, ns, gp, **f32) if complete else part_m
+    part_lamv = torch.empty(t * hkv, ns, gp, d, **f32) if complete else part_acc
+    dummy_i = torch.zeros(1, dtype=torch.int64, device=dev)
+    cr = centroids.shape[-2] if complete else 1
+    crp = _pow2(cr)
+    cent = centroids.reshape(hkv, cr, d).contiguous() if complete else part_acc
+    beta = summary.beta.reshape(hkv, cr).contiguous() if complete else part_m
+    cap = clusters.shape[1] if complete else 1
+    _partial_kernel[(t * hkv, ns)](
+        qg, sink_k, sink_v, tail_k, tail_v, tail_pos, q_pos, rows if rows is not None else part_acc,
+        ids if ids is not None else dummy_i, n_mid, live, cent, beta, clusters if complete else dummy_i,
+        part_m, part_l, part_acc, part_lam, part_lamv,
+        scale, hkv, s_len, c_len, r, ids.shape[-1] if ids is not None else 0, cap, cr, chunk, ns,
+        G=g, GP=gp, D=d, UNIT=unit, DENSE=dense, COMPLETE=complete, CRP=crp, IEEE=ieee, BN=BLOCK_N,
+    )
+    out = torch.empty_like(qg)
+    _combine_kernel[(t * hkv,)](
+        qg, out, part_m, part_l, part_acc, part_lam, part_lamv, cent, beta,
+        summary.S.reshape(hkv, cr, d).contiguous() if complete else part_acc,
+        summary.u.reshape(hkv, cr).contiguous() if complete else part_m,
+        summary.v_max.reshape(hkv).contiguous() if complete else part_m,
+        hkv, cr, ns, RESIDUAL_DROP_FRACTION,
+        G=g, GP=gp, D=d, COMPLETE=complete, CRP=crp,
+    )
+    return out

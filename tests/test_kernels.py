@@ -1,0 +1,77 @@
+"""The fused decode kernels against the PyTorch rule, on random states with padded plans (more
+units chosen than the rule asks for, rows past the mid-region, empty tail slots).  Run on CUDA,
+or on the CPU through Triton's interpreter (TRITON_INTERPRET=1) where Triton is installed."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import output_tolerance
+from rcengine.engine.decode import kernels
+from rcengine.engine.decode.selectors import expand_units
+from rcengine.engine.rule.attention import Completion, TokenSet, normalize, rc_state
+from rcengine.engine.rule.feature_maps import CentroidFeatures
+from rcengine.engine.rule.summary import Summary
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not kernels.available(DEVICE), reason="needs CUDA, or Triton's interpreter on the CPU")
+
+
+@pytest.mark.parametrize("method", ["dense", "topk", "rc", "sink-tail"])
+@pytest.mark.parametrize("unit", [1, 4])
+@pytest.mark.parametrize("t", [1, 3])
+def test_fused_kernels_match_the_rule(gen, method, unit, t):
+    hkv, g, d, sink, ring, cap, n, centroids = 2, 4, 32, 3, 24, 200, 173, 8
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    qg = rnd(t, hkv, g, d)
+    sink_k, sink_v = rnd(hkv, sink, d), rnd(hkv, sink, d)
+    tail_k, tail_v = rnd(hkv, ring, d), rnd(hkv, ring, d)
+    tail_pos = torch.full((ring,), -1, dtype=torch.int64)
+    tail_pos[5:20] = torch.arange(500, 515)  # 15 held tokens; queries at 512.. see some of them
+    q_pos = torch.arange(512, 512 + t)
+    rows = rnd(cap, hkv, 2, d)
+    k_mid = rows[:n, :, 0].transpose(0, 1)[None]  # (1, Hkv, n, d)
+    v_mid = rows[:n, :, 1].transpose(0, 1)[None]
+    fmap = CentroidFeatures.fit(k_mid, centroids, seed=1)
+    summary = Summary.empty(1, hkv, centroids, d)
+    summary.fold(fmap.key_logits(k_mid), v_mid)
+    clusters = torch.zeros(hkv, cap, dtype=torch.int32)
+    clusters[:, :n] = fmap.assign(k_mid)[0].to(torch.int32)
+    units = math.ceil(cap / unit)
+    count, live = 7, 5  # a padded plan: 7 units chosen, the rule asks for 5
+    ids = torch.stack([torch.stack([torch.randperm(units, generator=gen)[:count] for _ in range(hkv)]) for _ in range(t)])
+    ids[0, 0, 1] = (n + 2) // unit  # a unit past the mid-region, within the buffer
+    n_mid, live_t = torch.tensor(n), torch.tensor(live)
+    dense, selects, completes = method == "dense", method in ("topk", "rc"), method == "rc"
+    to = lambda x: x.to(DEVICE, dtype)  # noqa: E731
+    out = kernels.fused_attention(
+        to(qg), to(sink_k), to(sink_v), to(tail_k), to(tail_v), tail_pos.to(DEVICE), q_pos.to(DEVICE),
+        to(rows) if (dense or selects) else None, ids.to(DEVICE) if selects else None, unit,
+        cap if dense else (count * unit if selects else 0), n_mid.to(DEVICE), live_t.to(DEVICE), dense, d**-0.5,
+        centroids=fmap.centroids.to(DEVICE) if completes else None,
+        summary=Summary(**{k: v.to(DEVICE) for k, v in summary.state_dict().items()}) if completes else None,
+        clusters=clusters.to(DEVICE) if completes else None,
+    )
+    # The reference: the rule in float64 on the same (rounded) inputs.
+    f64 = lambda x: to(x).double().cpu()  # noqa: E731
+    q64 = f64(qg)
+    for i in range(t):
+        seen = (tail_pos >= 0) & (tail_pos <= q_pos[i])
+        anchors = [TokenSet(f64(sink_k)[None], f64(sink_v)[None]), TokenSet(f64(tail_k)[None][:, :, seen], f64(tail_v)[None][:, :, seen])]
+        retrieved = None
+        if dense:
+            retrieved = TokenSet(f64(k_mid), f64(v_mid))
+        elif selects:
+            tok, ok = expand_units(ids[i : i + 1], unit, live, n)
+            tok = tok.clamp(max=cap - 1)
+            kk = f64(rows)[tok, torch.arange(hkv)[None, :, None], 0]  # (1, Hkv, R, d)
+            vv = f64(rows)[tok, torch.arange(hkv)[None, :, None], 1]
+            retrieved = TokenSet(kk, vv, ok)
+        completion = Completion(fmap, Summary(**{k: v.double() for k, v in summary.state_dict().items()})) if completes else None
+        ref = normalize(rc_state(q64[i : i + 1], anchors, d**-0.5, retrieved, completion))[0]
+        got = out[i].double().cpu()
+        assert (got - ref).abs().max() <= output_tolerance(dtype) * ref.abs().max(), (got - ref).abs().max()
