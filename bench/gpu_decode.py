@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from ..engine.config import EngineConfig
-from ..engine.decode.state import KVState
+from ..engine.decode.state import PLAN_HORIZON, KVState
 from ..engine.hf.cache import RCCache
 from ..engine.hf.integration import model_call, stock_prefill
 from ..engine.qa.document import Document
@@ -175,9 +175,10 @@ class AliasedHostTier(MemoryTier):
         gen = torch.Generator(device="cuda").manual_seed(seed)
         buffers = []
         for _ in range(distinct):
-            host = self._alloc(rows)
+            host = self._alloc(rows + 2 * PLAN_HORIZON)  # room for a captured plan: reserve() never reallocates
+            host[rows:].zero_()
             for start in range(0, rows, 1 << 17):  # random rows made on the GPU, copied over in slices
-                part = host[start : start + (1 << 17)]
+                part = host[start : min(start + (1 << 17), rows)]
                 part.copy_(torch.randn(part.shape, generator=gen, device="cuda", dtype=layout.dtype))
             buffers.append(host)
         self._rows = [buffers[layer % distinct] for layer in range(layout.num_layers)]
@@ -195,7 +196,7 @@ def million_document(lm, n: int, selector: str) -> Document:  # noqa: ANN001
     state = KVState(cfg, layers, heads, dim, lm.dtype, lm.device, tier, meter)
     gen = torch.Generator(device="cuda").manual_seed(1)
     rnd = lambda *shape: torch.randn(*shape, generator=gen, device="cuda", dtype=lm.dtype)  # noqa: E731
-    state.reserve(n)
+    state.reserve(n + 2 * PLAN_HORIZON)
     for layer in range(layers):
         state.set_anchors(layer, rnd(1, heads, cfg.sink, dim), rnd(1, heads, cfg.sink, dim))
         rows = tier.device_rows(layer)[:n]  # (n, Hkv, 2, d), read over PCIe

@@ -18,7 +18,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.used,memory.total --format=csv
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
 if [ "${1:-}" = tests ]; then
   shift
-  timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider -x --durations=10 tests > "$OUT/tests.log" 2>&1
+  timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider --durations=10 tests > "$OUT/tests.log" 2>&1
   echo "tests exit $?"; tail -n 30 "$OUT/tests.log"
 fi
 if [ "${1:-}" = decode ]; then

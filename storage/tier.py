@@ -133,6 +133,11 @@ class MemoryTier:
         self._views[layer] = self._device_view(grown)
         self.version += 1
 
+    @property
+    def capacity(self) -> int:
+        """Rows every layer holds without reallocating."""
+        return min((r.shape[0] for r in self._rows), default=0)
+
     def reserve(self, rows: int) -> None:
         """Room for ``rows`` rows in every layer without reallocating."""
         for layer in range(self.layout.num_layers):

@@ -75,3 +75,25 @@ def test_fused_kernels_match_the_rule(gen, method, unit, t):
         ref = normalize(rc_state(q64[i : i + 1], anchors, d**-0.5, retrieved, completion))[0]
         got = out[i].double().cpu()
         assert (got - ref).abs().max() <= output_tolerance(dtype) * ref.abs().max(), (got - ref).abs().max()
+
+
+@pytest.mark.parametrize("bounds", [False, True])
+def test_selection_scores_match_the_group_max(gen, bounds):
+    t, hkv, g, d, cap, n, unit = 3, 2, 4, 32, 300, 250, 8
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    qg = torch.randn(t, hkv, g, d, generator=gen).to(DEVICE, dtype)
+    a = torch.randn(hkv, cap, d, generator=gen).to(DEVICE, dtype)
+    b = (a - 1.0) if bounds else None
+    units = 40 if bounds else cap
+    got = kernels.selection_scores(qg, a, units, torch.tensor(n, device=DEVICE), unit if bounds else 1, b)
+    q = qg.double().transpose(0, 1)  # (Hkv, T, G, d)
+    if bounds:
+        ref = q.clamp_min(0) @ a[:, :units].double().transpose(1, 2)[:, None] + q.clamp_max(0) @ b[:, :units].double().transpose(1, 2)[:, None]
+        past = torch.arange(units, device=DEVICE) * unit >= n
+    else:
+        ref = q @ a.double().transpose(1, 2)[:, None]
+        past = torch.arange(units, device=DEVICE) >= n
+    ref = ref.amax(dim=2).transpose(0, 1).masked_fill(past, -math.inf)  # (T, Hkv, units)
+    assert torch.equal(torch.isinf(got), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    assert ((got.double() - ref)[finite].abs() <= output_tolerance(dtype) * ref[finite].abs().max()).all()

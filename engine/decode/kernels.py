@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - depends on the machine
 from ..rule.attention import RESIDUAL_DROP_FRACTION
 
 BLOCK_N = 32  # tokens per inner step of a program
-MAX_SLICES = 256  # slices of the mid tokens per (position, KV head): enough programs to hide PCIe latency
+MAX_SLICES = 1024  # slices of the mid tokens per (position, KV head): one block of rows each at 1 % and 128K, so that every program's PCIe reads are in flight at once
 
 
 def available(device: torch.device) -> bool:
@@ -162,29 +162,36 @@ if triton is not None:
     def _combine_kernel(
         q_ptr, out_ptr, part_m, part_l, part_acc, part_lam, part_lamv, cent_ptr, beta_ptr, s_ptr, u_ptr, vmax_ptr,
         HKV, CR, NS, drop,
-        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, COMPLETE: tl.constexpr, CRP: tl.constexpr,
+        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, COMPLETE: tl.constexpr, CRP: tl.constexpr, SB: tl.constexpr,
     ):
         pid = tl.program_id(0)
         h = pid % HKV
         offs_g = tl.arange(0, GP)
         offs_d = tl.arange(0, D)
         gmask = offs_g < G
+        offs_s = tl.arange(0, SB)
         m = tl.full([GP], float("-inf"), tl.float32)
-        for s in range(0, NS):
-            m = tl.maximum(m, tl.load(part_m + (pid * NS + s) * GP + offs_g))
+        for s0 in range(0, NS, SB):
+            sm = (s0 + offs_s) < NS
+            ms = tl.load(part_m + (pid * NS + s0 + offs_s[:, None]) * GP + offs_g[None, :], mask=sm[:, None], other=float("-inf"))
+            m = tl.maximum(m, tl.max(ms, axis=0))
         m_ref = tl.where(m == float("-inf"), 0.0, m)
         den = tl.zeros([GP], tl.float32)
         num = tl.zeros([GP, D], tl.float32)
         lam_s = tl.zeros([GP], tl.float32)
         lam_v = tl.zeros([GP, D], tl.float32)
-        for s in range(0, NS):
-            part = pid * NS + s
-            f = tl.exp(tl.load(part_m + part * GP + offs_g) - m_ref)
-            den += f * tl.load(part_l + part * GP + offs_g)
-            num += f[:, None] * tl.load(part_acc + (part * GP + offs_g[:, None]) * D + offs_d[None, :])
+        for s0 in range(0, NS, SB):
+            sm = (s0 + offs_s) < NS
+            part = pid * NS + s0 + offs_s  # (SB,)
+            f = tl.exp(tl.load(part_m + part[:, None] * GP + offs_g[None, :], mask=sm[:, None], other=float("-inf")) - m_ref[None, :])
+            den += tl.sum(f * tl.load(part_l + part[:, None] * GP + offs_g[None, :], mask=sm[:, None], other=0.0), axis=0)
+            acc = tl.load(part_acc + (part[:, None, None] * GP + offs_g[None, :, None]) * D + offs_d[None, None, :],
+                          mask=sm[:, None, None], other=0.0)
+            num += tl.sum(f[:, :, None] * acc, axis=0)
             if COMPLETE:
-                lam_s += tl.load(part_lam + part * GP + offs_g)
-                lam_v += tl.load(part_lamv + (part * GP + offs_g[:, None]) * D + offs_d[None, :])
+                lam_s += tl.sum(tl.load(part_lam + part[:, None] * GP + offs_g[None, :], mask=sm[:, None], other=0.0), axis=0)
+                lam_v += tl.sum(tl.load(part_lamv + (part[:, None, None] * GP + offs_g[None, :, None]) * D + offs_d[None, None, :],
+                                        mask=sm[:, None, None], other=0.0), axis=0)
         if COMPLETE:  # the summary's estimate of the unread tokens (completion_state), merged
             q = tl.load(q_ptr + (pid * G + offs_g[:, None]) * D + offs_d[None, :], mask=gmask[:, None], other=0.0)
             w, alpha = _weights(q, cent_ptr, beta_ptr, h, CR, D, CRP)
@@ -211,6 +218,58 @@ if triton is not None:
             den = den * fa + den_u * fb
         o = tl.where(den[:, None] > 0, num / tl.maximum(den, 1e-38)[:, None], 0.0)
         tl.store(out_ptr + (pid * G + offs_g[:, None]) * D + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+
+
+if triton is not None:
+
+    @triton.jit
+    def _score_kernel(q_ptr, a_ptr, b_ptr, out_ptr, n_ptr, HKV, T, N, CAP, UNIT,
+                      G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BOUNDS: tl.constexpr, IEEE: tl.constexpr,
+                      BS: tl.constexpr):
+        """Group scores of one KV head over ``BS`` keys (or blocks): ``max_g q_g . k`` (``BOUNDS``:
+        ``max_g q_g+ . hi + q_g- . lo`` of a block's bounds); units past ``n`` rows get -inf."""
+        h = tl.program_id(0)
+        offs = tl.program_id(1) * BS + tl.arange(0, BS)
+        offs_g = tl.arange(0, GP)
+        offs_d = tl.arange(0, D)
+        inside = offs < N
+        a = tl.load(a_ptr + (h * CAP + offs[:, None]) * D + offs_d[None, :], mask=inside[:, None], other=0.0)
+        if BOUNDS:
+            b = tl.load(b_ptr + (h * CAP + offs[:, None]) * D + offs_d[None, :], mask=inside[:, None], other=0.0)
+        n = tl.load(n_ptr)
+        real = inside & (offs * UNIT < n)
+        for t in range(0, T):
+            q = tl.load(q_ptr + ((t * HKV + h) * G + offs_g[:, None]) * D + offs_d[None, :], mask=(offs_g < G)[:, None], other=0.0)
+            if BOUNDS:
+                if IEEE:
+                    s = tl.dot(tl.maximum(q, 0.0), tl.trans(a), input_precision="ieee") + \
+                        tl.dot(tl.minimum(q, 0.0), tl.trans(b), input_precision="ieee")
+                else:
+                    s = tl.dot(tl.maximum(q, 0.0).to(a.dtype), tl.trans(a)) + tl.dot(tl.minimum(q, 0.0).to(b.dtype), tl.trans(b))
+            else:
+                if IEEE:
+                    s = tl.dot(q, tl.trans(a), input_precision="ieee")
+                else:
+                    s = tl.dot(q, tl.trans(a))
+            s = tl.where((offs_g < G)[:, None], s, float("-inf"))
+            best = tl.max(s, axis=0)
+            tl.store(out_ptr + (t * HKV + h) * N + offs, tl.where(real, best, float("-inf")), mask=inside)
+
+
+def selection_scores(qg: torch.Tensor, a: torch.Tensor, n: int, n_mid: torch.Tensor, unit: int = 1,
+                     b: torch.Tensor | None = None) -> torch.Tensor:
+    """Group scores for selection, ``qg: (T, Hkv, G, d)`` against the first ``n`` rows of ``a: (Hkv,
+    capacity, d)`` (keys; with ``b``, the max and min bounds of blocks of ``unit`` tokens) ->
+    ``(T, Hkv, n)`` float32, -inf for units past the ``n_mid`` mid rows.  Reads ``a`` (and ``b``)
+    once for all T G queries."""
+    t, hkv, g, d = qg.shape
+    out = torch.empty(t, hkv, n, dtype=torch.float32, device=qg.device)
+    bs = 128
+    _score_kernel[(hkv, math.ceil(n / bs))](
+        qg.contiguous(), a, b if b is not None else a, out, n_mid, hkv, t, n, a.shape[1], unit,
+        G=g, GP=_pow2(g), D=d, BOUNDS=b is not None, IEEE=qg.dtype == torch.float32, BS=bs,
+    )
+    return out
 
 
 def _pow2(x: int, at_least: int = 16) -> int:
@@ -270,6 +329,6 @@ def fused_attention(
         summary.u.reshape(hkv, cr).contiguous() if complete else part_m,
         summary.v_max.reshape(hkv).contiguous() if complete else part_m,
         hkv, cr, ns, RESIDUAL_DROP_FRACTION,
-        G=g, GP=gp, D=d, COMPLETE=complete, CRP=crp,
+        G=g, GP=gp, D=d, COMPLETE=complete, CRP=crp, SB=4,
     )
     return out

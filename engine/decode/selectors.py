@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import torch
 
+from . import kernels
+
 if TYPE_CHECKING:
     from ...storage import KeyIndex
 
@@ -96,10 +98,15 @@ def expand_units(units: torch.Tensor, block: int, live: torch.Tensor | int, n_mi
 
 
 def _grow(buf: torch.Tensor, used: int, rows: int) -> torch.Tensor:
-    """A copy of ``buf: (H, cap, d)`` with room for ``rows`` (at least 1.5x the old capacity)."""
-    new = buf.new_empty(buf.shape[0], max(rows, math.ceil(1.5 * buf.shape[1])), buf.shape[2])
+    """A copy of ``buf: (H, cap, d)`` with room for exactly ``rows``."""
+    new = buf.new_empty(buf.shape[0], rows, buf.shape[2])
     new[:, :used] = buf[:, :used]
     return new
+
+
+def _room(capacity: int, needed: int) -> int:
+    """Capacity for appends: at least 1.5x the old one, so that appending stays amortised O(1)."""
+    return max(needed, math.ceil(1.5 * capacity))
 
 
 class ExactSelector:
@@ -121,15 +128,18 @@ class ExactSelector:
 
     def add(self, keys: torch.Tensor) -> None:
         m = keys.shape[1]
-        self.reserve(self.n + m)
+        if self.n + m > self.keys.shape[1]:
+            self.reserve(_room(self.keys.shape[1], self.n + m))
         self.keys[:, self.n : self.n + m] = keys.to(self.keys.device, self.keys.dtype)
         self.n += m
 
     def choose(self, qg: torch.Tensor, cap: int, count: int, n_mid: torch.Tensor | int) -> torch.Tensor:
         """Row ids ``(T, Hkv, count)`` of the best keys among the first ``cap`` rows, best first."""
-        t = qg.shape[0]
-        s = _group_max(scores_fp32(_grouped(qg), self.keys[:, :cap].transpose(1, 2)), t)  # (T, Hkv, cap)
-        s = s.masked_fill(torch.arange(cap, device=s.device) >= n_mid, -math.inf)
+        if kernels.available(qg.device) and torch.is_tensor(n_mid):
+            s = kernels.selection_scores(qg, self.keys, cap, n_mid)  # (T, Hkv, cap), one read of the keys
+        else:
+            s = _group_max(scores_fp32(_grouped(qg), self.keys[:, :cap].transpose(1, 2)), qg.shape[0])
+            s = s.masked_fill(torch.arange(cap, device=s.device) >= n_mid, -math.inf)
         return s.topk(count, dim=-1).indices
 
     def select(self, qg: torch.Tensor, cap: int, count: int, live: torch.Tensor | int,
@@ -174,7 +184,8 @@ class BlockSelector:
         if m == 0:
             return
         b = self.block
-        self.reserve(self.n + m)
+        if self.n + m > self.kmax.shape[1] * b:
+            self.reserve(_room(self.kmax.shape[1] * b, self.n + m))
         keys = keys.to(self.kmax.device, self.kmax.dtype)
         first, front = divmod(self.n, b)  # first block touched; rows it already holds
         blocks = math.ceil((front + m) / b)
@@ -193,6 +204,9 @@ class BlockSelector:
         """Block ids ``(T, Hkv, count)`` of the best blocks over the first ``cap`` rows, best first."""
         t, b = qg.shape[0], self.block
         blocks = math.ceil(cap / b)
+        if kernels.available(qg.device) and torch.is_tensor(n_mid):
+            s = kernels.selection_scores(qg, self.kmax, blocks, n_mid, b, self.kmin)  # (T, Hkv, blocks)
+            return s.topk(count, dim=-1).indices
         q = _grouped(qg).float()
         # Upper bound of q.k over a block: sum_i max(q_i hi_i, q_i lo_i) = q+ . hi + q- . lo
         s = scores_fp32(q.clamp_min(0), self.kmax[:, :blocks].transpose(1, 2)) + \

@@ -204,6 +204,8 @@ class KVState:
         count = min(self.tail.n - cfg.tail, self.tail.n - new)
         if not self.spill_enabled or self.tail.n < cfg.tail + cfg.spill or count <= 0:
             return
+        if isinstance(self.tier, MemoryTier) and self.mid_len + count > self.tier.capacity:
+            self.reserve(self.mid_len + count + PLAN_HORIZON)  # grow by a horizon, not by doubling
         k, v, pos = self.tail.pop_oldest(count)
         self._estimators.clear()  # other estimators' summaries and selectors no longer cover the mid-region
         self._selectors.clear()

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from transformers import Cache
 
-from ..decode.state import KVState
+from ..decode.state import PLAN_HORIZON, KVState
 
 # The prefill buffer starts with room for this many tokens and doubles when full.
 PREFILL_START_TOKENS = 1024
@@ -119,7 +119,7 @@ class RCCache(Cache):
         tail = min(cfg.tail, n - sink)
         mid = slice(sink, n - tail)
         positions = torch.arange(n)
-        st.reserve(n - sink - tail)
+        st.reserve(n - sink - tail + PLAN_HORIZON)  # and room for a captured plan's spills
         tails_k, tails_v = [], []
         for layer, buf in enumerate(self.prefill):
             k, v = buf.view()
