@@ -17,6 +17,7 @@ from rcengine.engine.config import EngineConfig
 from rcengine.engine.qa.engine import Engine
 from rcengine.engine.rule.attention import Completion, TokenSet, group_queries, normalize, rc_state
 from rcengine.engine.rule.budget import retrieval_count
+from rcengine.engine.rule.feature_maps import feature_map_from_tensors, feature_map_tensors
 from rcengine.engine.rule.summary import Summary
 from rcengine.engine.sampling import SamplingConfig
 from tiny_models import save_tiny_model
@@ -73,15 +74,18 @@ def test_decode_matches_the_rule_in_float64(model, method, selector, tier, monke
             SamplingConfig(max_new_tokens=3, ignore_eos=True))
     st = doc.state
     assert len(calls) == st.num_layers * 3  # the 5-token question in one step, then two decode steps
-    mids = [tuple(x.double() for x in st.read_mid(layer)) for layer in range(st.num_layers)]
+    # The reference runs on the CPU in float64, from the engine's own state.
+    mids = [tuple(x.double().cpu() for x in st.read_mid(layer)) for layer in range(st.num_layers)]
+    maps = [None if m is None else feature_map_from_tensors(cfg.estimator.kind, feature_map_tensors(m)) for m in st.maps]
     summaries = {}
-    for layer, fmap in enumerate(st.maps):
+    for layer, fmap in enumerate(maps):
         if fmap is not None:  # the same map, its summary rebuilt in float64 from the mid-region
             s = Summary.empty(1, st.num_kv_heads, fmap.num_features, st.head_dim, dtype=torch.float64)
             s.fold(fmap.key_logits(mids[layer][0]), mids[layer][1])
             summaries[layer] = s
-    sink_k, sink_v = st.sink_k.double(), st.sink_v.double()
+    sink_k, sink_v = st.sink_k.double().cpu(), st.sink_v.double().cpu()
     for layer, query, out, tail_k, tail_v, tail_pos, scale in calls:
+        query, tail_k, tail_v, tail_pos = query.cpu(), tail_k.cpu(), tail_v.cpu(), tail_pos.cpu()
         k_mid, v_mid = mids[layer]
         t = query.shape[2]
         first = int(tail_pos.max()) - t + 1
@@ -92,7 +96,7 @@ def test_decode_matches_the_rule_in_float64(model, method, selector, tier, monke
             ids = _reference_ids(q, k_mid, selector, method)
             take = lambda x: torch.gather(x, 2, ids[..., None].expand(*ids.shape, x.shape[-1]))  # noqa: E731
             retrieved = TokenSet(take(k_mid), take(v_mid)) if ids.shape[-1] else None
-            completion = Completion(st.maps[layer], summaries[layer]) if method == "rc" else None
+            completion = Completion(maps[layer], summaries[layer]) if method == "rc" else None
             ref = normalize(rc_state(q, anchors, scale, retrieved, completion)).reshape(-1, st.head_dim)
             got = out[0, i].double().cpu()
             tol = output_tolerance(query.dtype) * ref.abs().max()

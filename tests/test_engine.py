@@ -16,6 +16,7 @@ from rcengine.engine.sampling import SamplingConfig
 from rcengine.engine.qa.engine import Engine
 from rcengine.storage import StreamedFlatIndex
 from conftest import logit_tolerance
+from rcengine.engine.decode.state import PLAN_HORIZON
 from tiny_models import FAMILIES, save_tiny_model
 
 PROMPT_LEN, NEW = 300, 12
@@ -101,10 +102,17 @@ def test_metered_bytes_match_the_layout(models, method):
     queries = 7 + steps
     assert answer.stats["queries"] == queries
     assert answer.stats["bytes"]["logical"] == layers * heads * retrieved * per_row * queries
-    assert answer.stats["bytes"]["by_tier"].get("cpu", {"physical": 0})["physical"] == answer.stats["bytes"]["logical"]
+    physical = answer.stats["bytes"]["by_tier"].get("cpu", {"physical": 0})["physical"]
+    index = answer.stats["bytes"]["index"]
+    # Eager steps read exactly what the rule asks for.  On CUDA, single-token steps replay a graph
+    # whose plan covers PLAN_HORIZON more rows (spills to come): padded rows are moved, and metered
+    # as physical bytes only.
+    captured = doc.runner.captures > 0
+    padded_mid = mid + (PLAN_HORIZON if captured else 0)
+    assert physical == answer.stats["bytes"]["logical"] if not captured else physical >= answer.stats["bytes"]["logical"]
     if method in ("topk", "rc"):  # the exact selector reads every mid key once per forward (question batch, steps)
-        assert answer.stats["bytes"]["index"] == layers * heads * mid * dim * elt * (1 + steps)
-        assert answer.stats["bytes"]["index_by_tier"] == {"device": answer.stats["bytes"]["index"]}
+        assert layers * heads * mid * dim * elt * (1 + steps) <= index <= layers * heads * padded_mid * dim * elt * (1 + steps)
+        assert answer.stats["bytes"]["index_by_tier"] == {"device": index}
     assert answer.stats["token_equivalent"]["support"] == pytest.approx(retrieved)
     assert answer.stats["budget"] == (0.1 if method in ("topk", "rc") else None)
 

@@ -46,8 +46,8 @@ class TailRing:
         m = positions.shape[0]
         self.reserve(self.n + m)
         slots = self.slots_for(m).to(self.pos.device)
-        self.k.index_copy_(3, slots, k.to(self.k.dtype))
-        self.v.index_copy_(3, slots, v.to(self.v.dtype))
+        self.k.index_copy_(3, slots, k.to(self.k.device, self.k.dtype))
+        self.v.index_copy_(3, slots, v.to(self.v.device, self.v.dtype))
         self.pos.index_copy_(0, slots, positions.to(self.pos.device))
         self.n += m
 
