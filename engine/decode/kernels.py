@@ -295,7 +295,12 @@ def fused_attention(
     """
     t, hkv, g, d = qg.shape
     dev = qg.device
-    qg = qg.contiguous()
+    # The kernels index with plain strides: every tensor they read is made contiguous (a no-op for
+    # the engine's own buffers, so a captured step still reads them in place).
+    qg, sink_k, sink_v, tail_k, tail_v = (x.contiguous() for x in (qg, sink_k, sink_v, tail_k, tail_v))
+    rows = rows.contiguous() if rows is not None else None
+    ids = ids.contiguous() if ids is not None else None
+    clusters = clusters.contiguous() if clusters is not None else None
     s_len, c_len = sink_k.shape[1], tail_k.shape[1]
     complete = centroids is not None
     ieee = qg.dtype == torch.float32
@@ -315,8 +320,9 @@ def fused_attention(
     cent = centroids.reshape(hkv, cr, d).contiguous() if complete else part_acc
     beta = summary.beta.reshape(hkv, cr).contiguous() if complete else part_m
     cap = clusters.shape[1] if complete else 1
+    # Pointers a variant never reads still fix its argument types: stand-ins of the real dtypes.
     _partial_kernel[(t * hkv, ns)](
-        qg, sink_k, sink_v, tail_k, tail_v, tail_pos, q_pos, rows if rows is not None else part_acc,
+        qg, sink_k, sink_v, tail_k, tail_v, tail_pos, q_pos, rows if rows is not None else sink_k,
         ids if ids is not None else dummy_i, n_mid, live, cent, beta, clusters if complete else dummy_i,
         part_m, part_l, part_acc, part_lam, part_lamv,
         scale, hkv, s_len, c_len, r, ids.shape[-1] if ids is not None else 0, cap, cr, chunk, ns,

@@ -52,32 +52,46 @@ def decode_attention(state: KVState, layer: int, query: torch.Tensor, scale: flo
 
 
 def fusable(state: KVState, layer: int) -> bool:
-    """Whether this layer's step can run as the fused kernels (see kernels.py)."""
+    """Whether this layer's step can run as the fused kernels (see kernels.py): they read rows in
+    place where the tier allows it, else from rows gathered for them (so every tier computes alike)."""
     plan = state.plan
     if not (plan.fused and kernels.available(state.device)):
-        return False
-    rows = state.tier.device_rows(layer) if hasattr(state.tier, "device_rows") else None
-    if plan.rows and rows is None:
-        return False
-    if plan.method.selects and not state.selectors[layer].on_device:
         return False
     return not plan.method.completes or (isinstance(state.maps[layer], CentroidFeatures) and state.clusters[layer] is not None)
 
 
 def fused_decode(state: KVState, layer: int, qg: torch.Tensor, scale: float) -> torch.Tensor:
     """The step's rule for ``qg: (T, Hkv, G, d)`` through the fused kernels -> ``(T, Hkv, G, d)``."""
-    plan, step = state.plan, state.step
-    rows = state.tier.device_rows(layer) if plan.rows else None
-    ids, unit = None, 1
-    if plan.method.selects and plan.units:
+    plan, step, hkv = state.plan, state.step, state.num_kv_heads
+    t, cap = qg.shape[0], plan.mid_cap
+    rows = state.tier.device_rows(layer) if hasattr(state.tier, "device_rows") else None
+    n_mid, live, rows_read, ids, unit = state.n_mid, state.live, plan.rows, None, 1
+    clusters = state.clusters[layer] if plan.method.completes else None
+    if plan.method.name == "dense" and rows is None and cap:  # a host read (eager steps only)
+        k, v = state.tier.gather(layer, torch.arange(cap).expand(hkv, cap))
+        rows = torch.stack([k, v], dim=2).transpose(0, 1).contiguous()  # (cap, Hkv, 2, d)
+    elif plan.method.selects and plan.units:
         sel = state.selectors[layer]
-        ids, unit = sel.choose(qg, plan.mid_cap, plan.units, state.n_mid), sel.block
+        if rows is not None and sel.on_device:  # rows read in place, by unit id
+            ids, unit = sel.choose(qg, cap, plan.units, n_mid), sel.block
+        else:  # a host read (eager steps only): gather, then point the kernels at the gathered rows
+            tok, valid = sel.select(qg, cap, plan.units, live, n_mid)  # (T, Hkv, R)
+            tok = tok.clamp(max=max(cap - 1, 0))
+            r = tok.shape[-1]
+            flat = tok.transpose(0, 1).reshape(hkv, t * r)
+            k, v = state.tier.gather(layer, flat)  # (Hkv, T R, d)
+            rows = torch.stack([k, v], dim=2).transpose(0, 1).contiguous()  # (T R, Hkv, 2, d)
+            local = (torch.arange(t, device=tok.device)[:, None, None] * r + torch.arange(r, device=tok.device)).expand(t, hkv, r)
+            ids = torch.where(valid, local, t * r)  # invalid ones point past the gathered rows
+            n_mid, live = torch.tensor(t * r, device=tok.device), torch.tensor(r, device=tok.device)
+            if clusters is not None:
+                clusters = clusters.gather(1, flat.to(clusters.device))
     completes = plan.method.completes
     return kernels.fused_attention(
         qg, state.sink_k[layer][0], state.sink_v[layer][0], state.tail.k[layer][0], state.tail.v[layer][0], state.tail.pos,
-        step.q_pos, rows, ids, unit, plan.rows, state.n_mid, state.live, plan.method.name == "dense", scale,
+        step.q_pos, rows if rows_read else None, ids, unit, rows_read, n_mid, live, plan.method.name == "dense", scale,
         centroids=state.maps[layer].centroids if completes else None, summary=state.summaries[layer] if completes else None,
-        clusters=state.clusters[layer] if completes else None,
+        clusters=clusters,
     )
 
 
