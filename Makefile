@@ -31,7 +31,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/attention_error.py
 
-# The I/O-versus-quality report (DESIGN.md 2): report.json, report.md and plots in bench/out/.
+# The I/O-versus-quality report (docs/ARCHITECTURE.md, section 2): report.json, report.md and plots in bench/out/.
 bench-io: $(STAMP)
 	$(VENV)/bin/rcengine bench-io --out bench/out/bench-io
 

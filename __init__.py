@@ -34,7 +34,8 @@ _EXPORTS = {
     "SamplingConfig": ".engine.sampling",
     **dict.fromkeys(("Answer", "Document"), ".engine.qa.document"),
     "Engine": ".engine.qa.engine",
-    **dict.fromkeys(("ArtifactError", "CorruptChunkError", "IndexSpec", "ModelMismatchError", "available_tiers"), ".storage"),
+    **dict.fromkeys(("ArtifactError", "CorruptChunkError", "IndexSpec", "ModelMismatchError", "available_tiers", "reclaim_stale",
+                     "temporaries"), ".storage"),
     **dict.fromkeys(("BenchIOConfig", "run_bench_io"), ".bench.io_bench"),
     **dict.fromkeys(("overview_table", "write_report"), ".bench.io_report"),
 }
@@ -52,7 +53,9 @@ if TYPE_CHECKING:
         retrieval_count, topk_attention,
     )
     from .engine.sampling import SamplingConfig
-    from .storage import ArtifactError, CorruptChunkError, IndexSpec, ModelMismatchError, available_tiers
+    from .storage import (
+        ArtifactError, CorruptChunkError, IndexSpec, ModelMismatchError, available_tiers, reclaim_stale, temporaries,
+    )
 
 
 def __getattr__(name: str) -> Any:

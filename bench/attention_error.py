@@ -2,7 +2,7 @@
 
 Synthetic heads (GQA: 2 KV heads x 4 query heads) whose queries span low to high attention entropy,
 stored in bf16 as a model would; the dense reference is computed in float64 from those same bf16
-keys and values.  For each budget (fraction of the mid-region) and both accountings of DESIGN.md 2
+keys and values.  For each budget (fraction of the mid-region) and both accountings of docs/ARCHITECTURE.md section 2
 (`support`: summary not charged; `bytes`: rc retrieves K' = K - T_phi), it reports the mean relative
 error ||o - o_dense|| / ||o_dense|| over query heads, split by the head's normalised attention
 entropy (low < 0.5 <= mid < 0.9 <= high).

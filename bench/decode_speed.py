@@ -3,13 +3,15 @@
 For each context length, one prompt of random tokens is prefilled twice: by stock transformers
 (DynamicCache, SDPA) and by rcengine (persisted to a store).  The store is then reopened once per
 variant, on the cpu tier (host memory) and the disk tier (Zarr + block cache), with methods
-``dense`` (reads every mid token every step) and ``rc`` at budgets 1 % and 2 %.  All variants
-decode in interleaved rounds, so machine noise hits them alike; the table gives ms per token and
-its ratio to stock decoding measured in the same run, bytes read per token, and KV bytes resident.
+``dense`` (reads every mid token every step) and ``rc`` at budgets 1 % and 2 % (exact selection
+over keys held in memory; on disk also block selection, and FAISS over keys streamed from the
+store).  All variants decode in interleaved rounds, so machine noise hits them alike; the table
+gives ms per token and its ratio to stock decoding measured in the same run, bytes read per token,
+and KV bytes resident.
 
 Then, in a fresh process, the longest document is reopened on the disk tier with a small block
-cache and decoded: its peak resident memory growth over the loaded model is compared with the
-block-cache bound plus the in-memory parts (anchors, summaries, key index).
+cache and the block selector, and decoded: its peak resident memory growth over the loaded model is
+compared with the block-cache bound plus the in-memory parts (anchors, summaries, block bounds).
 
     python bench/decode_speed.py [--lengths 4096,16384,32768] [--model DIR] [--quick]
 
@@ -33,31 +35,21 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from rcengine import Engine, EngineConfig, SamplingConfig
+from rcengine.bench.synthetic import save_random_llama
+from rcengine.engine.hf.integration import model_call, stock_prefill
+from rcengine.engine.progress import progress
 
-from rcengine import Engine, EngineConfig, SamplingConfig  # noqa: E402
-from rcengine.engine.hf.integration import stock_prefill  # noqa: E402
-from rcengine.engine.progress import progress_bar  # noqa: E402
-
-# (tier, method, budget, keys in memory): a document reopened on the disk tier reads its keys from
-# the store at each search unless they are loaded into memory.
-VARIANTS = [(tier, method, budget, False) for tier in ("cpu", "disk") for method, budget in (("dense", 1.0), ("rc", 0.01), ("rc", 0.02))]
-VARIANTS.append(("disk", "rc", 0.02, True))
+# (tier, method, budget, selector): exact selection holds every mid key in memory; a document
+# reopened on the disk tier with the faiss selector streams its keys from the store at each search
+# instead, and the block selector holds per-block key bounds (a sixteenth of the KV at 16 tokens).
+VARIANTS = [(tier, method, budget, "exact") for tier in ("cpu", "disk") for method, budget in (("dense", 1.0), ("rc", 0.01), ("rc", 0.02))]
+VARIANTS += [("disk", "rc", 0.02, "block"), ("disk", "rc", 0.02, "faiss")]
 
 
 def bench_model(root: Path) -> Path:
     """A random Llama of a small real shape (4 layers, 4 q / 2 KV heads of dim 64) for timing."""
-    from tiny_models import save_tokenizer
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = root / "bench-llama"
-    tok = save_tokenizer(path)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, head_dim=64, max_position_embeddings=65536, bos_token_id=tok.bos_token_id,
-                      eos_token_id=None, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(path, safe_serialization=True)
-    return path
+    return save_random_llama(root / "bench-llama")
 
 
 def stock_decoder(model, ids: list[int], chunk: int):  # noqa: ANN001, ANN201
@@ -69,8 +61,8 @@ def stock_decoder(model, ids: list[int], chunk: int):  # noqa: ANN001, ANN201
 
     def step() -> None:
         with torch.no_grad():
-            out = model(input_ids=torch.tensor([[state["token"]]], device=dev), past_key_values=cache, use_cache=True,
-                        position_ids=torch.tensor([[state["pos"]]], device=dev))
+            out = model_call(model, torch.tensor([[state["token"]]], device=dev), cache,
+                             position_ids=torch.tensor([[state["pos"]]], device=dev))
         state["token"] = int(out.logits[0, -1].argmax())
         state["pos"] += 1
 
@@ -115,21 +107,21 @@ def main() -> None:
         base.prefill(ids, store=store).close()
         rc_prefill_s = time.perf_counter() - t0
         docs = {}
-        for tier, method, budget, keys_in_memory in VARIANTS:
-            eng = Engine(base.lm, EngineConfig(method=method, budget=budget, keys_in_memory=keys_in_memory), show_progress=False)
-            docs[(tier, method, budget, keys_in_memory)] = eng.open(store, offload=tier)
-        seconds = {key: [] for key in [("stock", "-", 0.0, False), *docs]}
+        for tier, method, budget, selector in VARIANTS:
+            eng = Engine(base.lm, EngineConfig(method=method, budget=budget, selector=selector), show_progress=False)
+            docs[(tier, method, budget, selector)] = eng.open(store, offload=tier)
+        seconds = {key: [] for key in [("stock", "-", 0.0, "-"), *docs]}
         bytes_per_token = {key: [] for key in docs}
         question = [ids[-1]]
         sampling = SamplingConfig(max_new_tokens=args.tokens_per_round + 1)
-        with progress_bar(f"decoding at {n} tokens (rounds)", rounds) as advance:
+        with progress(f"decoding at {n} tokens", rounds, "rounds") as advance:
             for _ in range(rounds):
                 sync()
                 t0 = time.perf_counter()
                 for _ in range(args.tokens_per_round):
                     stock_step()
                 sync()
-                seconds[("stock", "-", 0.0, False)].append((time.perf_counter() - t0) / args.tokens_per_round)
+                seconds[("stock", "-", 0.0, "-")].append((time.perf_counter() - t0) / args.tokens_per_round)
                 for key, doc in docs.items():
                     answer = doc.ask(question, sampling)
                     steps = answer.stats["decode_steps"]
@@ -137,12 +129,12 @@ def main() -> None:
                     bytes_per_token[key].append(answer.stats["bytes"]["logical"] / answer.stats["queries"])
                     assert steps == args.tokens_per_round
                 advance(1)
-        stock_ms = 1e3 * statistics.median(seconds[("stock", "-", 0.0, False)])
+        stock_ms = 1e3 * statistics.median(seconds[("stock", "-", 0.0, "-")])
         for key, values in seconds.items():
-            tier, method, budget, keys_in_memory = key
+            tier, method, budget, selector = key
             ms = 1e3 * statistics.median(values)
             doc = docs.get(key)
-            name = "stock transformers" if tier == "stock" else f"{method} {budget:g}" + (" keys in memory" if keys_in_memory else "")
+            name = "stock transformers" if tier == "stock" else f"{method} {budget:g}" + (f" {selector}" if method == "rc" else "")
             row = {"tokens": n, "variant": name, "tier": tier,
                    "ms_per_token": ms, "vs_stock": ms / stock_ms,
                    "bytes_per_token": statistics.median(bytes_per_token[key]) if key in bytes_per_token else None,
@@ -157,7 +149,7 @@ def main() -> None:
     memory = _memory_check(model_path, work / f"doc-{lengths[0]}", work / f"doc-{lengths[-1]}", args.cache_mb << 20)
     meta = {"date": date.today().isoformat(),
             "machine": f"{platform.node()} ({os.cpu_count()} cpus, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, torch {torch.__version__})",
-            "model": str(args.model or "random bench Llama: 4 layers, hidden 256, 4 q / 2 KV heads, d 64"),
+            "model": str(args.model or "random bench Llama: 4 layers, hidden 256, 4 q / 2 KV heads, d 64"), "variants": [list(v) for v in VARIANTS],
             "dtype": str(base.lm.dtype), "device": str(base.lm.device), "rounds": rounds, "tokens_per_round": args.tokens_per_round}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "rows": rows, "memory": memory}, indent=1))
@@ -171,26 +163,20 @@ def main() -> None:
 
 
 def _resident(doc) -> int:  # noqa: ANN001
-    """KV bytes the document holds in memory: anchors and tail, summaries, the tier's rows (cpu)
-    or the most its block cache held (disk); the key index's copy of the keys is not included."""
-    cache = doc.cache
-    total = 0
-    for st in cache.state:
-        total += st.sink_k.numel() * st.sink_k.element_size() * 2
-        total += st.tail.k.numel() * st.tail.k.element_size() * 2
-        if st.summary is not None:
-            total += sum(t.numel() * t.element_size() for t in st.summary.state_dict().values())
-    tier = cache.tier
+    """KV bytes the document holds in memory: anchors, tail, selection state and summaries, and the
+    tier's rows (cpu) or the most its block cache held (disk)."""
+    total = sum(doc.state.device_bytes().values())
+    tier = doc.state.tier
     if hasattr(tier, "cache"):
         total += tier.cache.peak_bytes
     else:
-        total += sum(tier.rows(layer).numel() * tier.rows(layer).element_size() for layer in range(cache.num_layers))
+        total += sum(tier.rows(layer).numel() * tier.rows(layer).element_size() for layer in range(doc.state.num_layers))
     return total
 
 
 _MEMORY_PROBE = textwrap.dedent(
     """
-    import json, resource, sys, torch
+    import json, sys, torch
     from transformers.utils import logging
     logging.disable_progress_bar()
     from rcengine import Engine, EngineConfig, SamplingConfig
@@ -198,7 +184,8 @@ _MEMORY_PROBE = textwrap.dedent(
         status = dict(line.split(":", 1) for line in open("/proc/self/status"))
         return {k: int(status[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM", "RssAnon", "RssFile")}
     import gc
-    engine = Engine.load(sys.argv[1], EngineConfig(method="rc", budget=0.02, cache_bytes=int(sys.argv[4])), show_progress=False)
+    cfg = EngineConfig(method="rc", budget=0.02, cache_bytes=int(sys.argv[4]), selector="block")
+    engine = Engine.load(sys.argv[1], cfg, show_progress=False)
     warm = engine.open(sys.argv[2])  # a short document first: every code path once (BLAS buffers, threads)
     warm.ask([5], SamplingConfig(max_new_tokens=4))
     warm.close()
@@ -209,21 +196,12 @@ _MEMORY_PROBE = textwrap.dedent(
     opened = rss()
     answer = doc.ask([5], SamplingConfig(max_new_tokens=16))
     after = rss()
-    cache = doc.cache
-    from rcengine.storage import StreamedFlatIndex
-    index_bytes = sum(0 if isinstance(cache.index._indexes[l][h], StreamedFlatIndex) else cache.index._indexes[l][h].ntotal * cache.head_dim * 4
-                      for l in range(cache.num_layers) for h in range(cache.num_kv_heads))
-    state_bytes = 0
-    for st in cache.state:
-        tensors = [st.sink_k, st.sink_v, st.tail.k, st.tail.v]
-        if st.summary is not None:
-            tensors += list(st.summary.state_dict().values()) + [getattr(st.feature_map, "centroids", getattr(st.feature_map, "W", None))]
-        state_bytes += sum(t.numel() * t.element_size() for t in tensors if t is not None)
-    mid = sum(cache.tier.num_rows(l) for l in range(cache.num_layers))
-    kv_bytes = mid * cache.num_kv_heads * cache.tier.layout.row_bytes
+    st = doc.state
+    mid = sum(st.tier.num_rows(l) for l in range(st.num_layers))
     print(json.dumps({"before": before, "opened": opened, "after": after, "cache_bound": int(sys.argv[4]),
-                      "cache_peak": cache.tier.cache.peak_bytes, "index_resident_bytes": index_bytes, "document_state_bytes": state_bytes,
-                      "mid_kv_bytes": kv_bytes, "mid_keys_fp32_bytes": mid * cache.num_kv_heads * cache.head_dim * 4,
+                      "cache_peak": st.tier.cache.peak_bytes, "document_state_bytes": sum(st.device_bytes().values()),
+                      "mid_kv_bytes": mid * st.num_kv_heads * st.tier.layout.row_bytes,
+                      "mid_keys_fp32_bytes": mid * st.num_kv_heads * st.head_dim * 4,
                       "disk_physical": answer.stats["bytes"]["physical"]}))
     """
 )
@@ -237,11 +215,16 @@ def _memory_check(model: Path, warm_store: Path, store: Path, cache_bytes: int) 
     m = json.loads(out.stdout.strip().splitlines()[-1])
     growth = m["after"]["VmHWM"] - m["before"]["VmRSS"]  # VmHWM: the peak, ever
     m["peak_growth_bytes"] = growth
-    # What reopening may hold beyond the model: the block cache (bounded) and the document's small
-    # device state (anchors, tail, summaries), plus one block of keys being searched (4 MiB).
-    m["bound_bytes"] = m["cache_bound"] + m["document_state_bytes"] + (4 << 20)
+    # What reopening may hold beyond the model: the block cache (bounded) and the document's state
+    # (anchors, tail, block bounds, summaries), plus one layer's float32 keys, read and stacked
+    # (two copies) to build its block bounds at open.
+    m["bound_bytes"] = m["cache_bound"] + m["document_state_bytes"] + 2 * m["mid_keys_fp32_bytes"] // max(1, _layers(model))
     m["within_bound"] = growth <= m["bound_bytes"]
     return m
+
+
+def _layers(model: Path) -> int:
+    return json.loads((model / "config.json").read_text())["num_hidden_layers"]
 
 
 if __name__ == "__main__":

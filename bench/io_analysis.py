@@ -1,5 +1,5 @@
 """Aggregation for ``bench-io``: rows, per-head and per-entropy-bin breakdowns, and the trade-off
-(DESIGN.md 2): the quality-matched retrieval ratio rho* and the break-even I/O bandwidth.
+(docs/ARCHITECTURE.md, section 2): the quality-matched retrieval ratio rho* and the break-even I/O bandwidth.
 
 Conventions: quality is "lower is better" KL(reference || variant) in nats per position, pooled
 over answer and held-out positions; bytes are per decoded token (one decode step, all layers and KV
@@ -92,6 +92,11 @@ class Accumulator:
         self.answers: dict[tuple[str, str, str, int], list[AnswerCost]] = defaultdict(list)
         self.accuracy_bins: dict[tuple[str, str], _Mean] = defaultdict(_Mean)
         self.timings: dict[tuple[str, str, int], list[float]] = defaultdict(list)  # (key, tier, length) -> ms per token
+        self.recall: dict[str, _Mean] = defaultdict(_Mean)  # key -> recall@K of the exact Top-K, per sampled query
+
+    def add_recall(self, key: str, recall: float) -> None:
+        """The share of the exact Top-K a selector's choice holds, at one sampled query (all heads)."""
+        self.recall[key].add(recall)
 
     def add_heads(self, key: str, layer: int, entropy: torch.Tensor, err: torch.Tensor,
                   share: torch.Tensor | None, ratio: torch.Tensor | None) -> None:
@@ -205,7 +210,9 @@ def summarise(meta: dict[str, Any], variants: list, acc: Accumulator, bandwidths
     """The report: rows (variant x tier x task x length), overview (variant x tier x length, pooled
     over tasks), timings, per-head and per-entropy-bin breakdowns, and rc against topk per length."""
     by_key = {v.key: v for v in variants}
-    ident = lambda v: {"variant": v.key, "method": v.method, "estimator": v.estimator, "budget": v.budget}  # noqa: E731
+    ident = lambda v: {"variant": v.key, "method": v.method, "estimator": v.estimator, "budget": v.budget,  # noqa: E731
+                       "selector": v.selector if v.method in ("topk", "rc") else None,
+                       "recall_at_k": _recall(acc, v)}
     timed = {k: _median(xs) for k, xs in acc.timings.items()}
     timing = [{**ident(by_key[k]), "tier": t, "length": n, "ms_per_token": timed[k, t, n], "rounds": len(xs)}
               for (k, t, n), xs in sorted(acc.timings.items(), key=lambda kv: (kv[0][2], kv[0][1]))]
@@ -239,6 +246,13 @@ def summarise(meta: dict[str, Any], variants: list, acc: Accumulator, bandwidths
     return {"meta": meta, "overview": overview, "rows": rows, "timing": timing, "heads": heads, "entropy_bins": bins,
             "tradeoff": [t for n in lengths for t in tradeoff([r for r in overview if r["length"] == n], variants, tiers,
                                                               quality_tier, bandwidths, n)]}
+
+
+def _recall(acc: Accumulator, v) -> float | None:  # noqa: ANN001 (a Variant)
+    """recall@K of the exact Top-K: 1 for exact selection, measured for the others, None without selection."""
+    if v.method not in ("topk", "rc"):
+        return None
+    return 1.0 if v.selector == "exact" else acc.recall[v.key].value
 
 
 def _quality(q: dict[str, list[float]]) -> dict[str, Any]:

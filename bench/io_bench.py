@@ -1,4 +1,4 @@
-"""``rcengine bench-io``: what each byte read buys (DESIGN.md 2).
+"""``rcengine bench-io``: what each byte read buys (docs/ARCHITECTURE.md, section 2).
 
 Variants (dense, sink-tail, topk and rc with each estimator, at each budget) x offload tiers, on
 the task suite's eval split at the chosen lengths; every variant sees the same examples.  For each
@@ -26,14 +26,12 @@ Aggregation, the trade-off analysis (rho*, break-even bandwidth) and the report 
 
 from __future__ import annotations
 
-import math
 import platform
 import random
 import shutil
 import tempfile
 import time
-from collections import defaultdict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -47,28 +45,33 @@ from ..engine.hf.loader import LoadedModel
 from ..engine.progress import progress
 from ..engine.qa.document import Answer, Document
 from ..engine.qa.engine import Engine
-from ..engine.rule.attention import Completion, TokenSet, completion_state, normalize, rc_state
-from ..engine.rule.budget import retrieval_count
 from ..engine.rule.feature_maps import EstimatorSpec
 from ..engine.sampling import SamplingConfig
 from .io_analysis import ENTROPY_BINS, Accumulator, AnswerCost, entropy_bin, summarise
+from .io_probe import Probe
 from .tasks import TASKS, TaskGenerator, corpus_haystack, eval_documents, score
 
 TIERS = ("cpu", "disk", "device")
 ESTIMATORS = ("centroid", "favor")
 
 
+SELECTORS = ("exact", "block")
+
+
 @dataclass(frozen=True, slots=True)
 class Variant:
-    """One way of attending: ``method`` with ``estimator`` (rc only) at ``budget`` (topk, rc)."""
+    """One way of attending: ``method`` with ``estimator`` (rc only) at ``budget`` (topk, rc),
+    choosing what to read with ``selector`` (topk, rc; named in the key unless exact)."""
 
     method: str
     estimator: str | None = None
     budget: float | None = None
+    selector: str = "exact"
 
     @property
     def name(self) -> str:
-        return f"rc-{self.estimator}" if self.method == "rc" else self.method
+        base = f"rc-{self.estimator}" if self.method == "rc" else self.method
+        return base if self.selector == "exact" else f"{base}-{self.selector}"
 
     @property
     def key(self) -> str:
@@ -84,6 +87,8 @@ class BenchIOConfig:
     examples: int = 2  # per task and length
     budgets: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04)
     estimators: tuple[str, ...] = ESTIMATORS
+    selectors: tuple[str, ...] = SELECTORS  # exact first: rho* and the trade-off are computed with it
+    select_block: int = 16  # tokens per block of the block selector
     tiers: tuple[str, ...] = ("cpu", "disk")
     bandwidths: tuple[tuple[str, float], ...] = (("ssd", 1.9e9), ("pcie", 55e9))
     max_new_tokens: int = 32
@@ -110,6 +115,8 @@ class BenchIOConfig:
             raise ValueError(f"budgets must be fractions in (0, 1] (1 % is 0.01), got {self.budgets}")
         if unknown := [e for e in self.estimators if e not in ESTIMATORS]:
             raise ValueError(f"unknown estimator {unknown[0]!r}: use centroid and/or favor")
+        if not self.selectors or self.selectors[0] != "exact" or (unknown := [s for s in self.selectors if s not in SELECTORS]):
+            raise ValueError(f"selectors must start with exact and be some of {', '.join(SELECTORS)}, got {self.selectors}")
         if not self.tiers or (unknown := [t for t in self.tiers if t not in TIERS]):
             raise ValueError(f"tiers must be some of {', '.join(TIERS)}, got {self.tiers}")
         if any(bw <= 0 for _, bw in self.bandwidths):
@@ -131,80 +138,18 @@ class BenchIOConfig:
         return tuple(sorted(set(self.budgets) | {low / 2, low / 4})) if self.estimators else ()
 
     def variants(self) -> list[Variant]:
-        """Dense first (it is the probe's run), then sink-tail, then topk and rc by budget."""
+        """Dense first (it is the probe's run), then sink-tail, then topk and rc by budget (exact
+        selection), then the other selectors at the main budgets."""
         out = [Variant("dense"), Variant("sink-tail")]
         for b in sorted(set(self.budgets) | set(self.rc_budgets())):
             if b in self.budgets:
                 out.append(Variant("topk", budget=b))
             if b in self.rc_budgets():
                 out += [Variant("rc", e, b) for e in self.estimators]
+        for sel in self.selectors[1:]:
+            for b in sorted(self.budgets):
+                out += [Variant("topk", budget=b, selector=sel), *(Variant("rc", e, b, sel) for e in self.estimators)]
         return out
-
-
-@dataclass
-class _Probe:
-    """Collects what the dense run's queries see (see the module docstring, step 3)."""
-
-    variants: list[Variant]
-    mids: list[tuple[torch.Tensor, torch.Tensor]]  # per layer: mid keys, values (1, Hkv, n, d) float64
-    estimators: dict[str, list]  # estimator -> per layer (feature map, summary)
-    sampled: set[int]
-    acc: Accumulator
-    entropy_by_position: dict[int, list[float]] = field(default_factory=lambda: defaultdict(list))
-    counter: dict[int, int] = field(default_factory=lambda: defaultdict(int))
-
-    def __call__(self, layer: int, qg: torch.Tensor, anchors: list[TokenSet], q_pos: torch.Tensor) -> None:
-        """``qg: (T, Hkv, G, d)``: T query positions; ``anchors``: sink and tail sets with the
-        tail's visibility per position ``(T, 1, C)``."""
-        sink, tail = anchors
-        for i in range(qg.shape[0]):
-            seen = tail.valid[i, 0]
-            ka = torch.cat([sink.k[0], tail.k[0][:, seen]], dim=1)[None]  # (1, Hkv, A, d)
-            va = torch.cat([sink.v[0], tail.v[0][:, seen]], dim=1)[None]
-            self._query(layer, qg[i : i + 1], ka, va)
-
-    def _query(self, layer: int, qg: torch.Tensor, ka: torch.Tensor, va: torch.Tensor) -> None:
-        t = self.counter[layer]
-        self.counter[layer] += 1
-        k_mid, v_mid = self.mids[layer]
-        q64 = qg.to(torch.float64)
-        scale = qg.shape[-1] ** -0.5
-        ka, va = ka.to(torch.float64), va.to(torch.float64)
-        s_a = torch.matmul(q64, ka.transpose(-1, -2)) * scale  # (1, Hkv, G, A)
-        s_m = torch.matmul(q64, k_mid.transpose(-1, -2)) * scale  # (1, Hkv, G, n)
-        s = torch.cat([s_a, s_m], dim=-1)
-        lse = torch.logsumexp(s, dim=-1)  # (1, Hkv, G)
-        logp = s - lse[..., None]
-        n_all = s.shape[-1]
-        entropy = (-(logp.exp() * logp).sum(dim=-1) / math.log(max(n_all, 2)))[0]  # (Hkv, G)
-        self.entropy_by_position[t].append(float(entropy.mean()))
-        if t not in self.sampled:
-            return
-        p = logp.exp()
-        o_dense = torch.matmul(p[..., : s_a.shape[-1]], va) + torch.matmul(p[..., s_a.shape[-1] :], v_mid)  # (1, Hkv, G, d)
-        n_mid = k_mid.shape[2]
-        order = s_m.amax(dim=2).argsort(dim=-1, descending=True)  # group score, best first (1, Hkv, n)
-        for v in self.variants:
-            if v.method == "dense":
-                continue
-            count = 0 if v.method == "sink-tail" else retrieval_count(v.budget, n_mid)
-            ids = order[..., :count]
-            # Retrieved keys in the model's dtype: the maps see the features the summary was built from.
-            kr = torch.gather(k_mid, 2, ids[..., None].expand(*ids.shape, k_mid.shape[-1])).to(qg.dtype)
-            vr = torch.gather(v_mid, 2, ids[..., None].expand(*ids.shape, v_mid.shape[-1]))
-            unread = torch.ones_like(s_m, dtype=torch.bool)
-            unread.scatter_(-1, ids[:, :, None, :].expand(-1, -1, s_m.shape[2], -1), False)
-            true_u = torch.logsumexp(s_m.masked_fill(~unread, -math.inf), dim=-1)  # (1, Hkv, G) log unread mass
-            ratio, completion = None, None
-            if v.method == "rc":
-                fmap, summary = self.estimators[v.estimator][layer]
-                completion = Completion(fmap, summary)
-                est = completion_state(fmap.query_logits(q64), summary, fmap.key_logits(kr), vr)
-                est_u = torch.log(est.den.to(torch.float64)) + est.m.to(torch.float64)  # -inf where dropped
-                ratio = (est_u - true_u)[0]
-            o = normalize(rc_state(q64, [TokenSet(ka, va)], scale, TokenSet(kr, vr), completion))
-            err = (torch.linalg.vector_norm(o - o_dense, dim=-1) / torch.linalg.vector_norm(o_dense, dim=-1).clamp_min(1e-30))[0]
-            self.acc.add_heads(v.key, layer, entropy, err, torch.exp(true_u - lse)[0], ratio)
 
 
 def run_bench_io(lm: LoadedModel, cfg: BenchIOConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -284,14 +229,15 @@ def _run_example(lm, cfg, variants, ex, length, heldout_text, store, quality_tie
         for v in variants:
             spec = specs.get(v.estimator) if v.estimator else None
             for doc in docs.values():
-                doc.configure(method=v.method, budget=v.budget, estimator=spec)
+                doc.configure(method=v.method, budget=v.budget, estimator=spec, selector=v.selector, select_block=cfg.select_block)
             # Quality, on the quality tier; under dense (the first variant) the probe sees every query.
             logits = []
             # Probed queries: the question's last token and the answer's; spread over the held-out window.
             for cont, first_probed, entropies in ((qa, len(question) - 1, ent_qa), (heldout, 0, ent_held)):
                 probe = None
                 if v.method == "dense":
-                    probe = _Probe(variants, mids, estimators, _sample_positions(first_probed, len(cont) - 1, cfg.probe_queries), acc)
+                    probe = Probe(variants, mids, estimators, _sample_positions(first_probed, len(cont) - 1, cfg.probe_queries), acc,
+                                  cfg.select_block)
                     qdoc.state.probe = probe
                 try:
                     logits.append(qdoc.logits(cont))
@@ -333,7 +279,8 @@ def _time_decoding(cfg, variants, docs, specs, question, length, acc) -> None:  
     for _ in range(cfg.timing_rounds):
         for v in variants:
             for tier, doc in docs.items():
-                doc.configure(method=v.method, budget=v.budget, estimator=specs.get(v.estimator) if v.estimator else None)
+                doc.configure(method=v.method, budget=v.budget, estimator=specs.get(v.estimator) if v.estimator else None,
+                              selector=v.selector, select_block=cfg.select_block)
                 doc.drop_caches()
                 answer = doc.ask(question[-1:], sampling)  # one token starts it: the steps are what is timed
                 acc.timings[v.key, tier, length].append(answer.stats["timings_ms"]["decode_per_token"])

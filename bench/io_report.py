@@ -40,9 +40,18 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"{type(x).__name__} is not JSON-serialisable")
 
 
+def _new_file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (mkstemp's files are 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _atomic(path: Path, data: bytes) -> Path:
+    """Write ``path`` whole or not at all, readable as any new file is (mkstemp makes files 0600)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, _new_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -90,13 +99,13 @@ def overview_table(report: dict[str, Any]) -> Table:
     bw = [name for name, _ in report["meta"]["config"]["bandwidths"]]
     length = max((r["length"] for r in report["overview"]), default=0)
     table = Table(title=f"bench-io at {length} tokens: {report['meta']['model']} ({report['meta']['machine']})")
-    for col in ("variant", "tier", "accuracy", "KL nats", "d loglik/tok", "read/token", "moved/token", "tokens read",
-                "+ summary", "ms/token", *[f"ms @ {b}" for b in bw]):
+    for col in ("variant", "tier", "accuracy", "KL nats", "d loglik/tok", "recall@K", "read/token", "moved/token",
+                "selection/token", "tokens read", "+ summary", "ms/token", *[f"ms @ {b}" for b in bw]):
         table.add_column(col, justify="left" if col in ("variant", "tier") else "right")
     for r in (r for r in report["overview"] if r["length"] == length):
         table.add_row(
-            r["variant"], r["tier"], _f(r["accuracy"], 2), _f(r["kl"]), _f(r["loglik_delta_per_token"]),
-            _bytes(r["bytes_per_token"]["logical"]), _bytes(r["bytes_per_token"]["physical"]),
+            r["variant"], r["tier"], _f(r["accuracy"], 2), _f(r["kl"]), _f(r["loglik_delta_per_token"]), _f(r["recall_at_k"], 2),
+            _bytes(r["bytes_per_token"]["logical"]), _bytes(r["bytes_per_token"]["physical"]), _bytes(r["index_bytes_per_token"]),
             _f(r["token_equivalent"]["support"]), _f(r["token_equivalent"]["bytes"]), _f(r["ms_per_token"]),
             *[_f(r["modelled_ms_per_token"].get(b)) for b in bw],
         )
@@ -152,10 +161,10 @@ def markdown(report: dict[str, Any]) -> str:
 
 def _overview_md(rows: list[dict], bw: list) -> str:
     return _md_table(
-        ["variant", "tier", "accuracy", "KL", "KL answer", "KL held-out", "d loglik/tok", "read/token", "moved/token",
-         "index/token", "tokens read", "+ summary", "ms/token", *[f"ms @ {n}" for n, _ in bw], "same answers"],
+        ["variant", "tier", "accuracy", "KL", "KL answer", "KL held-out", "d loglik/tok", "recall@K", "read/token", "moved/token",
+         "selection/token", "tokens read", "+ summary", "ms/token", *[f"ms @ {n}" for n, _ in bw], "same answers"],
         [[r["variant"], r["tier"], _f(r["accuracy"], 2), _f(r["kl"]), _f(r["kl_answer"]), _f(r["kl_heldout"]),
-          _f(r["loglik_delta_per_token"]), _bytes(r["bytes_per_token"]["logical"]), _bytes(r["bytes_per_token"]["physical"]),
+          _f(r["loglik_delta_per_token"]), _f(r["recall_at_k"], 2), _bytes(r["bytes_per_token"]["logical"]), _bytes(r["bytes_per_token"]["physical"]),
           _bytes(r["index_bytes_per_token"]), _f(r["token_equivalent"]["support"]), _f(r["token_equivalent"]["bytes"]),
           _f(r["ms_per_token"]), *[_f(r["modelled_ms_per_token"].get(n)) for n, _ in bw],
           "yes" if r["answers_match_quality_tier"] else "NO"] for r in rows],
@@ -212,7 +221,7 @@ def _bin_errors(report: dict[str, Any]) -> dict[tuple[str, float, str], float | 
     out = {}
     for b in report["entropy_bins"]:
         h = b["head_queries"]
-        out[b["method"] if b["method"] != "rc" else f"rc-{b['estimator']}", b["budget"], b["bin"]] = h["rel_error"] if h else None
+        out[_family(b), b["budget"], b["bin"]] = h["rel_error"] if h else None
     return out
 
 
@@ -331,7 +340,9 @@ def _plots(report: dict[str, Any], out: Path) -> list[Path]:
 
 
 def _family(r: dict[str, Any]) -> str:
-    return f"rc-{r['estimator']}" if r["method"] == "rc" else r["method"]
+    """``topk``, ``rc-centroid``...: the method with its estimator, and its selector unless exact."""
+    base = f"rc-{r['estimator']}" if r["method"] == "rc" else r["method"]
+    return base if r.get("selector") in (None, "exact") else f"{base}-{r['selector']}"
 
 
 def _kv_bytes_per_token_read(report: dict[str, Any]) -> float:
@@ -347,6 +358,7 @@ def _x(r: dict[str, Any], charged: bool, per_token: float) -> float:
 
 def _save(fig, path: Path) -> None:  # noqa: ANN001
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.fchmod(fd, _new_file_mode())
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=110)

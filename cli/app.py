@@ -11,6 +11,7 @@ import json
 import platform
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import typer
 
@@ -46,8 +47,28 @@ def _device() -> str:
     return "cpu"
 
 
+def _store_report(store: Path) -> dict:
+    """A persisted document's size and model, and the writers' temporary folders beside it."""
+    import rcengine
+    from rcengine.storage import Artifact
+
+    out: dict = {"path": str(store)}
+    try:
+        art = Artifact.open(store)
+        out.update({"tokens": art.meta.get("tokens"), "model": art.manifest["model"]["fingerprint"].get("name"),
+                    "created": art.manifest.get("created")})
+    except rcengine.ArtifactError as e:
+        out["error"] = str(e)
+    out["temporaries"] = [{"path": str(t.path), "bytes": t.bytes, "live": t.live} for t in rcengine.temporaries(store)]
+    return out
+
+
 @app.command()
-def info(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+def info(
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    store: Path = typer.Option(None, "--store", help="Also describe this persisted document and the temporary folders "
+                               "of interrupted prefills beside it (removed by the next prefill of that store)."),
+) -> None:
     """Versions, compute device, storage tiers, and the embedded default model."""
     import rcengine
 
@@ -60,6 +81,8 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print one JSON obje
         "tiers": {t.name: {"available": t.available, "detail": t.detail} for t in rcengine.available_tiers()},
         "default_model": str(default) if (default / "config.json").exists() else None,
     }
+    if store is not None:
+        report["store"] = _store_report(store)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -74,6 +97,11 @@ def info(as_json: bool = typer.Option(False, "--json", help="Print one JSON obje
     for name, tier in report["tiers"].items():
         table.add_row(f"tier {name}", ("yes: " if tier["available"] else "no: ") + tier["detail"])
     table.add_row("default model", report["default_model"] or "not in this build")
+    if store is not None:
+        st = report["store"]
+        table.add_row("store", st.get("error") or f"{st['path']}: {st['tokens']} tokens, model {st['model']}, {st['created']}")
+        for t in st["temporaries"]:
+            table.add_row("  temporary", f"{t['path']} ({t['bytes'] / 1e6:.1f} MB, {'being written' if t['live'] else 'stale'})")
     Console().print(table)
 
 

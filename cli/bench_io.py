@@ -43,6 +43,7 @@ def bench_io(
     examples: int = typer.Option(None, "--examples", min=1, help="Examples per task and length (default 2)."),
     budgets: str = typer.Option(None, "--budgets", help="Budgets as fractions, comma-separated (default 0.005,0.01,0.02,0.04)."),
     estimators: str = typer.Option(None, "--estimators", help="rc estimators, comma-separated (default centroid,favor)."),
+    selectors: str = typer.Option(None, "--selectors", help="Selectors, comma-separated, exact first (default exact,block)."),
     tiers: str = typer.Option(None, "--tiers", help="Offload tiers, comma-separated (default cpu,disk)."),
     io_bandwidth: list[str] = typer.Option(None, "--io-bandwidth", help="NAME=GB/s for the modelled time (repeatable; default ssd=1.9, pcie=55)."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Greedy answer length cap (default 32)."),
@@ -60,7 +61,7 @@ def bench_io(
     base = BenchIOConfig.quick() if quick else BenchIOConfig()
     changes: dict[str, Any] = {}
     for name, value, convert in (("lengths", lengths, int), ("tasks", tasks, str), ("budgets", budgets, float),
-                                 ("estimators", estimators, str), ("tiers", tiers, str)):
+                                 ("estimators", estimators, str), ("selectors", selectors, str), ("tiers", tiers, str)):
         if value is not None:
             changes[name] = csv(value, convert, f"--{name}", _EXAMPLES[f"--{name}"])
     if examples is not None:

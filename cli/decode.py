@@ -10,8 +10,8 @@ import typer
 
 from .errors import user_errors_exit_2
 from .options import (
-    AS_JSON, BUDGET, DEVICE, ESTIMATOR, FEATURES, MAX_NEW, METHOD, MODEL, SEED, SINK, STOP, TAIL, TEMPERATURE, TOP_P, TRUST,
-    EstimatorName, MethodName, OffloadName, engine_config, quiet_transformers, read_text, stream,
+    AS_JSON, BUDGET, DEVICE, ESTIMATOR, FEATURES, MAX_NEW, METHOD, MODEL, SEED, SELECTOR, SINK, STOP, TAIL, TEMPERATURE, TOP_P,
+    TRUST, EstimatorName, MethodName, OffloadName, SelectorName, engine_config, quiet_transformers, read_text, stream,
 )
 
 
@@ -36,6 +36,7 @@ def generate(
     tail: int = TAIL,
     estimator: EstimatorName = ESTIMATOR,
     features: int = FEATURES,
+    selector: SelectorName = SELECTOR,
     temperature: float = TEMPERATURE,
     top_p: float = TOP_P,
     seed: int = SEED,
@@ -60,9 +61,11 @@ def generate(
         typer.echo(f"[embedded demo: {len(demo.document)} characters of text, then: {demo.question.strip().splitlines()[0]}"
                    f" (expected: {demo.answer})]", err=True)
     quiet_transformers()
-    cfg = engine_config(method, budget, offload, sink, tail, estimator, features)
+    cfg = engine_config(method, budget, offload, sink, tail, estimator, features, selector)
     engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
     sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()))
+    if store is not None:
+        report_reclaimed(rcengine.reclaim_stale(store))
     answer = engine.generate(text, sampling, on_text=stream(as_json), store=store)
     finish(answer, as_json)
 
@@ -87,9 +90,16 @@ def prefill(
     quiet_transformers()
     cfg = engine_config(MethodName.rc, 0.02, OffloadName.disk, sink, tail, estimator, features)
     engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
+    report_reclaimed(rcengine.reclaim_stale(store))
     doc = engine.prefill(text, store=store, overwrite=overwrite)
     typer.echo(json.dumps({"store": str(store), "tokens": doc.tokens, "prefill_ms": round(doc.prefill_ms, 1)}))
     doc.close()
+
+
+def report_reclaimed(reclaimed: list) -> None:
+    """One line per stale temporary folder removed beside a store."""
+    for t in reclaimed:
+        typer.echo(f"[removed {t.path} ({t.bytes / 1e6:.1f} MB), left by an interrupted prefill]", err=True)
 
 
 @user_errors_exit_2
@@ -102,6 +112,7 @@ def ask(
     max_new_tokens: int = MAX_NEW,
     as_json: bool = AS_JSON,
     offload: OffloadName = typer.Option(OffloadName.disk, "--offload", help="disk reads the store; cpu/device copy it in."),
+    selector: SelectorName = SELECTOR,
     temperature: float = TEMPERATURE,
     top_p: float = TOP_P,
     seed: int = SEED,
@@ -115,7 +126,7 @@ def ask(
     if not question.strip():
         raise ValueError("the question is empty")
     quiet_transformers()
-    cfg = rcengine.EngineConfig(method=method.value, budget=budget)
+    cfg = rcengine.EngineConfig(method=method.value, budget=budget, selector=selector.value)
     engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
     doc = engine.open(store, offload=offload.value)
     sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()))

@@ -26,8 +26,9 @@ class EngineConfig:
     - ``sink`` / ``tail``: anchor tokens kept on the device at the start / end of the prompt;
       generated tokens join the tail, which spills its oldest ``spill`` tokens to the tier, the
       index and the summary once it holds ``tail + spill``.
-    - ``offload``: where the mid-region lives: ``device``, ``cpu`` (host memory) or ``disk`` (Zarr
-      at ``store``, a temporary folder if None).
+    - ``offload``: where the mid-region lives: ``device``, ``cpu`` (host memory) or ``disk`` (Zarr;
+      in the document's store when it is persisted, else in a scratch folder made in
+      ``scratch_dir``, the system's temporary folder if None, and removed with the document).
     - ``selector``: how topk and rc choose the mid tokens they read: ``exact`` (scores against a
       copy of every mid key on the compute device: the oracle Top-K), ``block`` (whole blocks of
       ``select_block`` tokens, ranked by per-block key bounds held on the device; a sixteenth of
@@ -51,12 +52,12 @@ class EngineConfig:
     estimator: EstimatorSpec = field(default_factory=lambda: EstimatorSpec("centroid", num_features=64))
     index: IndexSpec = field(default_factory=IndexSpec)
     offload: Offload = "cpu"
-    store: str | None = None
+    scratch_dir: str | None = None
     block_tokens: int = DEFAULT_BLOCK_TOKENS
     cache_bytes: int = DEFAULT_CACHE_BYTES
     prefill_chunk: int = 1024
     selector: Selector = "exact"
-    select_block: int = 16  # Quest's page size: 16-token pages selected 7.7 ms/token at 128K (DESIGN 5)
+    select_block: int = 16  # Quest's page size: 16-token pages selected 7.7 ms/token at 128K (bench/RESULTS.md)
     keys_in_memory: bool = False
     graphs: bool = True
     fused: bool = True

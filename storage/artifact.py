@@ -9,12 +9,17 @@ Contents::
     *.safetensors        tensors: anchors, summaries, feature maps (never pickle)
     *.bin                opaque blobs, e.g. serialised key indexes
 
-Commit is atomic on a local file system: everything is written under a temporary sibling, fsynced,
-the manifest last, and the folder renamed into place (replacing an old artifact takes two renames;
+Commit is atomic on a local file system: everything is written under a temporary sibling
+(``.NAME.tmp-XXXXXXXX``, whose writer holds an exclusive lock on ``.NAME.tmp-XXXXXXXX.lock`` while it
+lives), fsynced, the manifest last, and the folder renamed into place (replacing an old artifact takes two renames;
 a process killed between them leaves none, with the old one beside it under ``.NAME.old-*``).  A
 half-written artifact never opens: it has no manifest, or carries a temporary name.  On a URL
 (object stores have no rename) files are written in place and the manifest, written last, is the
 commit point; replacing removes the old manifest first.
+
+A writer killed midway leaves its temporary folder behind; the next writer of the same store
+removes every such folder whose lock no live process holds (:func:`reclaim_stale`, listed with
+their sizes by :func:`temporaries`); it never touches one a live writer holds.
 
 Opening verifies the format version and the model fingerprint, and every file's checksum as it is
 read; KV chunks are verified as the tier reads them.  Several readers at once are safe: nothing
@@ -23,6 +28,7 @@ is written to a committed artifact.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -38,6 +44,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from .checksums import CorruptChunkError, crc32c_hex
+from .temporaries import Temporary, lock_path, reclaim_stale
 
 FORMAT = "rcengine-prefill"
 FORMAT_VERSION = 2  # 2: flat key indexes stored as plain block-checksummed key files
@@ -89,20 +96,37 @@ def _fsync_dir(path: Path) -> None:
 
 
 class ArtifactWriter:
-    """Use as a context manager: leaving it by an exception removes what was written."""
+    """Use as a context manager: leaving it by an exception removes what was written.  On a local
+    file system it first removes stale temporaries of the same store (``reclaimed`` lists them)."""
 
     def __init__(self, location: str | Path, overwrite: bool = False) -> None:
         self.location = str(location)
         self.fs, self.final, self.local = _fs(location)
+        self.reclaimed: list[Temporary] = []
+        self._lock_fd: int | None = None
+        if self.local:
+            final = Path(self.final)
+            for ancestor in [final, *final.parents]:
+                if ancestor.exists() and not ancestor.is_dir():
+                    raise NotADirectoryError(f"cannot write a store at {location}: {ancestor} is a file, not a folder")
         if self.fs.exists(f"{self.final}/{MANIFEST}") and not overwrite:
-            raise FileExistsError(f"a prefill artifact already exists at {location}: choose another store or pass overwrite")
+            raise FileExistsError(f"a prefill artifact already exists at {location}: choose another store or overwrite it "
+                                  "(--overwrite, or overwrite=True)")
         if self.local:
             parent = Path(self.final).parent
             try:
                 parent.mkdir(parents=True, exist_ok=True)
-                self.root = str(parent / f".{Path(self.final).name}.tmp-{uuid.uuid4().hex[:8]}")
-                Path(self.root).mkdir()
+                self.reclaimed = reclaim_stale(self.final)
+                tmp = parent / f".{Path(self.final).name}.tmp-{uuid.uuid4().hex[:8]}"
+                self._lock_fd = os.open(lock_path(tmp), os.O_RDWR | os.O_CREAT, 0o644)
+                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # taken before the folder exists
+                tmp.mkdir()
+                self.root = str(tmp)
             except OSError as e:
+                if self._lock_fd is not None:
+                    lock_path(tmp).unlink(missing_ok=True)
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
                 raise PermissionError(f"cannot write a store at {location}: {e.strerror}") from e
         else:
             self.root = self.final
@@ -171,6 +195,15 @@ class ArtifactWriter:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         self._done = True
+        self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock_fd is None:
+            return
+        if self.local and hasattr(self, "root"):
+            lock_path(Path(self.root)).unlink(missing_ok=True)
+        os.close(self._lock_fd)
+        self._lock_fd = None
 
     def abort(self) -> None:
         if self._done:
@@ -178,6 +211,7 @@ class ArtifactWriter:
         if self.local:
             shutil.rmtree(self.root, ignore_errors=True)
         self._done = True
+        self._unlock()
 
     def __enter__(self) -> "ArtifactWriter":
         return self

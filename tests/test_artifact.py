@@ -23,6 +23,7 @@ from rcengine.storage import (
     KeyIndex,
     ModelMismatchError,
     TierLayout,
+    temporaries,
 )
 
 LAYOUT = TierLayout(num_layers=2, num_kv_heads=2, head_dim=8, dtype=torch.bfloat16)
@@ -191,6 +192,35 @@ def test_killed_before_commit_keeps_old_artifact(tmp_path):
     _killed_write(tmp_path / "fresh", "before-commit")
     with pytest.raises(ArtifactError, match="no prefill artifact"):
         Artifact.open(tmp_path / "fresh")
+
+
+def test_a_killed_writers_temporary_is_reclaimed_and_a_live_ones_is_not(tmp_path):
+    _killed_write(tmp_path / "doc", "before-commit")
+    (stale,) = temporaries(tmp_path / "doc")  # left by the killed writer: visible, with its size
+    assert not stale.live and stale.bytes > 0 and stale.path.name.startswith(".doc.tmp-")
+    live = ArtifactWriter(tmp_path / "doc")  # a writer still at work: its own folder stays
+    assert [t.path for t in live.reclaimed] == [stale.path] and not stale.path.exists()
+    live.put_bytes("x.bin", b"123")
+    other = subprocess.run([sys.executable, "-c", _RECLAIM, str(tmp_path / "doc")], capture_output=True, text=True, check=True)
+    assert other.stdout.split() == ["[]", "True"]  # another process sees it live and leaves it
+    assert Path(live.root).exists()
+    live.abort()
+    assert temporaries(tmp_path / "doc") == [] and not list(tmp_path.glob(".doc.tmp-*"))
+
+
+_RECLAIM = textwrap.dedent(
+    """
+    import sys
+    from rcengine.storage import reclaim_stale, temporaries
+    print([str(t.path) for t in reclaim_stale(sys.argv[1])], all(t.live for t in temporaries(sys.argv[1])))
+    """
+)
+
+
+def test_a_store_under_a_file_is_refused_by_name(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(NotADirectoryError, match="afile is a file, not a folder"):
+        ArtifactWriter(tmp_path / "afile" / "store")
 
 
 def test_killed_between_renames_leaves_none_and_says_where_the_old_one_is(tmp_path):

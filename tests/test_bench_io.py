@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 
@@ -117,12 +118,16 @@ def report(tmp_path_factory) -> tuple[dict, Path]:
 def test_report_files_and_schema(report):
     rep, out = report
     assert {p.name for p in out.iterdir()} == {"report.json", "report.md", "quality_vs_bytes.png", "rc_gain_by_entropy.png"}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~umask}  # as any new file, not 0600
     assert json.loads((out / "report.json").read_text())["overview"] == json.loads(json.dumps(rep["overview"]))
     for png in out.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "## Overview" in md and "rho*" in md and "| rc-centroid@0.02 | cpu |" in md
     variants = {"dense", "sink-tail", "topk@0.02", "topk@0.08"} | {f"rc-{e}@{b:g}" for e in ("centroid", "favor") for b in (0.005, 0.01, 0.02, 0.08)}
+    variants |= {f"topk-block@{b:g}" for b in (0.02, 0.08)} | {f"rc-{e}-block@{b:g}" for e in ("centroid", "favor") for b in (0.02, 0.08)}
     assert {r["variant"] for r in rep["overview"]} == variants
     assert {(r["variant"], r["tier"]) for r in rep["rows"]} == {(v, t) for v in variants for t in ("cpu", "disk")}
     for r in rep["rows"]:
@@ -135,6 +140,9 @@ def test_report_files_and_schema(report):
     assert all(t["rounds"] == 2 and t["ms_per_token"] > 0 for t in rep["timing"])
     assert all(r["ms_per_token"] is not None for r in rep["overview"])
     assert {b["bin"] for b in rep["entropy_bins"]} == {"low", "mid", "high"}
+    recall = {r["variant"]: r["recall_at_k"] for r in rep["overview"]}
+    assert recall["topk@0.02"] == 1.0 and recall["dense"] is None
+    assert 0.0 <= recall["topk-block@0.02"] <= 1.0 and recall["topk-block@0.02"] == recall["rc-centroid-block@0.02"]
 
 
 def test_sanity_dense_is_the_reference_and_bytes_follow_the_budget(report):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tiny_models import save_tiny_model
 
@@ -66,6 +68,7 @@ def _assert_one_line_error(out: subprocess.CompletedProcess, fragment: str) -> N
     assert out.returncode == 2, (out.returncode, out.stderr)
     assert "Traceback" not in out.stderr
     assert fragment in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def test_bad_input_exits_2_with_one_line(model, other_model, tmp_path):
@@ -77,8 +80,29 @@ def test_bad_input_exits_2_with_one_line(model, other_model, tmp_path):
     _assert_one_line_error(rc("generate", "word " * 600, "--model", str(model)), "positions")
     _assert_one_line_error(rc("generate", "hi", "--model", str(tmp_path / "nomodel")), "does not exist")
     (tmp_path / "afile").write_text("x")
-    _assert_one_line_error(rc("generate", PROMPT, "--model", str(model), "--store", str(tmp_path / "afile" / "store")), "cannot write")
-    _assert_one_line_error(rc("frobnicate"), "")
+    _assert_one_line_error(rc("generate", PROMPT, "--model", str(model), "--store", str(tmp_path / "afile" / "store")),
+                           "afile is a file, not a folder")
+    _assert_one_line_error(rc("frobnicate"), "No such command")
+    _assert_one_line_error(rc("generate", "hi", "--model", str(model), "--method", "foo"), "--method")
+    _assert_one_line_error(rc("generate", "hi", "--model", str(model), "--device", "foo"), "'foo' is not a device")
+    if not torch.cuda.is_available():
+        _assert_one_line_error(rc("generate", "hi", "--model", str(model), "--device", "cuda"), "no CUDA GPU")
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    (broken / "config.json").write_text("{not json")
+    _assert_one_line_error(rc("generate", "hi", "--model", str(broken)), "config.json is not valid JSON")
+
+
+def test_info_shows_a_stores_interrupted_prefills(model, tmp_path):
+    (tmp_path / "doc.txt").write_text(PROMPT)
+    assert rc("prefill", str(tmp_path / "doc.txt"), "--store", str(tmp_path / "store"), "--model", str(model)).returncode == 0
+    stale = tmp_path / ".store.tmp-deadbeef"  # as an interrupted writer leaves it (no live lock)
+    stale.mkdir()
+    (stale / "kv.bin").write_bytes(b"x" * 1000)
+    report = json.loads(rc("info", "--json", "--store", str(tmp_path / "store")).stdout)["store"]
+    assert report["tokens"] > 0 and report["temporaries"] == [{"path": str(stale), "bytes": 1000, "live": False}]
+    out = rc("prefill", str(tmp_path / "doc.txt"), "--store", str(tmp_path / "store"), "--model", str(model), "--overwrite")
+    assert out.returncode == 0 and f"removed {stale}" in out.stderr and not stale.exists()
 
 
 def test_store_of_another_model_is_refused_and_kept(model, other_model, tmp_path):
@@ -131,3 +155,24 @@ def test_bench_io_runs_on_a_local_model(model, tmp_path):
     assert report["meta"]["model"] == str(model.resolve())
     assert report["meta"]["config"]["bandwidths"] == [["nvme", 3e9]]
     assert {r["tier"] for r in report["rows"]} == {"cpu", "disk"}
+
+
+_LIGHT = """
+import sys
+import rcengine
+heavy = ("torch", "transformers", "matplotlib", "rich", "faiss", "zarr")
+print(sorted(m for m in heavy if m in sys.modules))
+sys.argv = ["rcengine", "--help"]
+from rcengine.cli.app import main
+try:
+    main()
+except SystemExit:
+    pass
+print(sorted(m for m in ("torch", "transformers", "faiss", "zarr", "matplotlib") if m in sys.modules), file=sys.stderr)
+"""
+
+
+def test_import_and_help_are_light():
+    out = subprocess.run([sys.executable, "-c", _LIGHT], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.splitlines()[0] == "[]"  # import rcengine: no torch, transformers, matplotlib, rich, faiss, zarr
+    assert out.stderr.strip().splitlines()[-1] == "[]"  # rcengine --help: no torch or the rest either

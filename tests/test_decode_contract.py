@@ -57,7 +57,7 @@ def _reference_ids(qg: torch.Tensor, k_mid: torch.Tensor, selector: str, method:
 @pytest.mark.parametrize("method", ["dense", "sink-tail", "topk", "rc"])
 def test_decode_matches_the_rule_in_float64(model, method, selector, tier, monkeypatch, tmp_path):
     cfg = EngineConfig(method=method, budget=BUDGET, selector=selector, select_block=BLOCK, offload=tier, sink=SINK, tail=TAIL,
-                       spill=4, store=str(tmp_path), graphs=False)
+                       spill=4, scratch_dir=str(tmp_path), graphs=False)
     engine = Engine.load(model, cfg, show_progress=False)
     doc = engine.prefill(torch.randint(3, 300, (300,), generator=torch.Generator().manual_seed(21)).tolist())
     calls = []

@@ -76,7 +76,7 @@ def test_full_budget_matches_stock_decoding(models, family, method):
 def test_cpu_and_disk_offload_are_identical(models, tmp_path):
     ids = _prompt(seed=3)
     cpu = _decode_logits(_engine(models["llama"], method="rc", budget=0.05, offload="cpu"), ids, NEW)
-    disk = _decode_logits(_engine(models["llama"], method="rc", budget=0.05, offload="disk", store=str(tmp_path)), ids, NEW)
+    disk = _decode_logits(_engine(models["llama"], method="rc", budget=0.05, offload="disk", scratch_dir=str(tmp_path)), ids, NEW)
     dev = _decode_logits(_engine(models["llama"], method="rc", budget=0.05, offload="device"), ids, NEW)
     assert cpu[0] == disk[0] == dev[0]
     # The same rows in the same order reach the same computation: bit-identical on the CPU.  On a
@@ -214,3 +214,14 @@ def test_sampling_is_seeded(models):
     streamed: list[str] = []
     answer = engine.generate(_prompt(), s, on_text=streamed.append)
     assert "".join(streamed) == answer.text
+
+
+def test_long_work_prints_progress_lines_in_a_log(models, monkeypatch, capsys):
+    """Without a terminal (a log, CI), prefill reports progress as plain lines."""
+    import rcengine.engine.progress as progress
+
+    monkeypatch.setattr(progress, "LOG_EVERY_S", 0.0)
+    engine = Engine.load(models["llama"], EngineConfig(prefill_chunk=64), show_progress=True)
+    engine.prefill(_prompt()).close()
+    err = capsys.readouterr().err
+    assert "prefill: 64/300 tokens" in err and "done in" in err

@@ -264,7 +264,7 @@ def selection_scores(qg: torch.Tensor, a: torch.Tensor, n: int, n_mid: torch.Ten
     once for all T G queries."""
     t, hkv, g, d = qg.shape
     out = torch.empty(t, hkv, n, dtype=torch.float32, device=qg.device)
-    bs = 128
+    bs = 128  # keys per program: a (128, d) tile is 32 KB of bf16 at d 128, read once for every query
     _score_kernel[(hkv, math.ceil(n / bs))](
         qg.contiguous(), a, b if b is not None else a, out, n_mid, hkv, t, n, a.shape[1], unit,
         G=g, GP=_pow2(g), D=d, BOUNDS=b is not None, IEEE=qg.dtype == torch.float32, BS=bs,
@@ -335,6 +335,6 @@ def fused_attention(
         summary.u.reshape(hkv, cr).contiguous() if complete else part_m,
         summary.v_max.reshape(hkv).contiguous() if complete else part_m,
         hkv, cr, ns, RESIDUAL_DROP_FRACTION,
-        G=g, GP=gp, D=d, COMPLETE=complete, CRP=crp, SB=4,
+        G=g, GP=gp, D=d, COMPLETE=complete, CRP=crp, SB=4,  # partial states merged four at a time
     )
     return out

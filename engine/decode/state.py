@@ -25,6 +25,7 @@ from ..config import EngineConfig
 from ..rule.feature_maps import CentroidFeatures, EstimatorSpec, FeatureMap, build_feature_map
 from ..rule.methods import method_rule
 from ..rule.summary import Summary
+from . import kernels
 from .plan import DecodePlan, StepInputs
 from .selectors import BlockSelector, ExactSelector, FaissSelector, Selector
 from .tail import TailRing
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
 PLAN_HORIZON = 1024
 # Summaries and spills are built in chunks of this many tokens (bounds the fp32 temporaries).
 CHUNK_TOKENS = 4096
+# Tail slots beyond tail + spill: a short question and its answer fit without a new ring (and so
+# without a new CUDA graph).
+TAIL_HEADROOM = 64
 
 
 class KVState:
@@ -51,7 +55,7 @@ class KVState:
         sink = config.sink
         self.sink_k = torch.zeros(layers, 1, heads, sink, dim, dtype=dtype, device=device)  # filled by set_anchors
         self.sink_v = torch.zeros_like(self.sink_k)
-        self.tail = TailRing(layers, heads, dim, dtype, device, config.tail + config.spill + 64)
+        self.tail = TailRing(layers, heads, dim, dtype, device, config.tail + config.spill + TAIL_HEADROOM)
         self.selectors: list[Selector] = [self._new_selector(layer) for layer in range(layers)]
         self.maps: list[FeatureMap | None] = [None] * layers
         self.summaries: list[Summary | None] = [None] * layers
@@ -103,8 +107,8 @@ class KVState:
     def assign_clusters(self, layer: int, k: torch.Tensor, start: int) -> None:
         """Record the centroid of mid rows ``start..`` (keys ``(1, Hkv, m, d)``), for a centroid map."""
         fmap = self.maps[layer]
-        if not isinstance(fmap, CentroidFeatures) or k.shape[2] == 0:
-            return
+        if not isinstance(fmap, CentroidFeatures) or k.shape[2] == 0 or not kernels.available(self.device):
+            return  # only the fused kernels read them
         m = k.shape[2]
         buf = self.clusters[layer]
         if buf is None or buf.shape[1] < start + m:
@@ -299,12 +303,14 @@ class KVState:
 
     def device_bytes(self) -> dict[str, int]:
         """Memory held for the KV side, by part: anchors (sink and tail ring), selection state,
-        summaries and maps (all layers), and the tier's rows where the tier is device memory."""
+        summaries and maps with the centroid ids of every mid row (all layers), and the tier's rows where
+        the tier is device memory."""
         nbytes = lambda t: t.numel() * t.element_size()  # noqa: E731
         out = {
             "anchors": nbytes(self.sink_k) + nbytes(self.sink_v) + nbytes(self.tail.k) + nbytes(self.tail.v),
             "selection": sum(s.state_bytes() for s in self.selectors) if self.selectors[0].on_device else 0,
-            "summaries": self.num_layers * self.num_kv_heads * self.summary_bytes_per_head(),
+            "summaries": self.num_layers * self.num_kv_heads * self.summary_bytes_per_head()
+            + sum(c.numel() * c.element_size() for c in self.clusters if c is not None),
         }
         if self.tier.name == "device":
             out["tier"] = self.mid_len * self.num_layers * self.tier.layout.row_bytes * self.num_kv_heads

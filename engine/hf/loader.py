@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,24 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def compute_device(device: str | torch.device | None) -> torch.device:
+    """``device`` checked against this machine (None: CUDA when present, else the CPU)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {str(device)!r} is not a device: use cpu or cuda (cuda:N for the N-th GPU)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported: use cpu or cuda")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r} is not available: this torch build or machine has no CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r} is not available: this machine has {torch.cuda.device_count()} GPU(s)")
+    return dev
+
+
 def load_model(
     path: str | Path | None = None,
     device: str | torch.device | None = None,
@@ -101,9 +120,13 @@ def load_model(
         raise FileNotFoundError(f"{folder} is not a model folder: it has no config.json")
     if not list(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"{folder} has no *.safetensors weights (rcengine loads no pickled weights)")
+    try:
+        json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{folder / 'config.json'} is not valid JSON ({e}): repair or replace the model folder") from None
+    dev = compute_device(device)
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     check_supported(config)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dt = dtype if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     model = AutoModelForCausalLM.from_pretrained(
         folder, local_files_only=True, use_safetensors=True, dtype=dt, trust_remote_code=trust_remote_code

@@ -73,7 +73,7 @@ class Engine:
                 if writer is not None:
                     location = writer.kv_location
                 else:
-                    scratch = tempfile.mkdtemp(prefix="rcengine-kv-", dir=cfg.store)
+                    scratch = tempfile.mkdtemp(prefix="rcengine-kv-", dir=cfg.scratch_dir)
                     location = f"{scratch}/kv.zarr"
                 tier: KVTier = DiskTier.create(location, self._layout(), cfg.block_tokens, cfg.cache_bytes, self.lm.device, meter)
             else:

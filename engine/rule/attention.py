@@ -29,7 +29,7 @@ from .feature_maps import FeatureMap
 from .summary import Summary
 
 # Drop the completion when the residual mass is below this fraction of the summary's total mass
-# (by the summary's own measure): the subtraction has then cancelled to noise (DESIGN.md 1).
+# (by the summary's own measure): the subtraction has then cancelled to noise.
 RESIDUAL_DROP_FRACTION = 1e-4
 
 
@@ -177,7 +177,7 @@ def completion_state(
       Their share is subtracted from the summary, so it is not counted twice.
     - ``gamma``: log-mass calibration, broadcastable to ``(B, Hkv, G)`` (0 for untrained maps).
 
-    Safety (DESIGN.md 1): the estimate is dropped where the residual mass is not positive or has
+    Safety: the estimate is dropped where the residual mass is not positive or has
     cancelled below ``RESIDUAL_DROP_FRACTION`` of the total, and its mean value is shrunk onto the
     ball of radius ``v_max`` (the largest value norm in M) when it leaves it.
     """

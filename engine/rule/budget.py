@@ -1,4 +1,4 @@
-"""Budget accounting (DESIGN.md 2): how many mid tokens a budget buys, and what a summary costs.
+"""Budget accounting (docs/ARCHITECTURE.md, section 2): how many mid tokens a budget buys, and what a summary costs.
 
 A token costs ``2 d bytes_kv`` per KV head per layer (key + value).  A summary of r features costs
 ``r (d + 2) bytes_s`` (plus any per-sequence state of its map, such as centroids), i.e.

@@ -1,4 +1,4 @@
-"""One layer's context held in memory and split as DESIGN.md 1 describes, for evaluating methods.
+"""One layer's context held in memory and split as docs/ARCHITECTURE.md section 1 describes, for evaluating methods.
 
 Used by tests and ``bench/attention_error.py`` to compare every method on the same keys; the
 offloaded decode path (storage tiers, key index) composes the same attention functions.

@@ -1,7 +1,7 @@
 """Exact Top-K selection per KV head: the reference that key indexes are tested against.
 
 Retrieval is per KV head: the G query heads of a group share one retrieved set, ranked by the
-largest score any of them gives a token (DESIGN.md 1, GQA and retrieval).
+largest score any of them gives a token.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The fixed-size feature-map summary of a mid-region, built in streaming fashion.
 
-Per sequence and KV head, with r features and head dim d (DESIGN.md 1):
+Per sequence and KV head, with r features and head dim d:
 
 - ``beta: (B, Hkv, r)``   one log-scale per feature: the largest a_f(k_j) seen (-inf if none)
 - ``S:    (B, Hkv, r, d)`` sum_j exp(a(k_j) - beta) v_j
