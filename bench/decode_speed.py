@@ -39,6 +39,7 @@ from rcengine import Engine, EngineConfig, SamplingConfig
 from rcengine.bench.synthetic import save_random_llama
 from rcengine.engine.hf.integration import model_call, stock_prefill
 from rcengine.engine.progress import progress
+from rcengine.storage.document_store import KEY_BLOCK_ROWS
 
 # (tier, method, budget, selector): exact selection holds every mid key in memory; a document
 # reopened on the disk tier with the faiss selector streams its keys from the store at each search
@@ -201,7 +202,7 @@ _MEMORY_PROBE = textwrap.dedent(
     print(json.dumps({"before": before, "opened": opened, "after": after, "cache_bound": int(sys.argv[4]),
                       "cache_peak": st.tier.cache.peak_bytes, "document_state_bytes": sum(st.device_bytes().values()),
                       "mid_kv_bytes": mid * st.num_kv_heads * st.tier.layout.row_bytes,
-                      "mid_keys_fp32_bytes": mid * st.num_kv_heads * st.head_dim * 4,
+                      "mid_keys_fp32_bytes": mid * st.num_kv_heads * st.head_dim * 4, "head_dim": st.head_dim,
                       "disk_physical": answer.stats["bytes"]["physical"]}))
     """
 )
@@ -216,15 +217,17 @@ def _memory_check(model: Path, warm_store: Path, store: Path, cache_bytes: int) 
     growth = m["after"]["VmHWM"] - m["before"]["VmRSS"]  # VmHWM: the peak, ever
     m["peak_growth_bytes"] = growth
     # What reopening may hold beyond the model: the block cache (bounded) and the document's state
-    # (anchors, tail, block bounds, summaries), plus one layer's float32 keys, read and stacked
-    # (two copies) to build its block bounds at open.
-    m["bound_bytes"] = m["cache_bound"] + m["document_state_bytes"] + 2 * m["mid_keys_fp32_bytes"] // max(1, _layers(model))
+    # (anchors, tail, block bounds, summaries), plus the blocks of float32 keys being turned into
+    # block bounds at open: one verified block per KV head (read, copied, stacked) and the padded
+    # max and min of it.
+    m["bound_bytes"] = m["cache_bound"] + m["document_state_bytes"] + 6 * _heads(model) * KEY_BLOCK_ROWS * m["head_dim"] * 4
     m["within_bound"] = growth <= m["bound_bytes"]
     return m
 
 
-def _layers(model: Path) -> int:
-    return json.loads((model / "config.json").read_text())["num_hidden_layers"]
+def _heads(model: Path) -> int:
+    cfg = json.loads((model / "config.json").read_text())
+    return cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ leaves a half-written report.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -16,9 +15,7 @@ from typing import Any
 from rich.table import Table
 
 from .io_analysis import ENTROPY_BINS
-
-FAMILIES = ("topk", "rc-centroid", "rc-favor")
-
+from .io_plots import FAMILIES, bin_errors, new_file_mode, plots
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Write the report files into ``out_dir`` (created if needed); -> their paths."""
@@ -30,7 +27,7 @@ def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
         _atomic(out / "report.json", json.dumps(report, indent=1, default=_json_default).encode()),
         _atomic(out / "report.md", markdown(report).encode()),
     ]
-    paths += _plots(report, out)
+    paths += plots(report, out)
     return paths
 
 
@@ -40,18 +37,11 @@ def _json_default(x: Any) -> Any:
     raise TypeError(f"{type(x).__name__} is not JSON-serialisable")
 
 
-def _new_file_mode() -> int:
-    """The mode open() gives a new file under this process's umask (mkstemp's files are 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def _atomic(path: Path, data: bytes) -> Path:
     """Write ``path`` whole or not at all, readable as any new file is (mkstemp makes files 0600)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        os.fchmod(fd, _new_file_mode())
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -217,16 +207,8 @@ def _tradeoff_rows(report: dict[str, Any], bw: list) -> list[list[str]]:
     return rows
 
 
-def _bin_errors(report: dict[str, Any]) -> dict[tuple[str, float, str], float | None]:
-    out = {}
-    for b in report["entropy_bins"]:
-        h = b["head_queries"]
-        out[_family(b), b["budget"], b["bin"]] = h["rel_error"] if h else None
-    return out
-
-
 def _gain_rows(report: dict[str, Any]) -> list[list[str]]:
-    err = _bin_errors(report)
+    err = bin_errors(report)
     budgets = sorted({b for (m, b, _) in err if m == "topk"})
     rows = []
     for b in budgets:
@@ -273,96 +255,3 @@ def _head_table(report: dict[str, Any]) -> str:
 
 
 # -- plots ---------------------------------------------------------------------------------------
-
-def _plots(report: dict[str, Any], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    quality = report["meta"]["quality_tier"]
-    per_token = _kv_bytes_per_token_read(report)
-    lengths = sorted({r["length"] for r in report["overview"]})
-    fig, grid = plt.subplots(len(lengths), 3, figsize=(16, 4.4 * len(lengths)), squeeze=False)
-    panels = (("KL vs dense (nats/position)", "kl", False), ("KL vs dense, summary charged", "kl", True),
-              ("task accuracy", "accuracy", False))
-    for axes, length in zip(grid, lengths, strict=True):
-        rows = [r for r in report["overview"] if r["tier"] == quality and r["length"] == length]
-        for ax, (title, metric, charged) in zip(axes, panels, strict=True):
-            for fam, marker in zip(FAMILIES, "osD", strict=True):
-                pts = sorted((r["budget"], r) for r in rows if _family(r) == fam and r[metric] is not None)
-                if pts:
-                    ax.plot([_x(r, charged, per_token) for _, r in pts], [r[metric] for _, r in pts], marker=marker, label=fam)
-            for r in rows:
-                if r["method"] == "dense":
-                    ax.axvline(_x(r, charged, per_token), color="grey", ls=":", label="dense (reads everything)")
-                if r["method"] == "sink-tail" and r[metric] is not None:
-                    ax.axhline(r[metric], color="grey", ls="--", label="sink-tail (reads nothing)")
-            ax.set_xscale("log")
-            if metric == "kl":
-                ax.set_yscale("log")
-            ax.set_xlabel("KV bytes per decoded token" + (" + summary bytes" if charged else " (logical)"))
-            ax.set_title(f"{title}, {length} tokens")
-            ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=8)
-    fig.suptitle(f"bench-io: quality against bytes read ({report['meta']['model'].split('/')[-1]}, {report['meta']['date']})")
-    fig.tight_layout()
-    p1 = out / "quality_vs_bytes.png"
-    _save(fig, p1)
-    plt.close(fig)
-
-    err = _bin_errors(report)
-    budgets = sorted({b for (m, b, _) in err if m == "topk"})
-    fams = [f for f in FAMILIES[1:] if any(m == f for (m, _, _) in err)]
-    fig, axes = plt.subplots(1, max(len(fams), 1), figsize=(6 * max(len(fams), 1), 4.2), squeeze=False)
-    bins = [n for n, _, _ in ENTROPY_BINS]
-    for ax, fam in zip(axes[0], fams, strict=False):
-        width = 0.8 / max(len(budgets), 1)
-        for i, b in enumerate(budgets):
-            gains = []
-            for name in bins:
-                t, r = err.get(("topk", b, name)), err.get((fam, b, name))
-                gains.append(t / r if t and r else math.nan)
-            ax.bar([j + i * width for j in range(len(bins))], gains, width, label=f"budget {_pct(b)}")
-        ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_xticks([j + width * (len(budgets) - 1) / 2 for j in range(len(bins))], bins)
-        ax.set_yscale("log")
-        ax.set_xlabel("head's attention entropy")
-        ax.set_ylabel("topk error / rc error (>1: rc better)")
-        ax.set_title(f"{fam} over topk, same budget")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    p2 = out / "rc_gain_by_entropy.png"
-    _save(fig, p2)
-    plt.close(fig)
-    return [p1, p2]
-
-
-def _family(r: dict[str, Any]) -> str:
-    """``topk``, ``rc-centroid``...: the method with its estimator, and its selector unless exact."""
-    base = f"rc-{r['estimator']}" if r["method"] == "rc" else r["method"]
-    return base if r.get("selector") in (None, "exact") else f"{base}-{r['selector']}"
-
-
-def _kv_bytes_per_token_read(report: dict[str, Any]) -> float:
-    """Bytes of one token's K and V over all layers and KV heads."""
-    meta = report["meta"]
-    return meta["row_bytes"] * meta["kv_shape"]["layers"] * meta["kv_shape"]["kv_heads"]
-
-
-def _x(r: dict[str, Any], charged: bool, per_token: float) -> float:
-    tokens = r["token_equivalent"]["bytes" if charged else "support"] or 0.0
-    return max(tokens * per_token, 1.0)
-
-
-def _save(fig, path: Path) -> None:  # noqa: ANN001
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.fchmod(fd, _new_file_mode())
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -5,6 +5,8 @@ only what it reaches) are caught here."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -13,6 +15,7 @@ from rcengine.engine.rule.feature_maps import CentroidFeatures
 from rcengine.engine.rule.summary import Summary
 
 triton = pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="the interpreter runs kernels; it does not compile them")
 
 _TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int64: "i64", torch.int32: "i32"}
 

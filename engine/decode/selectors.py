@@ -190,9 +190,13 @@ class BlockSelector:
         first, front = divmod(self.n, b)  # first block touched; rows it already holds
         blocks = math.ceil((front + m) / b)
         back = blocks * b - front - m
-        pad = lambda fill, rows: keys.new_full((h, rows, d), fill)  # noqa: E731
-        hi = torch.cat([pad(-math.inf, front), keys, pad(-math.inf, back)], dim=1).view(h, blocks, b, d).amax(dim=2)
-        lo = torch.cat([pad(math.inf, front), keys, pad(math.inf, back)], dim=1).view(h, blocks, b, d).amin(dim=2)
+        if front == 0 and back == 0:  # whole blocks (a prefill's or a store's chunks): no padded copy
+            hi = keys.reshape(h, blocks, b, d).amax(dim=2)
+            lo = keys.reshape(h, blocks, b, d).amin(dim=2)
+        else:
+            pad = lambda fill, rows: keys.new_full((h, rows, d), fill)  # noqa: E731
+            hi = torch.cat([pad(-math.inf, front), keys, pad(-math.inf, back)], dim=1).view(h, blocks, b, d).amax(dim=2)
+            lo = torch.cat([pad(math.inf, front), keys, pad(math.inf, back)], dim=1).view(h, blocks, b, d).amin(dim=2)
         if front:  # fold in the bounds of the rows the first block already holds
             hi[:, 0] = torch.maximum(hi[:, 0], self.kmax[:, first])
             lo[:, 0] = torch.minimum(lo[:, 0], self.kmin[:, first])

@@ -81,9 +81,16 @@ def _restore_selection(state: KVState, reader: DocumentReader, layer: int, strea
             else:
                 index.load_keys(layer, head, reader.keys(layer, head))
         return
-    keys = torch.stack([torch.from_numpy(reader.keys(layer, head).copy()) for head in range(heads)])  # (Hkv, n, d)
-    keys = keys.to(state.device, state.dtype)
-    state.selectors[layer].reserve(keys.shape[1])
-    state.selectors[layer].add(keys)
-    state.assign_clusters(layer, keys[None], 0)
-
+    # Block by block (the key files' verified blocks), so that building the state holds one block
+    # of every head's keys at a time, not the layer's.
+    blocks = [reader.keys_blocks(layer, head) for head in range(heads)]
+    start = 0
+    sel = state.selectors[layer]
+    sel.reserve(blocks[0].size // (4 * state.head_dim))
+    for b in range(blocks[0].num_blocks):
+        keys = torch.stack([torch.frombuffer(bytearray(r.read(b)), dtype=torch.float32).view(-1, state.head_dim)
+                            for r in blocks])  # (Hkv, m, d)
+        keys = keys.to(state.device, state.dtype)
+        sel.add(keys)
+        state.assign_clusters(layer, keys[None], start)
+        start += keys.shape[1]
