@@ -209,7 +209,7 @@ def million_document(lm, n: int, selector: str) -> Document:  # noqa: ANN001
     state.tail.append(rnd(layers, 1, heads, cfg.tail, dim), rnd(layers, 1, heads, cfg.tail, dim),
                       torch.arange(4 + n, 4 + n + cfg.tail))
     state.seen = 4 + n + cfg.tail
-    state.ready()
+    state.refresh()
     engine = Engine(lm, cfg, show_progress=False)
     return Document(engine, RCCache(state, prefill=False), state.seen, None, 0.0, store=None, scratch=None)
 

@@ -64,7 +64,7 @@ def fused_decode(state: KVState, layer: int, qg: torch.Tensor, scale: float) -> 
     """The step's rule for ``qg: (T, Hkv, G, d)`` through the fused kernels -> ``(T, Hkv, G, d)``."""
     plan, step, hkv = state.plan, state.step, state.num_kv_heads
     t, cap = qg.shape[0], plan.mid_cap
-    rows = state.tier.device_rows(layer) if hasattr(state.tier, "device_rows") else None
+    rows = state.device_rows(layer)
     n_mid, live, rows_read, ids, unit = state.n_mid, state.live, plan.rows, None, 1
     clusters = state.clusters[layer] if plan.method.completes else None
     if plan.method.name == "dense" and rows is None and cap:  # a host read (eager steps only)
@@ -100,7 +100,7 @@ def read_mid(state: KVState, layer: int, qg: torch.Tensor) -> TokenSet:
     selector's choice per KV head and position, ``(T, Hkv, R, d)`` with their validity."""
     plan, hkv = state.plan, state.num_kv_heads
     t, cap = qg.shape[0], plan.mid_cap
-    rows = state.tier.device_rows(layer) if hasattr(state.tier, "device_rows") else None
+    rows = state.device_rows(layer)
     if plan.method.name == "dense":
         if rows is not None:  # (cap, Hkv, 2, d), read in place
             kv = rows[:cap].transpose(0, 1)[None]  # (1, Hkv, cap, 2, d)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from ...storage import Counters, MemoryTier
+from ...storage import Counters
 from .plan import DecodePlan, StepInputs
 from .state import KVState
 
@@ -109,7 +109,7 @@ class StepRunner:
         tier, meter = st.tier, st.meter
         layers, heads, t = st.num_layers, st.num_kv_heads, plan.queries
         n = st.mid_len
-        if isinstance(tier, MemoryTier) and tier.device_rows(0) is not None and plan.rows:
+        if st.device_rows(0) is not None and plan.rows:
             live = n if plan.method.name == "dense" else min(plan.live_units(n) * plan.block, n)
             row = tier.layout.row_bytes
             logical, physical = heads * t * live * row, heads * t * plan.rows * row

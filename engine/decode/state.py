@@ -119,7 +119,7 @@ class KVState:
             self.version += 1
         buf[:, start : start + m] = fmap.assign(k)[0].to(torch.int32)
 
-    def build_summary(self, layer: int, k_mid: torch.Tensor | None = None, v_mid: torch.Tensor | None = None) -> None:
+    def build_summary(self, layer: int, k_mid: torch.Tensor | None = None) -> None:
         """The layer's feature map and an empty summary under the configured estimator (fitted maps
         see ``k_mid``); :meth:`add_mid` then folds rows in."""
         fmap, summary = self._empty_estimator(self.config.estimator, layer, k_mid)
@@ -140,15 +140,16 @@ class KVState:
                 summary.fold(fmap.key_logits(k_mid[:, :, part]), v_mid[:, :, part])
         return fmap, summary
 
-    def ready(self) -> None:
-        """After building or reopening: the step scalars follow the mid-region and configuration."""
-        self.refresh()
-
     # -- the mid-region and the step scalars --------------------------------------------------
 
     @property
     def mid_len(self) -> int:
         return self.tier.num_rows(0)
+
+    def device_rows(self, layer: int) -> torch.Tensor | None:
+        """The layer's mid rows as the compute device reads them in place ``(capacity, Hkv, 2, d)``,
+        or None where the tier is read on the host (disk; pinned memory without zero-copy)."""
+        return self.tier.device_rows(layer) if isinstance(self.tier, MemoryTier) else None
 
     @property
     def method(self):  # noqa: ANN201 (a MethodRule)
@@ -169,7 +170,7 @@ class KVState:
         """Whether a step runs on the device alone (no host read, no host selection), so that it
         can be captured: the tier is read in place and the selector works on the device."""
         method = self.method
-        reads_in_place = isinstance(self.tier, MemoryTier) and self.tier.device_rows(0) is not None
+        reads_in_place = self.device_rows(0) is not None
         return (reads_in_place or method.count(1.0, 1) == 0) and (not method.selects or self.selectors[0].on_device)
 
     def make_plan(self, queries: int, every_position: bool, captured: bool) -> DecodePlan:

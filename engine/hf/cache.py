@@ -135,4 +135,4 @@ class RCCache(Cache):
         st.seen = n
         self.prefill = []
         self.phase = "decode"
-        st.ready()
+        st.refresh()

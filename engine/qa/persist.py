@@ -65,7 +65,7 @@ def restore(state: KVState, reader: DocumentReader, streamed_keys: bool) -> None
         _restore_selection(state, reader, layer, streamed_keys)
     state.tail.append(torch.stack(tails_k), torch.stack(tails_v), reader.anchors(0)["tail_pos"])
     state.seen = meta.tokens
-    state.ready()
+    state.refresh()
 
 
 def _restore_selection(state: KVState, reader: DocumentReader, layer: int, streamed_keys: bool) -> None:
