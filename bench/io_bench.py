@@ -47,6 +47,7 @@ from ..engine.qa.document import Answer, Document
 from ..engine.qa.engine import Engine
 from ..engine.rule.feature_maps import EstimatorSpec
 from ..engine.sampling import SamplingConfig
+from ..storage.defaults import DEFAULT_BLOCK_TOKENS
 from .io_analysis import ENTROPY_BINS, Accumulator, AnswerCost, entropy_bin, summarise
 from .io_probe import Probe
 from .tasks import TASKS, TaskGenerator, corpus_haystack, eval_documents, score
@@ -88,7 +89,9 @@ class BenchIOConfig:
     budgets: tuple[float, ...] = (0.005, 0.01, 0.02, 0.04)
     estimators: tuple[str, ...] = ESTIMATORS
     selectors: tuple[str, ...] = SELECTORS  # exact first: rho* and the trade-off are computed with it
-    select_block: int = 16  # tokens per block of the block selector
+    # Tokens per unit of the block selector: the store's block, so that on the disk tier it reads
+    # exactly what it selects (and every tier selects alike).
+    select_block: int = DEFAULT_BLOCK_TOKENS
     tiers: tuple[str, ...] = ("cpu", "disk")
     bandwidths: tuple[tuple[str, float], ...] = (("ssd", 1.9e9), ("pcie", 55e9))
     max_new_tokens: int = 32

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from ..storage import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES, IndexSpec
@@ -10,8 +10,11 @@ from .rule.feature_maps import EstimatorSpec
 from .rule.methods import METHODS, Method
 
 Offload = Literal["device", "cpu", "disk"]
-Selector = Literal["exact", "block", "faiss"]
-SELECTORS: tuple[str, ...] = ("exact", "block", "faiss")
+Selector = Literal["auto", "exact", "block", "faiss"]
+SELECTORS: tuple[str, ...] = ("auto", "exact", "block", "faiss")
+# The block selector's unit off the disk tier: Quest's page size (16-token pages selected 7.7
+# ms/token at 128K, bench/RESULTS.md).
+MEMORY_SELECT_BLOCK = 16
 OFFLOADS: tuple[str, ...] = ("device", "cpu", "disk")
 
 
@@ -32,8 +35,11 @@ class EngineConfig:
     - ``selector``: how topk and rc choose the mid tokens they read: ``exact`` (scores against a
       copy of every mid key on the compute device: the oracle Top-K), ``block`` (whole blocks of
       ``select_block`` tokens, ranked by per-block key bounds held on the device; a sixteenth of
-      the KV's size at 16 tokens) or ``faiss`` (a FAISS index per KV head on the host, of kind
-      ``index``).
+      the KV's size at 16 tokens), ``faiss`` (a FAISS index per KV head on the host, of kind
+      ``index``) or ``auto`` (the default: ``block`` on the disk tier, ``exact`` in memory).
+    - ``select_block``: tokens per unit of the block selector; None (the default) is the store's
+      block (``block_tokens``) on the disk tier, so that what is read is what was selected, and
+      16 in memory.  The budget counts whole units.
     - ``keys_in_memory``: with the faiss selector, for a document reopened on the disk tier, load the
       flat index's keys into memory (faster selection; memory grows with the document).  By default
       they stay in the store and each search reads them block by block.
@@ -56,8 +62,8 @@ class EngineConfig:
     block_tokens: int = DEFAULT_BLOCK_TOKENS
     cache_bytes: int = DEFAULT_CACHE_BYTES
     prefill_chunk: int = 1024
-    selector: Selector = "exact"
-    select_block: int = 16  # Quest's page size: 16-token pages selected 7.7 ms/token at 128K (bench/RESULTS.md)
+    selector: Selector = "auto"
+    select_block: int | None = None
     keys_in_memory: bool = False
     graphs: bool = True
     fused: bool = True
@@ -71,9 +77,16 @@ class EngineConfig:
             raise ValueError(f"budget must be a fraction in (0, 1], got {self.budget}")
         if self.sink < 0 or self.tail < 1 or self.spill < 1:
             raise ValueError(f"need sink >= 0, tail >= 1 and spill >= 1, got {self.sink}, {self.tail}, {self.spill}")
-        if self.prefill_chunk < 1 or self.block_tokens < 1 or self.cache_bytes < 0 or self.select_block < 1:
+        if self.prefill_chunk < 1 or self.block_tokens < 1 or self.cache_bytes < 0 or (self.select_block or 1) < 1:
             raise ValueError("prefill_chunk, block_tokens and select_block must be >= 1 and cache_bytes >= 0")
         if self.selector not in SELECTORS:
             raise ValueError(f"selector {self.selector!r} is unknown: use one of {', '.join(SELECTORS)}")
         if self.method == "rc" and self.estimator.kind == "none":
             raise ValueError("method 'rc' needs an estimator (favor or centroid); use method 'topk' for none")
+
+    def resolved(self) -> "EngineConfig":
+        """This configuration with ``selector`` and ``select_block`` made concrete for its offload."""
+        disk = self.offload == "disk"
+        selector = ("block" if disk else "exact") if self.selector == "auto" else self.selector
+        block = self.select_block if self.select_block is not None else (self.block_tokens if disk else MEMORY_SELECT_BLOCK)
+        return self if (selector, block) == (self.selector, self.select_block) else replace(self, selector=selector, select_block=block)

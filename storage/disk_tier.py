@@ -7,17 +7,24 @@ Layout (one store per sequence; see ``bench/disk_layout.py`` for the measurement
   (KV head, block of ``block_tokens`` neighbouring tokens); attribute ``rows``;
 - ``P{layer}``: ``(rows,)`` int64 token positions.
 
-A gather reads every block that holds a requested row and is not cached, all at once (concurrent
-store reads), verifies each against its checksum (:mod:`.checked_store`), keeps it in an LRU cache
-bounded in bytes, and copies out the rows asked for.  Appended rows wait in host memory until they
-fill a block, which is then written (only when the store is writable; a committed artifact is never
-modified, so rows appended to a reopened store stay in memory and are metered as tier ``cpu``).
+A gather reads every block of the layer that holds a requested row and is not cached, all at once
+(concurrent reads on a small thread pool: one ``read`` per chunk file of a local store, zarr's
+concurrent gets otherwise), verifies each against its checksum (:mod:`.checked_store`), keeps it in
+an LRU cache bounded in bytes, and copies out the rows asked for.  A selector whose units are the
+store's blocks (``BlockSelector`` with ``block == block_tokens``) reads exactly what it asks for.
+
+Appended rows wait in host memory until they fill a block, which is then written: to a local store
+on background threads (chunk files written directly, each once, so that writes overlap the caller's
+compute; :meth:`flush` waits for them and writes the array metadata), elsewhere through zarr.  Only
+a writable store is written; a committed artifact is never modified, so rows appended to a reopened
+store stay in memory and are metered as tier ``cpu``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +36,7 @@ from zarr.storage import FsspecStore, LocalStore
 
 from .block_cache import BlockCache
 from .checked_store import CheckedStore, Ledger
+from .checksums import crc32c_hex
 from .defaults import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES
 from .meter import ByteMeter, Counters, process_disk_read_bytes
 from .rows import DTYPES_BY_NAME, dtype_name, from_raw_numpy, pack, raw_numpy_dtype, to_raw_numpy
@@ -36,6 +44,10 @@ from .tier import TierLayout, check_append
 
 FORMAT = "rcengine-kv"
 VERSION = 1
+# Threads that read and write chunk files (reads and writes release the GIL).
+IO_THREADS = 8
+# A gather reads the blocks it misses in concurrent batches of at most this many bytes.
+READ_BATCH_BYTES = 64 << 20
 
 
 def open_store(location: str | Path, read_only: bool):  # noqa: ANN201 (a zarr Store)
@@ -76,6 +88,11 @@ class DiskTier:
         self._pending = [np.zeros((h, 0, 2, d), self._raw) for _ in range(layout.num_layers)]
         self._positions: list[np.ndarray] = [np.zeros(0, np.int64) for _ in range(layout.num_layers)]
         self._positions_written = [0] * layout.num_layers
+        inner = store._store
+        self._root = Path(inner.root) if isinstance(inner, LocalStore) else None  # chunk files read and written directly
+        self._io: ThreadPoolExecutor | None = None
+        self._writes: list[Future] = []
+        self._dirs: set[Path] = set()
         for layer, arr in enumerate(self._arrays):
             self._load_tail(layer, int(arr.attrs.get("rows", 0)))
 
@@ -158,23 +175,53 @@ class DiskTier:
         if not self.read_only:
             self._write_full_blocks(layer)
 
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._io is None:
+            self._io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="rcengine-disk")
+        return self._io
+
     def _write_full_blocks(self, layer: int) -> None:
         b = self.block_tokens
         full = self._pending[layer].shape[1] // b
         if full == 0:
             return
-        arr = self._arrays[layer]
         start = self._flushed_blocks[layer] * b
         stop = start + full * b
-        if arr.shape[1] < stop:
-            arr.resize((arr.shape[0], stop, *arr.shape[2:]))
-        arr[:, start:stop] = self._pending[layer][:, : full * b]
-        self._pending[layer] = np.ascontiguousarray(self._pending[layer][:, full * b :])
-        for block in range(start // b, stop // b):
+        rows, self._pending[layer] = self._pending[layer][:, : full * b], np.ascontiguousarray(self._pending[layer][:, full * b :])
+        first = start // b
+        for block in range(first, first + full):
             for head in range(self.layout.num_kv_heads):
                 self.cache.discard((layer, head, block))
+        if self._root is not None:  # background writes, straight to the chunk files
+            self._writes.append(self._pool().submit(self._write_blocks, layer, first, rows))
+        else:
+            arr = self._arrays[layer]
+            if arr.shape[1] < stop:
+                arr.resize((arr.shape[0], stop, *arr.shape[2:]))
+            arr[:, start:stop] = rows
         self._flushed_blocks[layer] += full
-        arr.attrs["rows"] = max(int(arr.attrs.get("rows", 0)), stop)
+
+    def _write_blocks(self, layer: int, first: int, rows: np.ndarray) -> None:
+        """Write whole blocks ``rows: (Hkv, blocks b, 2, d)`` from block ``first`` on as chunk files
+        (what zarr writes for an uncompressed chunk: its raw little-endian bytes), checksummed."""
+        b = self.block_tokens
+        for j in range(rows.shape[1] // b):
+            for head in range(rows.shape[0]):
+                self._write_chunk(self._chunk_key(layer, head, first + j), rows[head, j * b : (j + 1) * b].tobytes())
+
+    def _write_chunk(self, key: str, data: bytes) -> None:
+        path = self._root / key
+        if path.parent not in self._dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._dirs.add(path.parent)
+        with open(path, "wb") as f:
+            f.write(data)
+        self.store.ledger.checksums[key] = crc32c_hex(data)
+
+    def _wait_for_writes(self) -> None:
+        writes, self._writes = self._writes, []
+        for w in writes:
+            w.result()  # re-raises a failed write here
 
     def flush(self) -> None:
         """Write everything appended so far, the last partial blocks and the positions included, so
@@ -182,6 +229,7 @@ class DiskTier:
         appends can complete them."""
         if self.read_only:
             raise PermissionError("this KV store was opened read-only; rows appended to it stay in memory")
+        self._wait_for_writes()
         b = self.block_tokens
         for layer, arr in enumerate(self._arrays):
             start = self._flushed_blocks[layer] * b
@@ -190,7 +238,8 @@ class DiskTier:
                 arr.resize((arr.shape[0], rows, *arr.shape[2:]))
             if rows > start:
                 arr[:, start:rows] = self._pending[layer]
-            arr.attrs["rows"] = rows
+            if int(arr.attrs.get("rows", -1)) != rows:
+                arr.attrs["rows"] = rows
             pos = self._pos_arrays[layer]
             written = self._positions_written[layer]
             if pos.shape[0] != rows:
@@ -212,17 +261,21 @@ class DiskTier:
         return f"{arr.path}/{arr.metadata.encode_chunk_key((head, block, 0, 0))}"
 
     def _read_blocks(self, layer: int, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
-        """Read whole blocks ``(head, block)``; each is verified against its checksum.
+        """Read whole blocks ``(head, block)``, concurrently; each is verified against its checksum.
 
         A local store's chunk files are read directly (one ``read`` each: ~10x less overhead per
         chunk than zarr's async store on 2 cores, see bench/RESULTS.md); other stores through
-        zarr, concurrently."""
+        zarr's concurrent gets."""
         if not wanted:
             return {}
         keys = [self._chunk_key(layer, h, b) for h, b in wanted]
-        inner = self.store._store
-        if isinstance(inner, LocalStore):
-            datas = [self._read_local(Path(inner.root), key) for key in keys]
+        if self._root is not None:
+            datas = list(self._pool().map(self._read_local, keys)) if len(keys) > 1 else [self._read_local(keys[0])]
+            ledger = self.store.ledger
+            for data in datas:
+                if data is not None:
+                    ledger.bytes_read += len(data)
+                    ledger.objects_read += 1
         else:
             proto = default_buffer_prototype()
 
@@ -238,10 +291,10 @@ class DiskTier:
             out[hb] = np.frombuffer(data, dtype=self._raw).reshape(shape)
         return out
 
-    def _read_local(self, root: Path, key: str) -> bytes | None:
-        ledger = self.store.ledger
+    def _read_local(self, key: str) -> bytes | None:
+        """One chunk file, verified (thread-safe: the caller counts the bytes)."""
         try:
-            fd = os.open(root / key, os.O_RDONLY)
+            fd = os.open(self._root / key, os.O_RDONLY)
         except FileNotFoundError:
             return None
         try:
@@ -254,14 +307,16 @@ class DiskTier:
                 data += more
         finally:
             os.close(fd)
-        ledger.verify(key, data)
-        ledger.bytes_read += len(data)
-        ledger.objects_read += 1
+        self.store.ledger.verify(key, data)
         return data
 
     def gather(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``ids: (Hkv, K)`` int64 row ids -> keys, values ``(Hkv, K, d)`` on the compute device."""
+        """``ids: (Hkv, K)`` int64 row ids -> keys, values ``(Hkv, K, d)`` on the compute device.
+
+        The blocks needed and not cached are read concurrently, several heads' at a time."""
         lay, b = self.layout, self.block_tokens
+        if self._writes:
+            self._wait_for_writes()
         ids_np = ids.detach().cpu().numpy().astype(np.int64, copy=False)
         h, k = ids_np.shape
         n = self.num_rows(layer)
@@ -269,37 +324,47 @@ class DiskTier:
             raise IndexError(f"row ids must lie in 0..{n - 1} for layer {layer}, got {ids_np.min()}..{ids_np.max()}")
         stored = self._flushed_blocks[layer] * b
         out = np.empty((h, k, 2, lay.head_dim), self._raw)
-        store_rows = hits = misses = 0
         disk_before, bytes_before = process_disk_read_bytes(), self.store.ledger.bytes_read
-        # Head by head, so that blocks read but not kept by the cache are let go at once: the
-        # memory a gather holds beyond the cache is one head's blocks.
+        in_store = ids_np < stored
+        block_bytes = b * lay.row_bytes
+        hits = misses = 0
+        # Head by head, each head's rows copied out of a stack of its blocks in one indexing; the
+        # misses of several heads are read in one concurrent batch of at most READ_BATCH_BYTES, so
+        # that a gather holds at most that much beyond the cache and its output.
+        plans = []
         for head in range(h):
-            idh = ids_np[head]
-            sel = np.nonzero(idh < stored)[0]
-            blocks = np.unique(idh[sel] // b)
-            have, wanted = {}, []
-            for block in blocks.tolist():
-                cached = self.cache.get((layer, head, block))
-                if cached is None:
-                    wanted.append((head, block))
-                else:
-                    have[block] = cached
-            for (_, block), arr in self._read_blocks(layer, wanted).items():
-                self.cache.put((layer, head, block), arr)
-                have[block] = arr
-            hits += len(blocks) - len(wanted)
-            misses += len(wanted)
-            store_rows += sel.size
-            if sel.size:
-                order = sel[np.argsort(idh[sel] // b, kind="stable")]
-                starts = np.searchsorted(idh[order] // b, blocks)
-                for block, lo, hi in zip(blocks.tolist(), starts.tolist(), [*starts[1:].tolist(), order.size], strict=True):
-                    rows = order[lo:hi]
-                    out[head, rows] = have[block][idh[rows] - block * b]
-            rest = np.nonzero(idh >= stored)[0]
-            if rest.size:
-                out[head, rest] = self._pending[layer][head, idh[rest] - stored]
+            idh = ids_np[head][in_store[head]]
+            blocks, where = np.unique(idh // b, return_inverse=True)
+            found = [self.cache.get((layer, head, blk)) for blk in blocks.tolist()]
+            missing = [(head, blk) for blk, arr in zip(blocks.tolist(), found, strict=True) if arr is None]
+            plans.append((blocks, where, found, missing))
+        batch: list[int] = []
+        for head in range(h + 1):
+            if batch and (head == h or sum(len(plans[x][3]) for x in batch) * block_bytes + len(plans[head][3]) * block_bytes
+                          > READ_BATCH_BYTES):
+                fresh = self._read_blocks(layer, [hb for x in batch for hb in plans[x][3]])
+                for x in batch:
+                    blocks, where, found, missing = plans[x]
+                    for i, blk in enumerate(blocks.tolist()):
+                        if found[i] is None:
+                            found[i] = fresh[x, blk]
+                            self.cache.put((layer, x, blk), found[i])
+                    sel = np.nonzero(in_store[x])[0]
+                    if sel.size:
+                        out[x, sel] = np.stack(found)[where.reshape(-1), ids_np[x, sel] % b]
+                    hits += len(blocks) - len(missing)
+                    misses += len(missing)
+                    plans[x] = None
+                del fresh
+                batch = []
+            if head < h:
+                batch.append(head)
+        rest = ~in_store
+        if rest.any():
+            heads = np.broadcast_to(np.arange(h)[:, None], (h, k))
+            out[rest] = self._pending[layer][heads[rest], ids_np[rest] - stored]
         disk_after = process_disk_read_bytes()
+        store_rows = int(in_store.sum())
 
         rb = lay.row_bytes
         to_device = self.compute_device.type == "cuda"
@@ -321,8 +386,15 @@ class DiskTier:
     @property
     def checksums(self) -> dict[str, str]:
         """Checksum of every object written to the store, by key (for an artifact's manifest)."""
+        self._wait_for_writes()
         return dict(self.store.ledger.checksums)
 
     def close(self) -> None:
-        self.cache.clear()
-        self.store.close()
+        try:
+            self._wait_for_writes()
+        finally:
+            if self._io is not None:
+                self._io.shutdown(wait=True)
+                self._io = None
+            self.cache.clear()
+            self.store.close()

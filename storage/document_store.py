@@ -5,9 +5,16 @@
                              L{i}.tail_v (1, Hkv, n, d) and L{i}.tail_pos (n,)
     summaries.safetensors    per layer i: L{i}.map.<name> (the feature map's tensors) and
                              L{i}.summary.<name> (S, u, beta, v_max, count), float32
-    keys-L{i}-H{h}.f32       the mid keys of one KV head as float32 rows, checksummed in blocks of
-                             KEY_BLOCK_ROWS rows: every selector's state is rebuilt from them
+    selection.safetensors    the selection state a reopened document loads instead of reading keys:
+                             per layer i, L{i}.kmax and L{i}.kmin (Hkv, blocks, d), the block
+                             selector's bounds in the model's dtype, and L{i}.clusters (Hkv, n)
+                             int32, the centroid of every mid row (where the fused kernels use it);
+                             DocumentMeta.selection says what was saved
+    keys-L{i}-H{h}.f32       (faiss selector only) the mid keys of one KV head as float32 rows,
+                             checksummed in blocks of KEY_BLOCK_ROWS rows, for the flat index
     index-L{i}-H{h}.bin      a serialised FAISS index (index kinds ivf and hnsw)
+
+Any other selection state is rebuilt from the keys in ``kv.zarr`` (read once, at open).
     manifest.json            format, model fingerprint, :class:`DocumentMeta`, every checksum
 
 It knows tensor names and files, not models.
@@ -49,6 +56,9 @@ class DocumentMeta:
     block_tokens: int
     estimator: dict[str, Any] = field(default_factory=dict)
     index: dict[str, Any] = field(default_factory=dict)
+    # {"selector": ..., "block": tokens per unit, "bounds": bool, "clusters": bool} (empty: none saved,
+    # stores made before it existed)
+    selection: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,7 +66,7 @@ class DocumentMeta:
     @staticmethod
     def from_dict(meta: dict[str, Any]) -> "DocumentMeta":
         names = {f.name for f in fields(DocumentMeta)}
-        missing = names - set(meta) - {"estimator", "index"}
+        missing = names - set(meta) - {"estimator", "index", "selection"}
         if missing:
             raise ValueError(f"the store's manifest lacks {', '.join(sorted(missing))}: it was not made by rcengine prefill")
         return DocumentMeta(**{k: v for k, v in meta.items() if k in names})
@@ -69,6 +79,7 @@ class DocumentWriter:
         self.writer = writer
         self._anchors: dict[str, torch.Tensor] = {}
         self._summaries: dict[str, torch.Tensor] = {}
+        self._selection: dict[str, torch.Tensor] = {}
 
     def put_anchors(self, layer: int, sink_k: torch.Tensor, sink_v: torch.Tensor, tail_k: torch.Tensor, tail_v: torch.Tensor,
                     tail_pos: torch.Tensor) -> None:
@@ -81,6 +92,10 @@ class DocumentWriter:
         self._summaries.update({p + "map." + k: v for k, v in map_tensors.items()})
         self._summaries.update({p + "summary." + k: v for k, v in summary.items()})
 
+    def put_selection(self, layer: int, tensors: dict[str, torch.Tensor]) -> None:
+        """``kmax, kmin: (Hkv, blocks, d)`` and/or ``clusters: (Hkv, n)`` of one layer."""
+        self._selection.update({f"L{layer}.{k}": v for k, v in tensors.items()})
+
     def put_keys(self, layer: int, head: int, keys: np.ndarray) -> None:
         """``keys: (n, d)`` float32."""
         keys = np.ascontiguousarray(keys, dtype=np.float32)
@@ -92,6 +107,8 @@ class DocumentWriter:
     def commit(self, doc_ids: list[int], meta: DocumentMeta, fingerprint: dict[str, Any], kv_checksums: dict[str, str]) -> None:
         self.writer.put_tensors("anchors", {"doc_ids": torch.tensor(doc_ids, dtype=torch.int64), **self._anchors})
         self.writer.put_tensors("summaries", self._summaries)
+        if self._selection:
+            self.writer.put_tensors("selection", self._selection)
         self.writer.commit(fingerprint, meta.as_dict(), kv_checksums)
 
 
@@ -103,6 +120,7 @@ class DocumentReader:
         self.meta = DocumentMeta.from_dict(art.meta)
         self._anchors = art.read_tensors("anchors")
         self._summaries = art.read_tensors("summaries")
+        self._selection: dict[str, torch.Tensor] | None = None
 
     def anchors(self, layer: int) -> dict[str, torch.Tensor]:
         """``sink_k, sink_v, tail_k, tail_v, tail_pos`` of one layer."""
@@ -114,6 +132,17 @@ class DocumentReader:
         m, s = f"L{layer}.map.", f"L{layer}.summary."
         return ({k.removeprefix(m): v for k, v in self._summaries.items() if k.startswith(m)},
                 {k.removeprefix(s): v for k, v in self._summaries.items() if k.startswith(s)})
+
+    def selection(self, layer: int) -> dict[str, torch.Tensor]:
+        """One layer's saved selection state (empty if none was saved); the file is read and
+        verified once, on first use."""
+        if self._selection is None:
+            self._selection = self.art.read_tensors("selection") if self.art.has("selection.safetensors") else {}
+        p = f"L{layer}."
+        return {k.removeprefix(p): v for k, v in self._selection.items() if k.startswith(p)}
+
+    def has_keys(self) -> bool:
+        return self.art.has(keys_file(0, 0))
 
     def keys(self, layer: int, head: int) -> np.ndarray:
         """``(n, d)`` float32 mid keys of one KV head (read and verified whole)."""

@@ -17,6 +17,7 @@ from rcengine.engine.qa.engine import Engine
 from rcengine.storage import StreamedFlatIndex
 from conftest import logit_tolerance
 from rcengine.engine.decode.state import PLAN_HORIZON
+from rcengine.storage import DiskTier
 from tiny_models import FAMILIES, save_tiny_model
 
 PROMPT_LEN, NEW = 300, 12
@@ -73,11 +74,13 @@ def test_full_budget_matches_stock_decoding(models, family, method):
     assert answer.token_ids == stock
 
 
-def test_cpu_and_disk_offload_are_identical(models, tmp_path):
+@pytest.mark.parametrize("selector", ["exact", "block"])
+def test_cpu_and_disk_offload_are_identical(models, tmp_path, selector):
     ids = _prompt(seed=3)
-    cpu = _decode_logits(_engine(models["llama"], method="rc", budget=0.05, offload="cpu"), ids, NEW)
-    disk = _decode_logits(_engine(models["llama"], method="rc", budget=0.05, offload="disk", scratch_dir=str(tmp_path)), ids, NEW)
-    dev = _decode_logits(_engine(models["llama"], method="rc", budget=0.05, offload="device"), ids, NEW)
+    kw = {"method": "rc", "budget": 0.05, "selector": selector, "select_block": 16}
+    cpu = _decode_logits(_engine(models["llama"], offload="cpu", **kw), ids, NEW)
+    disk = _decode_logits(_engine(models["llama"], offload="disk", scratch_dir=str(tmp_path), **kw), ids, NEW)
+    dev = _decode_logits(_engine(models["llama"], offload="device", **kw), ids, NEW)
     assert cpu[0] == disk[0] == dev[0]
     # The same rows in the same order reach the same computation: bit-identical on the CPU.  On a
     # GPU, memory tiers run captured steps whose plans pad K (masked rows), disk steps run eagerly:
@@ -85,6 +88,31 @@ def test_cpu_and_disk_offload_are_identical(models, tmp_path):
     tol = 0.0 if torch.device(_engine(models["llama"]).lm.device).type == "cpu" else logit_tolerance(torch.bfloat16)
     assert torch.allclose(cpu[1], disk[1], rtol=tol, atol=tol) and torch.allclose(cpu[1], dev[1], rtol=tol, atol=tol)
     assert not list(tmp_path.iterdir())  # the scratch store is removed with its document
+
+
+def test_disk_reads_whole_selected_blocks_and_nothing_else(models, tmp_path):
+    """The default selector on disk selects the store's blocks: a cold read is what was asked for."""
+    engine = _engine(models["llama"], method="rc", budget=0.1, offload="disk", block_tokens=16)
+    assert engine.config.resolved().selector == "block" and engine.config.resolved().select_block == 16
+    doc = engine.prefill(_prompt(seed=5, n=600), store=tmp_path / "doc")
+    assert doc.state.selectors[0].block == 16
+    block_bytes = 16 * engine.lm.kv_shape[2] * 2 * (torch.finfo(engine.lm.dtype).bits // 8)
+
+    def cold_answer() -> tuple:  # the question's first step (its prefill), with an empty block cache
+        doc.drop_caches()
+        first = doc.meter.next_step()
+        doc.ask(_prompt(seed=6, n=7), SamplingConfig(max_new_tokens=3))
+        return doc.meter.totals(tier="disk", step=first + 1), doc.meter.totals(tier="disk", since=first)
+
+    cold, total = cold_answer()
+    # every block read is a selected unit: physical bytes are whole blocks, at most what was asked
+    # for (the question's 7 positions ask for some blocks more than once)
+    assert cold.cache_misses > 0 and cold.physical == cold.cache_misses * block_bytes <= cold.logical
+    assert total.cache_hits > 0 and total.physical <= total.logical
+    # single rows (exact Top-K) read whole store blocks: more bytes than they ask for
+    doc.configure(selector="exact")
+    cold_exact, _ = cold_answer()
+    assert cold_exact.physical / cold_exact.logical > 1.5 * cold.physical / cold.logical
 
 
 @pytest.mark.parametrize("method", ["dense", "topk", "rc", "sink-tail"])
@@ -162,8 +190,39 @@ def test_persisted_document_reopens_in_a_new_process(models, tmp_path, selector)
         assert in_memory.ask(question, SamplingConfig(max_new_tokens=8)).token_ids == here
 
 
+@pytest.mark.parametrize("selector", ["block", "exact"])
+def test_reopened_selection_state_is_read_not_rebuilt(models, tmp_path, selector, monkeypatch):
+    """The KV rows are written once (no second copy of the keys), the block selector's bounds are
+    saved and loaded (no KV row read at open), and the exact selector's keys come from the KV store."""
+    engine = _engine(models["qwen2"], method="rc", budget=0.1, offload="disk", selector=selector, block_tokens=16)
+    doc = engine.prefill(_prompt(seed=20, n=500), store=tmp_path / "doc")
+    question = _prompt(seed=21, n=6)
+    here = doc.ask(question, SamplingConfig(max_new_tokens=6)).token_ids
+    fresh = [s.saved() for s in doc.state.selectors] if selector == "block" else None
+    doc.close()
+    assert not list((tmp_path / "doc").glob("keys-*"))  # only the faiss selector's flat index needs key files
+    read_blocks, kv_read = DiskTier._read_blocks, []
+
+    def counted(self, layer, wanted):  # noqa: ANN001, ANN202
+        out = read_blocks(self, layer, wanted)
+        kv_read.extend(x.nbytes for x in out.values())
+        return out
+
+    monkeypatch.setattr(DiskTier, "_read_blocks", counted)
+    reopened = engine.open(tmp_path / "doc")
+    layers, heads, dim = engine.lm.kv_shape
+    kv_bytes = layers * heads * (reopened.state.mid_len // 16 * 16) * 2 * dim * (torch.finfo(engine.lm.dtype).bits // 8)
+    if selector == "block":
+        assert not kv_read
+        for sel, saved in zip(reopened.state.selectors, fresh, strict=True):
+            assert torch.equal(sel.saved()["kmax"], saved["kmax"]) and torch.equal(sel.saved()["kmin"], saved["kmin"])
+    else:  # every key, read once (with its value) from the KV store
+        assert sum(kv_read) == kv_bytes
+    assert reopened.ask(question, SamplingConfig(max_new_tokens=6)).token_ids == here
+
+
 def test_persisted_from_cpu_offload_and_reopened_into_memory(models, tmp_path):
-    engine = _engine(models["llama"], method="topk", budget=0.05, offload="cpu")
+    engine = _engine(models["llama"], method="topk", budget=0.05, offload="cpu", selector="exact")  # (auto: block on disk)
     question = _prompt(seed=13, n=5)
     doc = engine.prefill(_prompt(seed=12), store=tmp_path / "doc")
     here = doc.ask(question, SamplingConfig(max_new_tokens=6)).token_ids

@@ -204,6 +204,20 @@ class BlockSelector:
         self.kmin[:, first : first + blocks] = lo
         self.n += m
 
+    def saved(self) -> dict[str, torch.Tensor]:
+        """The bounds of the blocks filled so far, ``kmax, kmin: (Hkv, blocks, d)`` (to persist)."""
+        used = math.ceil(self.n / self.block)
+        return {"kmax": self.kmax[:, :used], "kmin": self.kmin[:, :used]}
+
+    def load(self, kmax: torch.Tensor, kmin: torch.Tensor, rows: int) -> None:
+        """Bounds saved by :meth:`saved` of ``rows`` mid rows, in place of adding their keys."""
+        if kmax.shape != kmin.shape or kmax.shape[1] != math.ceil(rows / self.block) or self.n:
+            raise ValueError(f"saved bounds {tuple(kmax.shape)} do not cover {rows} rows in blocks of {self.block}")
+        self.reserve(rows)
+        self.kmax[:, : kmax.shape[1]] = kmax.to(self.kmax.device, self.kmax.dtype)
+        self.kmin[:, : kmin.shape[1]] = kmin.to(self.kmin.device, self.kmin.dtype)
+        self.n = rows
+
     def choose(self, qg: torch.Tensor, cap: int, count: int, n_mid: torch.Tensor | int) -> torch.Tensor:
         """Block ids ``(T, Hkv, count)`` of the best blocks over the first ``cap`` rows, best first."""
         t, b = qg.shape[0], self.block

@@ -48,7 +48,7 @@ class KVState:
 
     def __init__(self, config: EngineConfig, layers: int, heads: int, dim: int, dtype: torch.dtype,
                  device: torch.device, tier: KVTier, meter: ByteMeter, index: KeyIndex | None = None) -> None:
-        self.config = config
+        self.config = config = config.resolved()
         self.num_layers, self.num_kv_heads, self.head_dim = layers, heads, dim
         self.dtype, self.device = dtype, torch.device(device)
         self.tier, self.meter, self.index = tier, meter, index
@@ -104,10 +104,22 @@ class KVState:
             if summary is not None:
                 summary.fold(fmap.key_logits(kp), vp)
 
+    def wants_clusters(self, layer: int) -> bool:
+        """Whether the layer keeps the centroid of every mid row (a centroid map, read by the fused
+        kernels only)."""
+        return isinstance(self.maps[layer], CentroidFeatures) and kernels.available(self.device)
+
+    def set_clusters(self, layer: int, ids: torch.Tensor) -> None:
+        """Centroid ids ``(Hkv, n)`` of the mid rows, saved with a persisted document."""
+        buf = torch.zeros(self.num_kv_heads, max(ids.shape[1], self.mid_len), dtype=torch.int32, device=self.device)
+        buf[:, : ids.shape[1]] = ids.to(self.device, torch.int32)
+        self.clusters[layer] = buf
+        self.version += 1
+
     def assign_clusters(self, layer: int, k: torch.Tensor, start: int) -> None:
         """Record the centroid of mid rows ``start..`` (keys ``(1, Hkv, m, d)``), for a centroid map."""
         fmap = self.maps[layer]
-        if not isinstance(fmap, CentroidFeatures) or k.shape[2] == 0 or not kernels.available(self.device):
+        if not self.wants_clusters(layer) or k.shape[2] == 0:
             return  # only the fused kernels read them
         m = k.shape[2]
         buf = self.clusters[layer]
@@ -229,6 +241,16 @@ class KVState:
             k, v = self.tier.gather(layer, torch.arange(n).expand(self.num_kv_heads, n))
         return k[None], v[None]
 
+    def mid_keys(self, layer: int):  # noqa: ANN201 (an iterator)
+        """The layer's mid keys from the tier, chunk by chunk: ``(start, keys (Hkv, m, d))`` in the
+        model's dtype on the compute device; not metered (rebuilding state, not a question's cost)."""
+        n, h = self.tier.num_rows(layer), self.num_kv_heads
+        for start in range(0, n, CHUNK_TOKENS):
+            m = min(CHUNK_TOKENS, n - start)
+            with self.meter.paused():
+                k, _ = self.tier.gather(layer, torch.arange(start, start + m).expand(h, m))
+            yield start, k.to(self.device, self.dtype)
+
     def estimator_layers(self, spec: EstimatorSpec) -> list[tuple[FeatureMap | None, Summary | None]]:
         """Every layer's (feature map, summary) of the mid-region under ``spec``: the live ones if
         ``spec`` is in use, else built once from the tier's rows (one full read, not metered) and
@@ -289,6 +311,7 @@ class KVState:
 
     def configure(self, config: EngineConfig) -> None:
         """Method, budget, estimator and selector of the next steps (between questions)."""
+        config = config.resolved()
         if config.estimator != self.config.estimator:
             self.use_estimator(config.estimator)
         self.use_selector(config.selector, config.select_block)

@@ -71,7 +71,7 @@ class Document:
         A new ``estimator`` or ``selector`` is built once from the tier (not metered) and kept."""
         changes = {k: v for k, v in {"method": method, "budget": budget, "estimator": estimator, "selector": selector,
                                      "select_block": select_block, "fused": fused}.items() if v is not None}
-        new = replace(self.engine.config, **changes)  # validated by EngineConfig
+        new = replace(self.engine.config, **changes).resolved()  # validated by EngineConfig
         self.state.configure(new)
         self.engine = type(self.engine)(self.engine.lm, new, self.engine.show_progress)
 

@@ -9,13 +9,18 @@ import torch
 
 from ...storage import ArtifactWriter, DiskTier, TierLayout
 from ...storage.document_store import DocumentMeta, DocumentReader, DocumentWriter
+from ..decode.selectors import BlockSelector
 from ..decode.state import KVState
 from ..rule.feature_maps import feature_map_from_tensors, feature_map_tensors
 from ..rule.summary import Summary
 
 
 def persist(state: KVState, doc_ids: list[int], writer: ArtifactWriter, fingerprint: dict[str, Any], dtype_name: str) -> None:
-    """Write everything a reopened document needs; commit makes it visible (atomically)."""
+    """Write everything a reopened document needs; commit makes it visible (atomically).
+
+    The rows are written once: a prefill to disk has already written them into the artifact's
+    store; nothing is read back.  The selection state that is not the keys themselves (block
+    bounds, centroid ids) is saved beside them, so that reopening reads it instead of the keys."""
     cfg = state.config
     layers, heads = state.num_layers, state.num_kv_heads
     tier = state.tier
@@ -31,18 +36,30 @@ def persist(state: KVState, doc_ids: list[int], writer: ArtifactWriter, fingerpr
         disk.close()
     doc = DocumentWriter(writer)
     tail_k, tail_v, tail_pos = state.tail.view()
+    bounds = clusters = False
     for layer in range(layers):
         doc.put_anchors(layer, state.sink_k[layer], state.sink_v[layer], tail_k[layer], tail_v[layer], tail_pos.cpu())
         if state.maps[layer] is not None:
             doc.put_estimator(layer, feature_map_tensors(state.maps[layer]), state.summaries[layer].state_dict())
-        keys, _ = state.read_mid(layer)  # (1, Hkv, n, d): the selection state of every selector
-        for head in range(heads):
-            doc.put_keys(layer, head, keys[0, head].float().cpu().numpy())
-            if cfg.selector == "faiss" and cfg.index.kind != "flat":
-                doc.put_index(layer, head, state.index.serialize(layer, head))
+        sel, saved = state.selectors[layer], {}
+        if isinstance(sel, BlockSelector):
+            saved.update(sel.saved())
+            bounds = True
+        if state.clusters[layer] is not None:
+            saved["clusters"] = state.clusters[layer][:, : state.mid_len]
+            clusters = True
+        if saved:
+            doc.put_selection(layer, saved)
+        if cfg.selector == "faiss":  # the flat index searches these (streamed from the store when reopened)
+            keys, _ = state.read_mid(layer)
+            for head in range(heads):
+                doc.put_keys(layer, head, keys[0, head].float().cpu().numpy())
+                if cfg.index.kind != "flat":
+                    doc.put_index(layer, head, state.index.serialize(layer, head))
     meta = DocumentMeta(tokens=state.seen, num_layers=layers, num_kv_heads=heads, head_dim=state.head_dim, dtype=dtype_name,
                         sink=cfg.sink, tail=cfg.tail, block_tokens=cfg.block_tokens,
-                        estimator=asdict(cfg.estimator), index=asdict(cfg.index))
+                        estimator=asdict(cfg.estimator), index=asdict(cfg.index),
+                        selection={"selector": cfg.selector, "block": state.selectors[0].block, "bounds": bounds, "clusters": clusters})
     doc.commit(doc_ids, meta, fingerprint, checksums)
 
 
@@ -69,8 +86,13 @@ def restore(state: KVState, reader: DocumentReader, streamed_keys: bool) -> None
 
 
 def _restore_selection(state: KVState, reader: DocumentReader, layer: int, streamed_keys: bool) -> None:
+    """The selector's state and the centroid ids from what was saved where it fits, else from the
+    keys in the tier (read once, chunk by chunk, not metered)."""
     cfg, heads = state.config, state.num_kv_heads
-    if cfg.selector == "faiss":  # (no cluster ids: only device selectors run the fused kernels)
+    saved = reader.selection(layer)
+    n = state.tier.num_rows(layer)
+    sel = state.selectors[layer]
+    if cfg.selector == "faiss" and reader.has_keys():  # (no cluster ids: only device selectors run the fused kernels)
         index = state.index
         for head in range(heads):
             if cfg.index.kind != "flat":
@@ -81,16 +103,19 @@ def _restore_selection(state: KVState, reader: DocumentReader, layer: int, strea
             else:
                 index.load_keys(layer, head, reader.keys(layer, head))
         return
-    # Block by block (the key files' verified blocks), so that building the state holds one block
-    # of every head's keys at a time, not the layer's.
-    blocks = [reader.keys_blocks(layer, head) for head in range(heads)]
-    start = 0
-    sel = state.selectors[layer]
-    sel.reserve(blocks[0].size // (4 * state.head_dim))
-    for b in range(blocks[0].num_blocks):
-        keys = torch.stack([torch.frombuffer(bytearray(r.read(b)), dtype=torch.float32).view(-1, state.head_dim)
-                            for r in blocks])  # (Hkv, m, d)
-        keys = keys.to(state.device, state.dtype)
-        sel.add(keys)
-        state.assign_clusters(layer, keys[None], start)
-        start += keys.shape[1]
+    has_bounds = isinstance(sel, BlockSelector) and "kmax" in saved and saved["kmax"].shape[1] * sel.block >= n \
+        and reader.meta.selection.get("block") == sel.block
+    sel.reserve(n)
+    if has_bounds:
+        sel.load(saved["kmax"], saved["kmin"], n)
+    need_clusters = state.wants_clusters(layer)
+    if need_clusters and "clusters" in saved and saved["clusters"].shape[1] == n:
+        state.set_clusters(layer, saved["clusters"])
+        need_clusters = False
+    if has_bounds and not need_clusters:
+        return
+    for start, keys in state.mid_keys(layer):  # keys (Hkv, m, d) in the model's dtype
+        if not has_bounds:
+            sel.add(keys)
+        if need_clusters:
+            state.assign_clusters(layer, keys[None], start)

@@ -1,0 +1,186 @@
+"""The disk tier against the host tier, side by side in one run: prefill time, bytes per step by
+tier (logical and physical) with a cold and a warm block cache, ms per token, and what reopening a
+persisted document reads for its selection state.
+
+For each length: one prefill into host memory (``offload cpu``) and one into a persisted store
+(``offload disk``), timed.  Then ``rc`` at ``--budget`` decodes ``--tokens`` steps (greedy, EOS
+ignored) with each of:
+
+- ``host exact`` and ``host block B``: the host tier with exact Top-K, and with the disk's block
+  selection (same units as on disk, so that only the tier differs);
+- ``disk block B cold`` / ``warm``: the disk tier's default selection (whole store blocks), with the
+  block cache emptied before the answer, and again with it as the previous answer left it;
+- ``disk exact cold`` / ``warm``: token-level Top-K on the disk tier (each row pulls in its block);
+- ``reopened block B`` and ``reopened exact``: the store reopened (``Engine.open``) in a fresh
+  engine: bytes read at open for selection (saved state and KV rows read to rebuild it) against
+  the logical KV bytes of one decode step, then a warm answer.
+
+    python -m rcengine.bench.disk_decode [--lengths 16384] [--synthetic 8b] [--out DIR]
+
+Without ``--synthetic`` it runs the embedded model on random token ids; ``--synthetic 8b`` builds
+the 8B-shaped random bf16 model of ``bench/gpu_decode.py`` (GPU machine).  Results go to
+``DIR/disk_decode.json`` after every row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from ..engine.config import EngineConfig
+from ..engine.qa.document import Document
+from ..engine.qa.engine import Engine
+from ..engine.sampling import SamplingConfig
+from ..storage import DEFAULT_BLOCK_TOKENS
+
+QUESTION_TOKENS = 16
+
+
+def _sync(lm) -> None:  # noqa: ANN001
+    if torch.device(lm.device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def answer_row(doc: Document, question: list[int], tokens: int, cold: bool) -> dict:
+    """One answer of ``tokens`` decode steps; per-step figures are means over its decode steps."""
+    if cold:
+        doc.drop_caches()
+    answer = doc.ask(question, SamplingConfig(max_new_tokens=tokens + 1, ignore_eos=True))
+    st = answer.stats
+    per_step = st["bytes_per_decode_step"]["by_tier"]
+    return {"ms_per_token": st["timings_ms"]["decode_per_token"],
+            "kv_logical_per_step": {t: v["logical"] for t, v in per_step.items()},
+            "kv_physical_per_step": {t: v["physical"] for t, v in per_step.items()},
+            "physical_over_logical": _ratio(per_step),
+            "selection_bytes_per_step": st["bytes_per_decode_step"]["index"]}
+
+
+def _ratio(by_tier: dict) -> float | None:
+    disk = by_tier.get("disk")
+    return None if not disk or not disk["logical"] else disk["physical"] / disk["logical"]
+
+
+def timed_prefill(engine: Engine, ids: list[int], store: Path | None) -> tuple[Document, float]:
+    _sync(engine.lm)
+    t0 = time.perf_counter()
+    doc = engine.prefill(ids, store=store)
+    _sync(engine.lm)
+    return doc, time.perf_counter() - t0
+
+
+def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
+    vocab = lm.model.config.vocab_size
+    ids = torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    question = ids[-QUESTION_TOKENS:]
+    b = args.block
+    base = EngineConfig(method="rc", budget=args.budget, block_tokens=b)
+    rows = out["rows"]
+
+    def add(row: dict) -> None:
+        rows.append({"tokens": n, **row})
+        print(json.dumps(rows[-1]), flush=True)
+        save()
+
+    host_engine = Engine(lm, EngineConfig(**{**_fields(base), "offload": "cpu", "selector": "exact"}), show_progress=False)
+    doc, host_s = timed_prefill(host_engine, ids, None)
+    add({"variant": "prefill to host memory", "seconds": host_s})
+    for selector, block in (("exact", None), ("block", b)):
+        doc.configure(selector=selector, select_block=block)
+        answer_row(doc, question, 2, cold=False)  # warm-up (graphs, kernels)
+        add({"variant": f"host {selector}" + (f" {block}" if block else ""), **answer_row(doc, question, args.tokens, cold=False)})
+    doc.close()
+    del doc
+
+    work = Path(tempfile.mkdtemp(prefix="rcengine-disk-bench-", dir=args.scratch))
+    try:
+        disk_engine = Engine(lm, EngineConfig(**{**_fields(base), "offload": "disk"}), show_progress=False)
+        doc, disk_s = timed_prefill(disk_engine, ids, work / "doc")
+        store_bytes = sum(f.stat().st_size for f in (work / "doc").rglob("*") if f.is_file())
+        add({"variant": "prefill to disk (persisted store)", "seconds": disk_s, "vs_host": disk_s / host_s, "store_bytes": store_bytes})
+        step_logical = None
+        for selector in ("block", "exact"):
+            doc.configure(selector=selector, select_block=b if selector == "block" else None)
+            answer_row(doc, question, 2, cold=True)  # warm-up
+            cold = answer_row(doc, question, args.tokens, cold=True)
+            warm = answer_row(doc, question, args.tokens, cold=False)
+            name = f"disk {selector}" + (f" {b}" if selector == "block" else "")
+            add({"variant": f"{name} cold", **cold})
+            add({"variant": f"{name} warm", **warm})
+            if selector == "block":
+                step_logical = sum(cold["kv_logical_per_step"].values())
+        doc.close()
+        del doc
+        for selector in ("block", "exact"):
+            cfg = EngineConfig(**{**_fields(base), "offload": "disk", "selector": selector})
+            engine = Engine(lm, cfg, show_progress=False)
+            _sync(lm)
+            t0 = time.perf_counter()
+            doc = engine.open(work / "doc")
+            _sync(lm)
+            open_s = time.perf_counter() - t0
+            kv_at_open = doc.state.tier.store.ledger.bytes_read
+            selection_file = work / "doc" / "selection.safetensors"
+            saved = selection_file.stat().st_size if selection_file.exists() and selector == "block" else 0
+            answer_row(doc, question, 2, cold=False)  # warm-up
+            row = answer_row(doc, question, args.tokens, cold=False)
+            add({"variant": f"reopened {selector}" + (f" {b}" if selector == "block" else ""), "open_s": open_s,
+                 "selection_state_bytes_read": saved, "kv_store_bytes_read_at_open": kv_at_open,
+                 "selection_read_over_step_logical": (saved + kv_at_open) / step_logical if step_logical else None, **row})
+            doc.close()
+            del doc
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _fields(cfg: EngineConfig) -> dict:
+    return {name: getattr(cfg, name) for name in cfg.__dataclass_fields__}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", default="16384")
+    parser.add_argument("--budget", type=float, default=0.01)
+    parser.add_argument("--block", type=int, default=DEFAULT_BLOCK_TOKENS, help="tokens per store block")
+    parser.add_argument("--tokens", type=int, default=16, help="decode steps per answer")
+    parser.add_argument("--synthetic", choices=["8b"], default=None, help="an 8B-shaped random model (GPU) instead of the embedded one")
+    parser.add_argument("--scratch", default=None, help="where the stores are written (default: the system's temporary folder)")
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    args = parser.parse_args()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    if args.synthetic:
+        from .synthetic import SHAPE_8B, random_llama
+
+        lm = random_llama(SHAPE_8B, max(lengths) + 4096, "cuda")
+    else:
+        from ..engine.hf.loader import load_model
+
+        lm = load_model(None)
+    outdir = Path(args.out)
+    outdir.mkdir(parents=True, exist_ok=True)
+    path = outdir / "disk_decode.json"
+    out = {"meta": {"date": date.today().isoformat(), "machine": platform.node(), "cpus": os.cpu_count(),
+                    "device": str(lm.device), "model": args.synthetic or "embedded", "budget": args.budget, "block": args.block,
+                    "tokens": args.tokens, "torch": torch.__version__}, "rows": []}
+
+    def save() -> None:
+        tmp = path.with_suffix(".part")
+        tmp.write_text(json.dumps(out, indent=1))
+        os.replace(tmp, path)
+
+    with torch.no_grad():
+        for n in lengths:
+            run_length(lm, n, args, out, save)
+    save()
+
+
+if __name__ == "__main__":
+    main()
