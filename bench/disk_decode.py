@@ -10,7 +10,8 @@ ignored) with each of:
   selection (same units as on disk, so that only the tier differs);
 - ``disk block B cold`` / ``warm``: the disk tier's default selection (whole store blocks), with the
   block cache emptied before the answer, and again with it as the previous answer left it;
-- ``disk exact cold`` / ``warm``: token-level Top-K on the disk tier (each row pulls in its block);
+- ``disk exact cold`` / ``warm``: token-level Top-K on the disk tier (each row pulls in its block;
+  up to ``--exact-max`` tokens);
 - ``reopened block B`` and ``reopened exact``: the store reopened (``Engine.open``) in a fresh
   engine: bytes read at open for selection (saved state and KV rows read to rebuild it) against
   the logical KV bytes of one decode step, then a warm answer.
@@ -40,7 +41,7 @@ from ..engine.config import EngineConfig
 from ..engine.qa.document import Document
 from ..engine.qa.engine import Engine
 from ..engine.sampling import SamplingConfig
-from ..storage import DEFAULT_BLOCK_TOKENS
+from ..storage import DEFAULT_BLOCK_TOKENS, Artifact, DiskTier
 
 QUESTION_TOKENS = 16
 
@@ -54,19 +55,19 @@ def answer_row(doc: Document, question: list[int], tokens: int, cold: bool) -> d
     """One answer of ``tokens`` decode steps; per-step figures are means over its decode steps."""
     if cold:
         doc.drop_caches()
+    first = doc.meter.step + 1  # the answer's first step (the question's prefill)
     answer = doc.ask(question, SamplingConfig(max_new_tokens=tokens + 1, ignore_eos=True))
     st = answer.stats
     per_step = st["bytes_per_decode_step"]["by_tier"]
+    disk = doc.meter.totals(tier="disk", since=first)
     return {"ms_per_token": st["timings_ms"]["decode_per_token"],
             "kv_logical_per_step": {t: v["logical"] for t, v in per_step.items()},
             "kv_physical_per_step": {t: v["physical"] for t, v in per_step.items()},
-            "physical_over_logical": _ratio(per_step),
-            "selection_bytes_per_step": st["bytes_per_decode_step"]["index"]}
-
-
-def _ratio(by_tier: dict) -> float | None:
-    disk = by_tier.get("disk")
-    return None if not disk or not disk["logical"] else disk["physical"] / disk["logical"]
+            "selection_bytes_per_step": st["bytes_per_decode_step"]["index"],
+            # the whole answer (question prefill and decode steps) on the disk tier
+            "answer_disk_logical": disk.logical, "answer_disk_physical": disk.physical,
+            "answer_disk_physical_over_logical": disk.physical / disk.logical if disk.logical else None,
+            "answer_block_cache_hits": disk.cache_hits, "answer_block_cache_misses": disk.cache_misses}
 
 
 def timed_prefill(engine: Engine, ids: list[int], store: Path | None) -> tuple[Document, float]:
@@ -95,7 +96,7 @@ def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
     add({"variant": "prefill to host memory", "seconds": host_s})
     for selector, block in (("exact", None), ("block", b)):
         doc.configure(selector=selector, select_block=block)
-        answer_row(doc, question, 2, cold=False)  # warm-up (graphs, kernels)
+        answer_row(doc, question, args.tokens, cold=False)  # warm-up (kernels, graphs)
         add({"variant": f"host {selector}" + (f" {block}" if block else ""), **answer_row(doc, question, args.tokens, cold=False)})
     doc.close()
     del doc
@@ -107,9 +108,10 @@ def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
         store_bytes = sum(f.stat().st_size for f in (work / "doc").rglob("*") if f.is_file())
         add({"variant": "prefill to disk (persisted store)", "seconds": disk_s, "vs_host": disk_s / host_s, "store_bytes": store_bytes})
         step_logical = None
-        for selector in ("block", "exact"):
+        disk_selectors = ("block", "exact") if n <= args.exact_max else ("block",)
+        for selector in disk_selectors:
             doc.configure(selector=selector, select_block=b if selector == "block" else None)
-            answer_row(doc, question, 2, cold=True)  # warm-up
+            answer_row(doc, question, args.tokens, cold=True)  # warm-up
             cold = answer_row(doc, question, args.tokens, cold=True)
             warm = answer_row(doc, question, args.tokens, cold=False)
             name = f"disk {selector}" + (f" {b}" if selector == "block" else "")
@@ -119,7 +121,10 @@ def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
                 step_logical = sum(cold["kv_logical_per_step"].values())
         doc.close()
         del doc
-        for selector in ("block", "exact"):
+        probe = DiskTier.open(Artifact.open(work / "doc").kv_location)
+        base_open = probe.store.ledger.bytes_read  # what opening the store reads: metadata, positions, partial blocks
+        probe.close()
+        for selector in disk_selectors:
             cfg = EngineConfig(**{**_fields(base), "offload": "disk", "selector": selector})
             engine = Engine(lm, cfg, show_progress=False)
             _sync(lm)
@@ -127,13 +132,14 @@ def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
             doc = engine.open(work / "doc")
             _sync(lm)
             open_s = time.perf_counter() - t0
-            kv_at_open = doc.state.tier.store.ledger.bytes_read
+            kv_at_open = doc.state.tier.store.ledger.bytes_read - base_open  # KV rows read to rebuild selection state
             selection_file = work / "doc" / "selection.safetensors"
             saved = selection_file.stat().st_size if selection_file.exists() and selector == "block" else 0
-            answer_row(doc, question, 2, cold=False)  # warm-up
+            answer_row(doc, question, args.tokens, cold=False)  # warm-up
             row = answer_row(doc, question, args.tokens, cold=False)
             add({"variant": f"reopened {selector}" + (f" {b}" if selector == "block" else ""), "open_s": open_s,
-                 "selection_state_bytes_read": saved, "kv_store_bytes_read_at_open": kv_at_open,
+                 "selection_state_bytes_read": saved, "kv_rows_read_at_open": kv_at_open,
+                 "store_metadata_and_positions_read": base_open,
                  "selection_read_over_step_logical": (saved + kv_at_open) / step_logical if step_logical else None, **row})
             doc.close()
             del doc
@@ -151,6 +157,8 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=0.01)
     parser.add_argument("--block", type=int, default=DEFAULT_BLOCK_TOKENS, help="tokens per store block")
     parser.add_argument("--tokens", type=int, default=16, help="decode steps per answer")
+    parser.add_argument("--exact-max", type=int, default=32768,
+                        help="longest length at which token-level selection runs on the disk tier (it reads most blocks each step)")
     parser.add_argument("--synthetic", choices=["8b"], default=None, help="an 8B-shaped random model (GPU) instead of the embedded one")
     parser.add_argument("--scratch", default=None, help="where the stores are written (default: the system's temporary folder)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))

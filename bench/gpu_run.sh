@@ -6,8 +6,9 @@
 #   bash bench/gpu_run.sh tests                 # the whole test suite  ($OUT/tests.log)
 #   bash bench/gpu_run.sh decode [ARGS...]      # bench/gpu_decode.py   ($OUT/gpu_decode.json, decode.log)
 #   bash bench/gpu_run.sh tests decode [ARGS]   # both, tests first
+#   bash bench/gpu_run.sh disk [ARGS...]        # bench/disk_decode.py on the 8B shape ($OUT/disk_decode.json, disk.log)
 #
-# TESTS_S and DECODE_S (seconds) bound the two parts; PYTEST_ARGS picks tests (default:
+# TESTS_S, DECODE_S and DISK_S (seconds) bound the parts; PYTEST_ARGS picks tests (default:
 # all; the whole suite took 517 s on the H200).  With pytest-timeout among the wheels
 # (bash ../shared/gpu/wheels.sh pytest-timeout), add --timeout=120 to name a hanging test.
 set -uo pipefail
@@ -27,4 +28,9 @@ if [ "${1:-}" = decode ]; then
   shift
   timeout "${DECODE_S:-540}" python3 -m rcengine.bench.gpu_decode --out "$OUT" "$@" > "$OUT/decode.log" 2>&1
   echo "decode exit $?"; tail -n 40 "$OUT/decode.log"
+fi
+if [ "${1:-}" = disk ]; then
+  shift
+  timeout "${DISK_S:-540}" python3 -m rcengine.bench.disk_decode --synthetic 8b --scratch /tmp --out "$OUT" "$@" > "$OUT/disk.log" 2>&1
+  echo "disk exit $?"; df -h /tmp | tail -1; tail -n 40 "$OUT/disk.log" | cut -c1-600
 fi

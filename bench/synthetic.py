@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 from pathlib import Path
 
 import torch
@@ -43,7 +45,11 @@ def random_llama(shape: dict, max_positions: int, device: str | torch.device, dt
         torch.set_default_dtype(previous)
     use_rcengine_attention(model)
     model.eval()
-    return LoadedModel(model, tokenizer, Path(f"random-llama-{config.num_hidden_layers}L-{config.hidden_size}"), torch.device(device))
+    lm = LoadedModel(model, tokenizer, Path(f"random-llama-{config.num_hidden_layers}L-{config.hidden_size}"), torch.device(device))
+    # No folder to hash: its fingerprint (for persisted stores) names the shape, the seed and the dtype.
+    lm._fingerprint = {"name": lm.name, "model_type": "llama", "config_sha256": hashlib.sha256(config.to_json_string().encode()).hexdigest(),
+                       "weights": {"random_normal_std_0.02_seed": seed}, "tokenizer_sha256": "", "dtype": str(dtype).removeprefix("torch.")}
+    return lm
 
 
 def save_random_llama(path: Path, shape: dict = SHAPE_SMALL, max_positions: int = 65536, seed: int = 0) -> Path:

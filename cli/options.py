@@ -28,7 +28,6 @@ class OffloadName(str, Enum):
 
 
 class SelectorName(str, Enum):
-    auto = "auto"
     exact = "exact"
     block = "block"
     faiss = "faiss"
@@ -54,9 +53,9 @@ SINK = typer.Option(4, "--sink", min=0, help="Anchor tokens kept at the start.")
 TAIL = typer.Option(64, "--tail", min=1, help="Anchor tokens kept at the end (generated tokens join them).")
 ESTIMATOR = typer.Option(EstimatorName.centroid, "--estimator", help="Completion estimator for rc.")
 FEATURES = typer.Option(64, "--features", min=2, help="Centroids or random features per KV head.")
-SELECTOR = typer.Option(SelectorName.auto, "--selector", help="How topk and rc choose what to read: exact (keys on the "
-                        "compute device), block (block bounds on the device: the store's blocks on disk, 16 tokens in "
-                        "memory), faiss (an index on the host); auto is block on disk, exact in memory.")
+SELECTOR = typer.Option(SelectorName.exact, "--selector", help="How topk and rc choose what to read: exact (Top-K tokens; "
+                        "keys on the compute device), block (whole blocks, by bounds on the device: the store's blocks on "
+                        "disk, so that reads are what was selected; 16 tokens in memory), faiss (an index on the host).")
 TEMPERATURE = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy.")
 TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0)
 SEED = typer.Option(None, "--seed")
@@ -67,7 +66,7 @@ TRUST = typer.Option(False, "--trust-remote-code", help="Allow the model folder'
 
 def engine_config(method: MethodName, budget: float, offload: OffloadName, sink: int = 4, tail: int = 64,
                   estimator: EstimatorName = EstimatorName.centroid, features: int = 64,
-                  selector: SelectorName = SelectorName.auto) -> "rcengine.EngineConfig":
+                  selector: SelectorName = SelectorName.exact) -> "rcengine.EngineConfig":
     import rcengine
 
     return rcengine.EngineConfig(

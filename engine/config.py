@@ -10,8 +10,8 @@ from .rule.feature_maps import EstimatorSpec
 from .rule.methods import METHODS, Method
 
 Offload = Literal["device", "cpu", "disk"]
-Selector = Literal["auto", "exact", "block", "faiss"]
-SELECTORS: tuple[str, ...] = ("auto", "exact", "block", "faiss")
+Selector = Literal["exact", "block", "faiss"]
+SELECTORS: tuple[str, ...] = ("exact", "block", "faiss")
 # The block selector's unit off the disk tier: Quest's page size (16-token pages selected 7.7
 # ms/token at 128K, bench/RESULTS.md).
 MEMORY_SELECT_BLOCK = 16
@@ -36,7 +36,9 @@ class EngineConfig:
       copy of every mid key on the compute device: the oracle Top-K), ``block`` (whole blocks of
       ``select_block`` tokens, ranked by per-block key bounds held on the device; a sixteenth of
       the KV's size at 16 tokens), ``faiss`` (a FAISS index per KV head on the host, of kind
-      ``index``) or ``auto`` (the default: ``block`` on the disk tier, ``exact`` in memory).
+      ``index``).  Exact is the default on every tier: on the embedded model, at equal bytes
+      moved from disk, token-level selection at a small budget buys far lower KL and higher
+      accuracy than 64-token blocks (bench/RESULTS.md); blocks keep the device state small.
     - ``select_block``: tokens per unit of the block selector; None (the default) is the store's
       block (``block_tokens``) on the disk tier, so that what is read is what was selected, and
       16 in memory.  The budget counts whole units.
@@ -62,7 +64,7 @@ class EngineConfig:
     block_tokens: int = DEFAULT_BLOCK_TOKENS
     cache_bytes: int = DEFAULT_CACHE_BYTES
     prefill_chunk: int = 1024
-    selector: Selector = "auto"
+    selector: Selector = "exact"
     select_block: int | None = None
     keys_in_memory: bool = False
     graphs: bool = True
@@ -85,8 +87,7 @@ class EngineConfig:
             raise ValueError("method 'rc' needs an estimator (favor or centroid); use method 'topk' for none")
 
     def resolved(self) -> "EngineConfig":
-        """This configuration with ``selector`` and ``select_block`` made concrete for its offload."""
-        disk = self.offload == "disk"
-        selector = ("block" if disk else "exact") if self.selector == "auto" else self.selector
-        block = self.select_block if self.select_block is not None else (self.block_tokens if disk else MEMORY_SELECT_BLOCK)
-        return self if (selector, block) == (self.selector, self.select_block) else replace(self, selector=selector, select_block=block)
+        """This configuration with ``select_block`` made concrete for its offload."""
+        if self.select_block is not None:
+            return self
+        return replace(self, select_block=self.block_tokens if self.offload == "disk" else MEMORY_SELECT_BLOCK)

@@ -3,5 +3,8 @@
 # 64 tokens a block: within 12 % of the fastest (16) with a warm block cache at 4x fewer files;
 # bench/RESULTS.md (disk layout) has the sizes measured against each other.
 DEFAULT_BLOCK_TOKENS = 64
+# Blocks of every KV head per chunk file (1,024 tokens at 64 a block): creating files, not writing
+# bytes, bounded a prefill to disk with one file per block and head (bench/RESULTS.md).
+DEFAULT_CHUNK_BLOCKS = 16
 # The disk tier's LRU block cache: 256 MiB holds 1 % of a 32K-token 8B-shaped KV cache 60 times over.
 DEFAULT_CACHE_BYTES = 256 << 20

@@ -1,20 +1,29 @@
-"""The disk tier: mid-region rows in a Zarr v3 store, read in whole blocks through a bounded cache.
+"""The disk tier: mid-region rows in a Zarr v3 store, read in blocks through a bounded cache.
 
-Layout (one store per sequence; see ``bench/disk_layout.py`` for the measurements behind it):
+Layout (one store per sequence; ``bench/disk_layout.py`` and ``bench/disk_decode.py`` hold the
+measurements behind it):
 
-- root group attributes: format, version, layout (layers, KV heads, head dim, dtype), block size;
-- ``L{layer}``: ``(Hkv, rows, 2, d)`` raw bits of the model's dtype, uncompressed, one chunk per
-  (KV head, block of ``block_tokens`` neighbouring tokens); attribute ``rows``;
+- root group attributes: format, version, layout (layers, KV heads, head dim, dtype), the block
+  (``block_tokens``: the unit read, and the unit the disk's block selector selects) and the chunk
+  (``chunk_tokens`` neighbouring tokens of ``chunk_heads`` KV heads: one file);
+- ``L{layer}``: ``(Hkv, rows, 2, d)`` raw bits of the model's dtype, uncompressed, in chunks of
+  ``(chunk_heads, chunk_tokens, 2, d)``: a block of one head is a contiguous byte range of its
+  chunk, read on its own (``pread``) and verified against its own checksum;
 - ``P{layer}``: ``(rows,)`` int64 token positions.
 
-A gather reads every block of the layer that holds a requested row and is not cached, all at once
-(concurrent reads on a small thread pool: one ``read`` per chunk file of a local store, zarr's
-concurrent gets otherwise), verifies each against its checksum (:mod:`.checked_store`), keeps it in
-an LRU cache bounded in bytes, and copies out the rows asked for.  A selector whose units are the
-store's blocks (``BlockSelector`` with ``block == block_tokens``) reads exactly what it asks for.
+Version 2 writes every KV head of ``chunk_tokens`` (16 blocks by default) tokens into one file: at 64
+tokens a block that is 128x fewer files than version 1's one file per block and head (which the
+reader still reads: ``chunk_heads`` 1, ``chunk_tokens == block_tokens``).  Creating files, not
+writing bytes, bounded a prefill to disk (bench/RESULTS.md).
 
-Appended rows wait in host memory until they fill a block, which is then written: to a local store
-on background threads (chunk files written directly, each once, so that writes overlap the caller's
+A gather reads every block of the layer that holds a requested row and is not cached, in
+concurrent batches (a small thread pool, each task reading its share of the files, one ``pread``
+per block; zarr's byte-range gets for other stores), verifies each, keeps it in an LRU cache bounded
+in bytes, and copies out the rows asked for.  A selector whose units are the store's blocks reads
+exactly what it asks for.
+
+Appended rows wait in host memory until they fill a chunk, which is then written: to a local store
+on background threads (chunk files written directly, once, so that writes overlap the caller's
 compute; :meth:`flush` waits for them and writes the array metadata), elsewhere through zarr.  Only
 a writable store is written; a committed artifact is never modified, so rows appended to a reopened
 store stay in memory and are metered as tier ``cpu``.
@@ -30,20 +39,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from zarr.abc.store import RangeByteRequest
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from .block_cache import BlockCache
-from .checked_store import CheckedStore, Ledger
-from .checksums import crc32c_hex
-from .defaults import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES
+from .checked_store import CheckedStore, Ledger, slice_key
+from .checksums import CorruptChunkError, crc32c_hex
+from .defaults import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_BLOCKS
 from .meter import ByteMeter, Counters, process_disk_read_bytes
 from .rows import DTYPES_BY_NAME, dtype_name, from_raw_numpy, pack, raw_numpy_dtype, to_raw_numpy
 from .tier import TierLayout, check_append
 
 FORMAT = "rcengine-kv"
-VERSION = 1
+VERSION = 2
+READS_VERSIONS = (1, 2)
 # Threads that read and write chunk files (reads and writes release the GIL).
 IO_THREADS = 8
 # A gather reads the blocks it misses in concurrent batches of at most this many bytes.
@@ -70,21 +81,26 @@ class DiskTier:
         compute_device: torch.device | str,
         meter: ByteMeter | None,
         read_only: bool,
+        chunk_tokens: int | None = None,
+        chunk_heads: int | None = None,
     ) -> None:
         self.store = store
         self.layout = layout
         self.block_tokens = block_tokens
+        self.chunk_tokens = chunk_tokens or block_tokens
+        self.chunk_heads = chunk_heads or layout.num_kv_heads
         self.cache = BlockCache(cache_bytes)
         self.compute_device = torch.device(compute_device)
         self.meter = meter if meter is not None else ByteMeter()
         self.read_only = read_only
         self._raw = raw_numpy_dtype(layout.dtype)
+        self._block_bytes = block_tokens * layout.row_bytes
         self._group = zarr.open_group(store, mode="r" if read_only else "r+")
-        # Every block is written, zeros too, so that every stored block has a checksum.
+        # Every chunk is written, zeros too, so that every stored chunk has a checksum.
         self._arrays = [self._group[f"L{i}"].with_config({"write_empty_chunks": True}) for i in range(layout.num_layers)]
         self._pos_arrays = [self._group[f"P{i}"] for i in range(layout.num_layers)]
         d, h = layout.head_dim, layout.num_kv_heads
-        self._flushed_blocks = [0] * layout.num_layers  # whole blocks held by the store
+        self._flushed_chunks = [0] * layout.num_layers  # whole chunks held by the store
         self._pending = [np.zeros((h, 0, 2, d), self._raw) for _ in range(layout.num_layers)]
         self._positions: list[np.ndarray] = [np.zeros(0, np.int64) for _ in range(layout.num_layers)]
         self._positions_written = [0] * layout.num_layers
@@ -108,15 +124,26 @@ class DiskTier:
         compute_device: torch.device | str = "cpu",
         meter: ByteMeter | None = None,
         overwrite: bool = False,
+        chunk_tokens: int | None = None,
+        chunk_heads: int | None = None,
     ) -> "DiskTier":
-        """A new, empty store at ``location`` (refused if one exists there, unless ``overwrite``)."""
+        """A new, empty store at ``location`` (refused if one exists there, unless ``overwrite``).
+        ``chunk_tokens`` (a multiple of ``block_tokens``; default DEFAULT_CHUNK_BLOCKS blocks) tokens
+        of ``chunk_heads`` KV heads (default all; 1 or all) make one chunk file."""
         if block_tokens < 1:
             raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
+        if chunk_tokens is None:
+            chunk_tokens = block_tokens * DEFAULT_CHUNK_BLOCKS
+        if chunk_tokens < block_tokens or chunk_tokens % block_tokens:
+            raise ValueError(f"chunk_tokens must be a multiple of block_tokens ({block_tokens}), got {chunk_tokens}")
+        heads = chunk_heads or layout.num_kv_heads
+        if heads not in (1, layout.num_kv_heads):
+            raise ValueError(f"chunk_heads must be 1 or {layout.num_kv_heads}, got {chunk_heads}")
         store = CheckedStore(open_store(location, read_only=False), Ledger(location=str(location)))
         attrs = {
             "format": FORMAT, "version": VERSION, "num_layers": layout.num_layers,
             "num_kv_heads": layout.num_kv_heads, "head_dim": layout.head_dim,
-            "dtype": dtype_name(layout.dtype), "block_tokens": block_tokens,
+            "dtype": dtype_name(layout.dtype), "block_tokens": block_tokens, "chunk_tokens": chunk_tokens, "chunk_heads": heads,
         }
         try:
             group = zarr.create_group(store, attributes=attrs, overwrite=overwrite)
@@ -126,11 +153,12 @@ class DiskTier:
         for layer in range(layout.num_layers):
             group.create_array(
                 f"L{layer}", shape=(layout.num_kv_heads, 0, 2, layout.head_dim), dtype=raw,
-                chunks=(1, block_tokens, 2, layout.head_dim), compressors=None, fill_value=0,
+                chunks=(heads, chunk_tokens, 2, layout.head_dim), compressors=None, fill_value=0,
                 attributes={"rows": 0},
             )
-            group.create_array(f"P{layer}", shape=(0,), dtype=np.int64, chunks=(65536,), compressors=None, fill_value=0)
-        return cls(store, layout, block_tokens, cache_bytes, compute_device, meter, read_only=False)
+            group.create_array(f"P{layer}", shape=(0,), dtype=np.int64, chunks=(16384,), compressors=None, fill_value=0)
+        return cls(store, layout, block_tokens, cache_bytes, compute_device, meter, read_only=False,
+                   chunk_tokens=chunk_tokens, chunk_heads=heads)
 
     @classmethod
     def open(
@@ -151,18 +179,21 @@ class DiskTier:
             raise FileNotFoundError(f"no KV store at {location}") from e
         if attrs.get("format") != FORMAT:
             raise ValueError(f"{location} is not an rcengine KV store (format {attrs.get('format')!r})")
-        if attrs.get("version") != VERSION:
-            raise ValueError(f"KV store {location} has format version {attrs.get('version')}, this rcengine reads {VERSION}")
+        if attrs.get("version") not in READS_VERSIONS:
+            raise ValueError(f"KV store {location} has format version {attrs.get('version')}, this rcengine reads "
+                             f"{', '.join(map(str, READS_VERSIONS))}")
         layout = TierLayout(attrs["num_layers"], attrs["num_kv_heads"], attrs["head_dim"], DTYPES_BY_NAME[attrs["dtype"]])
-        return cls(store, layout, attrs["block_tokens"], cache_bytes, compute_device, meter, read_only=True)
+        b = attrs["block_tokens"]
+        chunk_tokens, chunk_heads = attrs.get("chunk_tokens", b), attrs.get("chunk_heads", 1)  # version 1: a chunk per block and head
+        return cls(store, layout, b, cache_bytes, compute_device, meter, read_only=True, chunk_tokens=chunk_tokens, chunk_heads=chunk_heads)
 
     def _load_tail(self, layer: int, rows: int) -> None:
-        """On open: whole blocks stay in the store; the last, partial block is read into memory."""
-        b = self.block_tokens
-        full = rows // b
-        self._flushed_blocks[layer] = full
-        if rows > full * b:
-            self._pending[layer] = np.ascontiguousarray(self._arrays[layer][:, full * b : rows])
+        """On open: whole chunks stay in the store; the last, partial chunk is read into memory."""
+        s = self.chunk_tokens
+        full = rows // s
+        self._flushed_chunks[layer] = full
+        if rows > full * s:
+            self._pending[layer] = np.ascontiguousarray(self._arrays[layer][:, full * s : rows])
         self._positions[layer] = np.asarray(self._pos_arrays[layer][:rows], dtype=np.int64)
         self._positions_written[layer] = rows
 
@@ -173,43 +204,63 @@ class DiskTier:
         self._pending[layer] = np.concatenate([self._pending[layer], to_raw_numpy(pack(keys, values))], axis=1)
         self._positions[layer] = np.concatenate([self._positions[layer], positions.detach().cpu().numpy().astype(np.int64)])
         if not self.read_only:
-            self._write_full_blocks(layer)
+            self._write_full_chunks(layer)
 
     def _pool(self) -> ThreadPoolExecutor:
         if self._io is None:
             self._io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="rcengine-disk")
         return self._io
 
-    def _write_full_blocks(self, layer: int) -> None:
-        b = self.block_tokens
-        full = self._pending[layer].shape[1] // b
+    def _write_full_chunks(self, layer: int) -> None:
+        s = self.chunk_tokens
+        full = self._pending[layer].shape[1] // s
         if full == 0:
             return
-        start = self._flushed_blocks[layer] * b
-        stop = start + full * b
-        rows, self._pending[layer] = self._pending[layer][:, : full * b], np.ascontiguousarray(self._pending[layer][:, full * b :])
-        first = start // b
-        for block in range(first, first + full):
-            for head in range(self.layout.num_kv_heads):
-                self.cache.discard((layer, head, block))
+        first = self._flushed_chunks[layer]
+        rows, self._pending[layer] = self._pending[layer][:, : full * s], np.ascontiguousarray(self._pending[layer][:, full * s :])
+        self._discard_cached(layer, first * s, (first + full) * s)
         if self._root is not None:  # background writes, straight to the chunk files
-            self._writes.append(self._pool().submit(self._write_blocks, layer, first, rows))
+            self._writes.append(self._pool().submit(self._write_chunks, layer, first, rows))
         else:
             arr = self._arrays[layer]
+            stop = (first + full) * s
             if arr.shape[1] < stop:
                 arr.resize((arr.shape[0], stop, *arr.shape[2:]))
-            arr[:, start:stop] = rows
-        self._flushed_blocks[layer] += full
+            arr[:, first * s : stop] = rows
+            self._record_block_checksums(layer, first * s, rows)
+        self._flushed_chunks[layer] += full
 
-    def _write_blocks(self, layer: int, first: int, rows: np.ndarray) -> None:
-        """Write whole blocks ``rows: (Hkv, blocks b, 2, d)`` from block ``first`` on as chunk files
-        (what zarr writes for an uncompressed chunk: its raw little-endian bytes), checksummed."""
+    def _discard_cached(self, layer: int, start: int, stop: int) -> None:
         b = self.block_tokens
-        for j in range(rows.shape[1] // b):
-            for head in range(rows.shape[0]):
-                self._write_chunk(self._chunk_key(layer, head, first + j), rows[head, j * b : (j + 1) * b].tobytes())
+        for block in range(start // b, -(-stop // b)):
+            for head in range(self.layout.num_kv_heads):
+                self.cache.discard((layer, head, block))
 
-    def _write_chunk(self, key: str, data: bytes) -> None:
+    def _write_chunks(self, layer: int, first: int, rows: np.ndarray) -> None:
+        """Write whole chunks ``rows: (Hkv, chunks chunk_tokens, 2, d)`` from chunk ``first`` on as
+        files (what zarr writes for an uncompressed chunk: its raw little-endian bytes, C order),
+        with a checksum of each file and of each (head, block) byte range in it."""
+        s, hc = self.chunk_tokens, self.chunk_heads
+        for j in range(rows.shape[1] // s):
+            for h0 in range(0, rows.shape[0], hc):
+                part = np.ascontiguousarray(rows[h0 : h0 + hc, j * s : (j + 1) * s])
+                key = self._arrays[layer].path + "/" + self._arrays[layer].metadata.encode_chunk_key((h0 // hc, first + j, 0, 0))
+                data = part.tobytes()
+                self._write_file(key, data)
+        self._record_block_checksums(layer, first * s, rows)
+
+    def _record_block_checksums(self, layer: int, start: int, rows: np.ndarray) -> None:
+        """Checksums of the (head, block) byte ranges of rows ``start..`` (whole blocks only)."""
+        if self.chunk_tokens == self.block_tokens and self.chunk_heads == 1:
+            return  # a block is a whole file, checksummed as such
+        b, ledger = self.block_tokens, self.store.ledger
+        for j in range(rows.shape[1] // b):
+            block = start // b + j
+            for head in range(rows.shape[0]):
+                key, offset = self._block_location(layer, head, block)
+                ledger.checksums[slice_key(key, offset)] = crc32c_hex(rows[head, j * b : (j + 1) * b].tobytes())
+
+    def _write_file(self, key: str, data: bytes) -> None:
         path = self._root / key
         if path.parent not in self._dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -224,20 +275,21 @@ class DiskTier:
             w.result()  # re-raises a failed write here
 
     def flush(self) -> None:
-        """Write everything appended so far, the last partial blocks and the positions included, so
-        that the store reopens with every row.  The partial blocks stay in memory too, so further
+        """Write everything appended so far, the last partial chunks and the positions included, so
+        that the store reopens with every row.  The partial chunks stay in memory too, so further
         appends can complete them."""
         if self.read_only:
             raise PermissionError("this KV store was opened read-only; rows appended to it stay in memory")
         self._wait_for_writes()
-        b = self.block_tokens
+        s = self.chunk_tokens
         for layer, arr in enumerate(self._arrays):
-            start = self._flushed_blocks[layer] * b
+            start = self._flushed_chunks[layer] * s
             rows = start + self._pending[layer].shape[1]
             if arr.shape[1] != rows:
                 arr.resize((arr.shape[0], rows, *arr.shape[2:]))
             if rows > start:
                 arr[:, start:rows] = self._pending[layer]
+                self._record_block_checksums(layer, start, self._pending[layer])
             if int(arr.attrs.get("rows", -1)) != rows:
                 arr.attrs["rows"] = rows
             pos = self._pos_arrays[layer]
@@ -251,64 +303,87 @@ class DiskTier:
     # -- reading ------------------------------------------------------------------------------
 
     def num_rows(self, layer: int) -> int:
-        return self._flushed_blocks[layer] * self.block_tokens + self._pending[layer].shape[1]
+        return self._flushed_chunks[layer] * self.chunk_tokens + self._pending[layer].shape[1]
 
     def positions(self, layer: int) -> np.ndarray:
         return self._positions[layer]
 
-    def _chunk_key(self, layer: int, head: int, block: int) -> str:
+    def _block_location(self, layer: int, head: int, block: int) -> tuple[str, int]:
+        """The chunk file holding block ``block`` of ``head``, and the block's byte offset in it."""
+        s, hc, b = self.chunk_tokens, self.chunk_heads, self.block_tokens
         arr = self._arrays[layer]
-        return f"{arr.path}/{arr.metadata.encode_chunk_key((head, block, 0, 0))}"
+        key = f"{arr.path}/{arr.metadata.encode_chunk_key((head // hc, block * b // s, 0, 0))}"
+        return key, ((head % hc) * s + block * b % s) * self.layout.row_bytes
 
     def _read_blocks(self, layer: int, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
-        """Read whole blocks ``(head, block)``, concurrently; each is verified against its checksum.
+        """Read blocks ``(head, block)``, concurrently; each is verified against its checksum.
 
-        A local store's chunk files are read directly (one ``read`` each: ~10x less overhead per
-        chunk than zarr's async store on 2 cores, see bench/RESULTS.md); other stores through
-        zarr's concurrent gets."""
+        A local store's files are read directly, one ``pread`` per block (the pool's tasks each
+        take a share of the files); other stores through zarr's concurrent byte-range gets."""
         if not wanted:
             return {}
-        keys = [self._chunk_key(layer, h, b) for h, b in wanted]
+        places = [self._block_location(layer, h, blk) for h, blk in wanted]
+        size = self._block_bytes
         if self._root is not None:
-            datas = list(self._pool().map(self._read_local, keys)) if len(keys) > 1 else [self._read_local(keys[0])]
+            by_file: dict[str, list[int]] = {}
+            for i, (key, _) in enumerate(places):
+                by_file.setdefault(key, []).append(i)
+            files = list(by_file.items())
+            tasks = min(IO_THREADS, len(files))
+            datas: list[bytes | None] = [None] * len(wanted)
+
+            def read_share(share: list[tuple[str, list[int]]]) -> None:
+                for key, idx in share:
+                    for i, data in zip(idx, self._read_local(key, [places[i][1] for i in idx], size), strict=True):
+                        datas[i] = data
+
+            if tasks <= 1:
+                read_share(files)
+            else:
+                for f in [self._pool().submit(read_share, files[t::tasks]) for t in range(tasks)]:
+                    f.result()
             ledger = self.store.ledger
-            for data in datas:
-                if data is not None:
-                    ledger.bytes_read += len(data)
-                    ledger.objects_read += 1
+            ledger.bytes_read += size * len(wanted)
+            ledger.objects_read += len(wanted)
         else:
             proto = default_buffer_prototype()
 
             async def fetch() -> list:
-                return await asyncio.gather(*(self.store.get(k, proto) for k in keys))
+                return await asyncio.gather(*(self.store.get(key, proto, RangeByteRequest(off, off + size)) for key, off in places))
 
             datas = [None if buf is None else buf.to_bytes() for buf in sync(fetch())]
         shape = (self.block_tokens, 2, self.layout.head_dim)
         out = {}
-        for hb, data, key in zip(wanted, datas, keys, strict=True):
-            if data is None:
-                raise FileNotFoundError(f"chunk {key!r} is missing from the KV store {self.store.ledger.location}")
+        for hb, data, (key, _) in zip(wanted, datas, places, strict=True):
+            if data is None or len(data) != size:
+                what = "is missing" if data is None else f"is truncated ({len(data)} of {size} bytes of a block)"
+                raise CorruptChunkError(f"chunk {key!r} of {self.store.ledger.location} {what}: "
+                                        "re-create the store (rcengine prefill) or restore it from a copy")
             out[hb] = np.frombuffer(data, dtype=self._raw).reshape(shape)
         return out
 
-    def _read_local(self, key: str) -> bytes | None:
-        """One chunk file, verified (thread-safe: the caller counts the bytes)."""
+    def _read_local(self, key: str, offsets: list[int], size: int) -> list[bytes | None]:
+        """Blocks of ``size`` bytes at ``offsets`` of one chunk file, each verified (thread-safe:
+        the caller counts the bytes)."""
         try:
             fd = os.open(self._root / key, os.O_RDONLY)
         except FileNotFoundError:
-            return None
+            return [None] * len(offsets)
+        ledger, whole = self.store.ledger, self.chunk_tokens == self.block_tokens and self.chunk_heads == 1
+        out = []
         try:
-            size = os.fstat(fd).st_size
-            data = os.read(fd, size)  # one exact-size buffer (a larger one would be kept allocated)
-            while len(data) < size:  # short reads happen on some file systems
-                more = os.read(fd, size - len(data))
-                if not more:
-                    break
-                data += more
+            for offset in offsets:
+                data = os.pread(fd, size, offset)
+                while 0 < len(data) < size:  # short reads happen on some file systems
+                    more = os.pread(fd, size - len(data), offset + len(data))
+                    if not more:
+                        break
+                    data += more
+                ledger.verify(key if whole else slice_key(key, offset), data)
+                out.append(data)
         finally:
             os.close(fd)
-        self.store.ledger.verify(key, data)
-        return data
+        return out
 
     def gather(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``ids: (Hkv, K)`` int64 row ids -> keys, values ``(Hkv, K, d)`` on the compute device.
@@ -322,11 +397,11 @@ class DiskTier:
         n = self.num_rows(layer)
         if ids_np.size and (ids_np.min() < 0 or ids_np.max() >= n):
             raise IndexError(f"row ids must lie in 0..{n - 1} for layer {layer}, got {ids_np.min()}..{ids_np.max()}")
-        stored = self._flushed_blocks[layer] * b
+        stored = self._flushed_chunks[layer] * self.chunk_tokens
         out = np.empty((h, k, 2, lay.head_dim), self._raw)
         disk_before, bytes_before = process_disk_read_bytes(), self.store.ledger.bytes_read
         in_store = ids_np < stored
-        block_bytes = b * lay.row_bytes
+        block_bytes = self._block_bytes
         hits = misses = 0
         # Head by head, each head's rows copied out of a stack of its blocks in one indexing; the
         # misses of several heads are read in one concurrent batch of at most READ_BATCH_BYTES, so

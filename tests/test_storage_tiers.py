@@ -10,6 +10,7 @@ from rcengine.storage import ByteMeter, DiskTier, TierLayout, device_tier, host_
 
 LAYOUT = TierLayout(num_layers=2, num_kv_heads=3, head_dim=8, dtype=torch.bfloat16)
 BLOCK = 16
+CHUNK = 32
 
 
 def _make(kind, tmp_path, meter):
@@ -17,16 +18,20 @@ def _make(kind, tmp_path, meter):
         return device_tier(LAYOUT, "cpu", meter)
     if kind == "cpu":
         return host_tier(LAYOUT, "cpu", meter)
+    # Disk stores of two blocks per chunk file (every head in it), and of a block of one head per file.
     if kind == "disk":
-        return DiskTier.create(tmp_path / "kv.zarr", LAYOUT, block_tokens=BLOCK, cache_bytes=1 << 20, meter=meter)
+        return DiskTier.create(tmp_path / "kv.zarr", LAYOUT, block_tokens=BLOCK, cache_bytes=1 << 20, meter=meter, chunk_tokens=CHUNK)
+    if kind == "disk-head-files":
+        return DiskTier.create(tmp_path / "kv.zarr", LAYOUT, block_tokens=BLOCK, cache_bytes=1 << 20, meter=meter, chunk_tokens=BLOCK,
+                               chunk_heads=1)
     if kind == "disk-nocache":
-        return DiskTier.create(tmp_path / "kv.zarr", LAYOUT, block_tokens=BLOCK, cache_bytes=0, meter=meter)
+        return DiskTier.create(tmp_path / "kv.zarr", LAYOUT, block_tokens=BLOCK, cache_bytes=0, meter=meter, chunk_tokens=CHUNK)
     if kind == "disk-url":
-        return DiskTier.create(f"memory://{tmp_path.name}/kv.zarr", LAYOUT, block_tokens=BLOCK, meter=meter)
+        return DiskTier.create(f"memory://{tmp_path.name}/kv.zarr", LAYOUT, block_tokens=BLOCK, meter=meter, chunk_tokens=CHUNK)
     raise AssertionError(kind)
 
 
-TIERS = ["device", "cpu", "disk", "disk-nocache", "disk-url"]
+TIERS = ["device", "cpu", "disk", "disk-head-files", "disk-nocache", "disk-url"]
 
 
 def _fill(tier, gen, sizes=(37, 5, 64, 1, 23)):
@@ -106,7 +111,7 @@ def test_disk_meter_counts_whole_blocks_and_cache_hits(tmp_path, gen):
 
 def test_disk_cache_stays_in_bound(tmp_path, gen):
     block_bytes = BLOCK * 2 * 8 * 2
-    tier = DiskTier.create(tmp_path / "kv.zarr", LAYOUT, block_tokens=BLOCK, cache_bytes=3 * block_bytes)
+    tier = DiskTier.create(tmp_path / "kv.zarr", LAYOUT, block_tokens=BLOCK, cache_bytes=3 * block_bytes, chunk_tokens=CHUNK)
     refs = _fill(tier, gen, sizes=(160,))
     for _ in range(10):
         ids = torch.randint(0, 160, (3, 6), generator=gen)
@@ -188,7 +193,7 @@ def test_other_dtypes_round_trip(tmp_path, gen, dtype):
 
 
 def test_all_zero_blocks_are_stored_and_verified(tmp_path):
-    tier = DiskTier.create(tmp_path / "kv.zarr", LAYOUT, block_tokens=BLOCK)
+    tier = DiskTier.create(tmp_path / "kv.zarr", LAYOUT, block_tokens=BLOCK, chunk_tokens=BLOCK)
     zeros = torch.zeros(3, 40, 8, dtype=torch.bfloat16)
     for layer in range(2):
         tier.append(layer, zeros, zeros, torch.arange(40))
