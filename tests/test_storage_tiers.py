@@ -221,3 +221,23 @@ def test_chunks_written_directly_are_what_zarr_reads(tmp_path, gen):
     chunk_files = [p for p in (tmp_path / "kv.zarr").rglob("*") if p.is_file() and "/c/" in str(p) and "/L" in str(p)]
     assert chunk_files and all(str(p.relative_to(tmp_path / "kv.zarr")) in checksums for p in chunk_files)
     tier.close()
+
+
+def test_version_1_stores_still_open(tmp_path, gen):
+    """A store of format version 1 (a file per block and KV head, no chunk attributes) reads back."""
+    import json
+
+    tier = _make("disk-head-files", tmp_path, ByteMeter())
+    refs = _fill(tier, gen)
+    tier.flush()
+    tier.close()
+    meta_path = tmp_path / "kv.zarr" / "zarr.json"
+    meta = json.loads(meta_path.read_text())
+    attrs = meta["attributes"]
+    attrs["version"] = 1
+    del attrs["chunk_tokens"], attrs["chunk_heads"]
+    meta_path.write_text(json.dumps(meta))
+    old = DiskTier.open(tmp_path / "kv.zarr")
+    assert (old.chunk_tokens, old.chunk_heads) == (BLOCK, 1)
+    k, v = old.gather(1, torch.arange(130).repeat(3, 1))
+    assert torch.equal(_bits(k), _bits(refs[1][:, :, 0])) and torch.equal(_bits(v), _bits(refs[1][:, :, 1]))
