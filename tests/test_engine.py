@@ -17,6 +17,7 @@ from rcengine.engine.qa.engine import Engine
 from rcengine.storage import StreamedFlatIndex
 from conftest import logit_tolerance
 from rcengine.engine.decode.state import PLAN_HORIZON
+from rcengine.engine.decode import kernels
 from rcengine.storage import DiskTier
 from tiny_models import FAMILIES, save_tiny_model
 
@@ -220,6 +221,30 @@ def test_reopened_selection_state_is_read_not_rebuilt(models, tmp_path, selector
             assert torch.equal(sel.saved()["kmax"], saved["kmax"]) and torch.equal(sel.saved()["kmin"], saved["kmin"])
     else:  # every key, read once (with its value) from the KV store
         assert sum(kv_read) == kv_bytes
+    assert reopened.ask(question, SamplingConfig(max_new_tokens=6)).token_ids == here
+
+
+def test_reopened_document_loads_the_centroid_ids(models, tmp_path, monkeypatch):
+    """The centroid of every mid row (read by the fused kernels: CUDA, or Triton's interpreter) is
+    saved with the document and loaded (no KV row read at open), equal to the one computed at
+    prefill; answers agree."""
+    engine = _engine(models["llama"], method="rc", budget=0.1, offload="disk", block_tokens=16, selector="block")
+    if not kernels.available(torch.device(engine.lm.device)):
+        pytest.skip("needs the fused kernels (CUDA, or TRITON_INTERPRET=1 with Triton installed)")
+    ids = torch.randint(3, 300, (600,), generator=torch.Generator().manual_seed(3)).tolist()
+    doc = engine.prefill(ids, store=tmp_path / "doc")
+    question = torch.randint(3, 300, (6,), generator=torch.Generator().manual_seed(4)).tolist()
+    here = doc.ask(question, SamplingConfig(max_new_tokens=6)).token_ids
+    n = doc.state.mid_len
+    fresh = [c[:, :n].clone() for c in doc.state.clusters]
+    assert all(c is not None for c in doc.state.clusters)
+    doc.close()
+    read_blocks, kv_read = DiskTier._read_blocks, []
+    monkeypatch.setattr(DiskTier, "_read_blocks", lambda self, layer, wanted: kv_read.append(wanted) or read_blocks(self, layer, wanted))
+    reopened = engine.open(tmp_path / "doc")
+    assert not kv_read
+    for a, b in zip(reopened.state.clusters, fresh, strict=True):
+        assert torch.equal(a[:, :n], b)
     assert reopened.ask(question, SamplingConfig(max_new_tokens=6)).token_ids == here
 
 

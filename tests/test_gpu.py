@@ -72,22 +72,3 @@ def test_captured_steps_equal_eager_steps(tiny_llama, method, selector, monkeypa
     assert out[True][2] == out[False][2]  # the same bytes metered
     assert out[False][1] == 0 and out[True][1] >= 2  # re-planned and recaptured as the mid-region grew
 
-
-def test_reopened_document_loads_the_centroid_ids(tiny_llama, tmp_path):
-    """The centroid of every mid row (read by the fused kernels) is saved with the document and
-    loaded, equal to the one computed at prefill; answers agree."""
-    from rcengine import Engine, EngineConfig, SamplingConfig
-
-    cfg = EngineConfig(method="rc", budget=0.1, sink=4, tail=16, spill=4, offload="disk", block_tokens=16)
-    engine = Engine.load(tiny_llama, cfg, show_progress=False)
-    ids = torch.randint(3, 300, (600,), generator=torch.Generator().manual_seed(3)).tolist()
-    doc = engine.prefill(ids, store=tmp_path / "doc")
-    question = torch.randint(3, 300, (6,), generator=torch.Generator().manual_seed(4)).tolist()
-    here = doc.ask(question, SamplingConfig(max_new_tokens=6)).token_ids
-    n = doc.state.mid_len
-    fresh = [c[:, :n].clone() for c in doc.state.clusters]
-    doc.close()
-    reopened = engine.open(tmp_path / "doc")
-    for a, b in zip(reopened.state.clusters, fresh, strict=True):
-        assert torch.equal(a[:, :n], b)
-    assert reopened.ask(question, SamplingConfig(max_new_tokens=6)).token_ids == here
