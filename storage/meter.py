@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
@@ -138,9 +139,16 @@ def _step_ok(s: int, step: int | None, since: int | None) -> bool:
     return (step is None or s == step) and (since is None or s >= since)
 
 
+_PROCESS: dict[int, psutil.Process] = {}  # by pid (a forked child gets its own)
+
+
 def process_disk_read_bytes() -> int | None:
     """Bytes this process has read from storage devices so far (None where unavailable)."""
     try:
-        return psutil.Process().io_counters().read_bytes
+        pid = os.getpid()
+        proc = _PROCESS.get(pid)
+        if proc is None:  # building a Process costs more than reading its counters: once per process
+            proc = _PROCESS.setdefault(pid, psutil.Process(pid))
+        return proc.io_counters().read_bytes
     except (AttributeError, NotImplementedError, psutil.AccessDenied):
         return None
