@@ -56,7 +56,7 @@ TIERS = ("cpu", "disk", "device")
 ESTIMATORS = ("centroid", "favor")
 
 
-SELECTORS = ("exact", "block")
+SELECTORS = ("exact", "exact-block", "block")
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,9 +73,10 @@ class Probe:
                 continue
             count = 0 if v.method == "sink-tail" else retrieval_count(v.budget, n_mid)
             ids, valid = order[..., :count], None
-            if v.selector == "block":
+            if v.selector in ("block", "exact-block"):
                 exact = ids
-                ids, valid = block_ids(q64, k_mid, count, self.block)
+                choose = block_ids if v.selector == "block" else exact_block_ids
+                ids, valid = choose(q64, k_mid, count, self.block)
                 hit = ((ids[..., :, None] == exact[..., None, :]) & valid[..., None]).any(dim=-2)  # (1, Hkv, count)
                 self.acc.add_recall(v.key, float(hit.double().mean()) if count else 1.0)
             # Retrieved keys in the model's dtype: the maps see the features the summary was built from.
@@ -110,5 +111,17 @@ def block_ids(qg: torch.Tensor, k_mid: torch.Tensor, count: int, block: int) -> 
     lo = torch.cat([k_mid, fill(math.inf)], 2).view(*k_mid.shape[:2], blocks, block, -1).amin(3)
     bound = (torch.matmul(qg.clamp_min(0), hi.transpose(-1, -2)) + torch.matmul(qg.clamp_max(0), lo.transpose(-1, -2))).amax(2)
     chosen = bound.topk(min(math.ceil(count / block), blocks), dim=-1).indices
+    ids = (chosen[..., None] * block + torch.arange(block, device=k_mid.device)).flatten(-2)
+    return ids.clamp(max=max(n - 1, 0)), ids < n
+
+
+def exact_block_ids(qg: torch.Tensor, k_mid: torch.Tensor, count: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact-block selector's choice in float64: the ceil(count / block) blocks whose best
+    token (``max_g q.k``) scores highest -> their token ids and which are real, ``(1, Hkv, R)``."""
+    n = k_mid.shape[2]
+    blocks = math.ceil(n / block)
+    s = torch.matmul(qg, k_mid.transpose(-1, -2)).amax(2)  # (1, Hkv, n)
+    s = torch.nn.functional.pad(s, (0, blocks * block - n), value=-math.inf).view(*s.shape[:2], blocks, block).amax(-1)
+    chosen = s.topk(min(math.ceil(count / block), blocks), dim=-1).indices
     ids = (chosen[..., None] * block + torch.arange(block, device=k_mid.device)).flatten(-2)
     return ids.clamp(max=max(n - 1, 0)), ids < n

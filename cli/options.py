@@ -29,6 +29,7 @@ class OffloadName(str, Enum):
 
 class SelectorName(str, Enum):
     exact = "exact"
+    exact_block = "exact-block"
     block = "block"
     faiss = "faiss"
 
@@ -54,7 +55,7 @@ TAIL = typer.Option(64, "--tail", min=1, help="Anchor tokens kept at the end (ge
 ESTIMATOR = typer.Option(EstimatorName.centroid, "--estimator", help="Completion estimator for rc.")
 FEATURES = typer.Option(64, "--features", min=2, help="Centroids or random features per KV head.")
 SELECTOR = typer.Option(SelectorName.exact, "--selector", help="How topk and rc choose what to read: exact (Top-K tokens; "
-                        "keys on the compute device), block (whole blocks, by bounds on the device: the store's blocks on "
+                        "keys on the compute device), exact-block (whole blocks ranked by their best token), block (whole blocks, by bounds on the device: the store's blocks on "
                         "disk, so that reads are what was selected; 16 tokens in memory), faiss (an index on the host).")
 TEMPERATURE = typer.Option(0.0, "--temperature", min=0.0, help="0 is greedy.")
 TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0)

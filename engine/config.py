@@ -10,8 +10,8 @@ from .rule.feature_maps import EstimatorSpec
 from .rule.methods import METHODS, Method
 
 Offload = Literal["device", "cpu", "disk"]
-Selector = Literal["exact", "block", "faiss"]
-SELECTORS: tuple[str, ...] = ("exact", "block", "faiss")
+Selector = Literal["exact", "exact-block", "block", "faiss"]
+SELECTORS: tuple[str, ...] = ("exact", "exact-block", "block", "faiss")
 # The block selector's unit off the disk tier: Quest's page size (16-token pages selected 7.7
 # ms/token at 128K, bench/RESULTS.md).
 MEMORY_SELECT_BLOCK = 16
@@ -33,13 +33,14 @@ class EngineConfig:
       in the document's store when it is persisted, else in a scratch folder made in
       ``scratch_dir``, the system's temporary folder if None, and removed with the document).
     - ``selector``: how topk and rc choose the mid tokens they read: ``exact`` (scores against a
-      copy of every mid key on the compute device: the oracle Top-K), ``block`` (whole blocks of
+      copy of every mid key on the compute device: the oracle Top-K), ``exact-block`` (the same
+      scores, whole blocks of ``select_block`` tokens ranked by their best token's), ``block`` (whole blocks of
       ``select_block`` tokens, ranked by per-block key bounds held on the device; a sixteenth of
       the KV's size at 16 tokens), ``faiss`` (a FAISS index per KV head on the host, of kind
       ``index``).  Exact is the default on every tier: on the embedded model, at equal bytes
-      moved from disk, token-level selection at a small budget buys far lower KL and higher
-      accuracy than 64-token blocks (bench/RESULTS.md); blocks keep the device state small.
-    - ``select_block``: tokens per unit of the block selector; None (the default) is the store's
+      moved from disk, token-level selection buys as much quality as ``exact-block`` and far more
+      than ``block`` (bench/RESULTS.md); block units bound a step's disk reads by what it attends.
+    - ``select_block``: tokens per unit of the block selectors; None (the default) is the store's
       block (``block_tokens``) on the disk tier, so that what is read is what was selected, and
       16 in memory.  The budget counts whole units.
     - ``keys_in_memory``: with the faiss selector, for a document reopened on the disk tier, load the

@@ -127,7 +127,8 @@ def test_report_files_and_schema(report):
     md = (out / "report.md").read_text()
     assert "## Overview" in md and "rho*" in md and "| rc-centroid@0.02 | cpu |" in md
     variants = {"dense", "sink-tail", "topk@0.02", "topk@0.08"} | {f"rc-{e}@{b:g}" for e in ("centroid", "favor") for b in (0.005, 0.01, 0.02, 0.08)}
-    variants |= {f"topk-block@{b:g}" for b in (0.02, 0.08)} | {f"rc-{e}-block@{b:g}" for e in ("centroid", "favor") for b in (0.02, 0.08)}
+    for sel in ("exact-block", "block"):
+        variants |= {f"topk-{sel}@{b:g}" for b in (0.02, 0.08)} | {f"rc-{e}-{sel}@{b:g}" for e in ("centroid", "favor") for b in (0.02, 0.08)}
     assert {r["variant"] for r in rep["overview"]} == variants
     assert {(r["variant"], r["tier"]) for r in rep["rows"]} == {(v, t) for v in variants for t in ("cpu", "disk")}
     for r in rep["rows"]:
@@ -142,7 +143,8 @@ def test_report_files_and_schema(report):
     assert {b["bin"] for b in rep["entropy_bins"]} == {"low", "mid", "high"}
     recall = {r["variant"]: r["recall_at_k"] for r in rep["overview"]}
     assert recall["topk@0.02"] == 1.0 and recall["dense"] is None
-    assert 0.0 <= recall["topk-block@0.02"] <= 1.0 and recall["topk-block@0.02"] == recall["rc-centroid-block@0.02"]
+    for sel in ("exact-block", "block"):
+        assert 0.0 <= recall[f"topk-{sel}@0.02"] <= 1.0 and recall[f"topk-{sel}@0.02"] == recall[f"rc-centroid-{sel}@0.02"]
 
 
 def test_sanity_dense_is_the_reference_and_bytes_follow_the_budget(report):

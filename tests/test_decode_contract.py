@@ -38,6 +38,14 @@ def _reference_ids(qg: torch.Tensor, k_mid: torch.Tensor, selector: str, method:
     if method == "sink-tail":
         return torch.zeros(1, k_mid.shape[1], 0, dtype=torch.int64)
     count = retrieval_count(BUDGET, n)
+    if selector == "exact-block":  # blocks ranked by their best token
+        blocks = math.ceil(n / BLOCK)
+        s = torch.matmul(qg, k_mid.transpose(-1, -2)).amax(dim=2)
+        s = torch.cat([s, s.new_full((*s.shape[:2], blocks * BLOCK - n), -math.inf)], -1).view(*s.shape[:2], blocks, BLOCK).amax(-1)
+        chosen = s.topk(math.ceil(count / BLOCK), dim=-1).indices
+        ids = (chosen[..., None] * BLOCK + torch.arange(BLOCK)).flatten(-2)
+        assert bool((ids < n).all())  # (the mid-region is whole blocks here)
+        return ids.sort(dim=-1).values
     if selector != "block":
         return torch.matmul(qg, k_mid.transpose(-1, -2)).amax(dim=2).topk(count, dim=-1).indices
     blocks = math.ceil(n / BLOCK)
@@ -53,7 +61,7 @@ def _reference_ids(qg: torch.Tensor, k_mid: torch.Tensor, selector: str, method:
 
 
 @pytest.mark.parametrize("tier", ["cpu", "disk", "device"])
-@pytest.mark.parametrize("selector", ["exact", "block", "faiss"])
+@pytest.mark.parametrize("selector", ["exact", "exact-block", "block", "faiss"])
 @pytest.mark.parametrize("method", ["dense", "sink-tail", "topk", "rc"])
 def test_decode_matches_the_rule_in_float64(model, method, selector, tier, monkeypatch, tmp_path):
     cfg = EngineConfig(method=method, budget=BUDGET, selector=selector, select_block=BLOCK, offload=tier, sink=SINK, tail=TAIL,

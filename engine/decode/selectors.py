@@ -6,6 +6,9 @@ the largest score any query head of the group gives them (the GQA group merge).
 
 - ``exact`` (:class:`ExactSelector`): scores against a copy of every mid key on the compute
   device (the model's dtype, scored in float32): the oracle Top-K.
+- ``exact-block`` (:class:`ExactSelector` with ``block > 1``): the same scores, and whole blocks
+  of ``block`` tokens ranked by their best token's: on the disk tier, where a block is read
+  whole, every row read is attended.
 - ``block`` (:class:`BlockSelector`): per block of ``block`` neighbouring tokens, the per-channel
   max and min of its keys (Quest); a block's score is the upper bound ``sum_i max(q_i max_i,
   q_i min_i)`` of its tokens' scores, and whole blocks are retrieved.
@@ -110,16 +113,20 @@ def _room(capacity: int, needed: int) -> int:
 
 
 class ExactSelector:
-    """Every mid key on the compute device, ``keys: (Hkv, capacity, d)`` in the model's dtype."""
+    """Every mid key on the compute device, ``keys: (Hkv, capacity, d)`` in the model's dtype.
+    With ``block > 1`` it chooses whole blocks of ``block`` tokens by their best token's score."""
 
-    name = "exact"
     on_device = True
-    block = 1
 
-    def __init__(self, heads: int, dim: int, dtype: torch.dtype, device: torch.device | str, capacity: int = 0) -> None:
+    def __init__(self, heads: int, dim: int, dtype: torch.dtype, device: torch.device | str, capacity: int = 0,
+                 block: int = 1) -> None:
+        if block < 1:
+            raise ValueError(f"a selection block holds at least 1 token, got {block}")
         self.keys = torch.empty(heads, capacity, dim, dtype=dtype, device=device)
         self.n = 0
         self.version = 0
+        self.block = block
+        self.name = "exact" if block == 1 else "exact-block"
 
     def reserve(self, rows: int) -> None:
         if rows > self.keys.shape[1]:
@@ -134,17 +141,22 @@ class ExactSelector:
         self.n += m
 
     def choose(self, qg: torch.Tensor, cap: int, count: int, n_mid: torch.Tensor | int) -> torch.Tensor:
-        """Row ids ``(T, Hkv, count)`` of the best keys among the first ``cap`` rows, best first."""
+        """Unit ids ``(T, Hkv, count)`` of the best keys (or blocks, by their best key) among the
+        first ``cap`` rows, best first."""
         if kernels.available(qg.device) and torch.is_tensor(n_mid):
             s = kernels.selection_scores(qg, self.keys, cap, n_mid)  # (T, Hkv, cap), one read of the keys
         else:
             s = _group_max(scores_fp32(_grouped(qg), self.keys[:, :cap].transpose(1, 2)), qg.shape[0])
             s = s.masked_fill(torch.arange(cap, device=s.device) >= n_mid, -math.inf)
+        b = self.block
+        if b > 1:  # a block's score is its best token's (rows past n_mid score -inf)
+            blocks = math.ceil(cap / b)
+            s = torch.nn.functional.pad(s, (0, blocks * b - cap), value=-math.inf).view(*s.shape[:2], blocks, b).amax(dim=-1)
         return s.topk(count, dim=-1).indices
 
     def select(self, qg: torch.Tensor, cap: int, count: int, live: torch.Tensor | int,
                n_mid: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
-        return expand_units(self.choose(qg, cap, count, n_mid), 1, live, n_mid)
+        return expand_units(self.choose(qg, cap, count, n_mid), self.block, live, n_mid)
 
     def state_bytes(self) -> int:
         return self.keys.numel() * self.keys.element_size()

@@ -286,8 +286,9 @@ class KVState:
     def use_selector(self, name: str, block: int) -> None:
         """Switch every layer's selector (between questions); a new one's state is built once from
         the tier's keys (not metered) and kept, as for estimators."""
-        key = (name, block if name == "block" else 1)
-        current = (self.config.selector, self.config.select_block if self.config.selector == "block" else 1)
+        blocked = ("block", "exact-block")
+        key = (name, block if name in blocked else 1)
+        current = (self.config.selector, self.config.select_block if self.config.selector in blocked else 1)
         if key == current:
             return
         if key not in self._selectors:
@@ -345,6 +346,8 @@ def _selector(cfg: EngineConfig, layer: int, heads: int, dim: int, dtype: torch.
               index: KeyIndex | None) -> Selector:
     if cfg.selector == "exact":
         return ExactSelector(heads, dim, dtype, device)
+    if cfg.selector == "exact-block":
+        return ExactSelector(heads, dim, dtype, device, block=cfg.select_block)
     if cfg.selector == "block":
         return BlockSelector(heads, dim, dtype, device, cfg.select_block)
     if index is None:
