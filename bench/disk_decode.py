@@ -10,9 +10,10 @@ ignored) with each of:
   selection (same units as on disk, so that only the tier differs);
 - ``disk block B cold`` / ``warm``: the disk tier's default selection (whole store blocks), with the
   block cache emptied before the answer, and again with it as the previous answer left it;
+- ``disk exact-block B cold`` / ``warm``: whole store blocks ranked by their best exact key score;
 - ``disk exact cold`` / ``warm``: token-level Top-K on the disk tier (each row pulls in its block;
   up to ``--exact-max`` tokens);
-- ``reopened block B`` and ``reopened exact``: the store reopened (``Engine.open``) in a fresh
+- ``reopened block B``, ``reopened exact-block B`` and ``reopened exact``: the store reopened (``Engine.open``) in a fresh
   engine: bytes read at open for selection (saved state and KV rows read to rebuild it) against
   the logical KV bytes of one decode step, then a warm answer.
 
@@ -103,18 +104,19 @@ def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
 
     work = Path(tempfile.mkdtemp(prefix="rcengine-disk-bench-", dir=args.scratch))
     try:
-        disk_engine = Engine(lm, EngineConfig(**{**_fields(base), "offload": "disk"}), show_progress=False)
+        # Prefilled with the block selector, so that the store holds its bounds for the reopen.
+        disk_engine = Engine(lm, EngineConfig(**{**_fields(base), "offload": "disk", "selector": "block"}), show_progress=False)
         doc, disk_s = timed_prefill(disk_engine, ids, work / "doc")
         store_bytes = sum(f.stat().st_size for f in (work / "doc").rglob("*") if f.is_file())
         add({"variant": "prefill to disk (persisted store)", "seconds": disk_s, "vs_host": disk_s / host_s, "store_bytes": store_bytes})
         step_logical = None
-        disk_selectors = ("block", "exact") if n <= args.exact_max else ("block",)
+        disk_selectors = ("block", "exact-block", "exact") if n <= args.exact_max else ("block", "exact-block")
         for selector in disk_selectors:
-            doc.configure(selector=selector, select_block=b if selector == "block" else None)
+            doc.configure(selector=selector, select_block=b if selector != "exact" else None)
             answer_row(doc, question, args.tokens, cold=True)  # warm-up
             cold = answer_row(doc, question, args.tokens, cold=True)
             warm = answer_row(doc, question, args.tokens, cold=False)
-            name = f"disk {selector}" + (f" {b}" if selector == "block" else "")
+            name = f"disk {selector}" + (f" {b}" if selector != "exact" else "")
             add({"variant": f"{name} cold", **cold})
             add({"variant": f"{name} warm", **warm})
             if selector == "block":
@@ -122,7 +124,7 @@ def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
         doc.close()
         del doc
         probe = DiskTier.open(Artifact.open(work / "doc").kv_location)
-        base_open = probe.store.ledger.bytes_read  # what opening the store reads: metadata, positions, partial blocks
+        base_open = probe.store.ledger.bytes_read  # what opening the store reads: metadata, positions, each layer's last partial chunk
         probe.close()
         for selector in disk_selectors:
             cfg = EngineConfig(**{**_fields(base), "offload": "disk", "selector": selector})
@@ -137,9 +139,9 @@ def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
             saved = selection_file.stat().st_size if selection_file.exists() and selector == "block" else 0
             answer_row(doc, question, args.tokens, cold=False)  # warm-up
             row = answer_row(doc, question, args.tokens, cold=False)
-            add({"variant": f"reopened {selector}" + (f" {b}" if selector == "block" else ""), "open_s": open_s,
+            add({"variant": f"reopened {selector}" + (f" {b}" if selector != "exact" else ""), "open_s": open_s,
                  "selection_state_bytes_read": saved, "kv_rows_read_at_open": kv_at_open,
-                 "store_metadata_and_positions_read": base_open,
+                 "store_open_read": base_open,
                  "selection_read_over_step_logical": (saved + kv_at_open) / step_logical if step_logical else None, **row})
             doc.close()
             del doc
