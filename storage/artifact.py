@@ -229,7 +229,6 @@ class Artifact:
         self.fs = fs
         self.root = root
         self.manifest = manifest
-        self.bytes_read = 0  # by read_bytes (block readers count their own)
 
     @staticmethod
     def open(location: str | Path, expect_fingerprint: dict[str, Any] | None = None) -> "Artifact":
@@ -292,7 +291,6 @@ class Artifact:
                 f"file {name!r} of {self.location} fails its checksum ({len(data)} bytes, manifest says {entry['bytes']}): "
                 "the artifact is corrupt; re-run the prefill or restore it from a copy"
             )
-        self.bytes_read += len(data)
         return data
 
     def has(self, name: str) -> bool:

@@ -32,8 +32,7 @@ store stay in memory and are metered as tier ``cpu``.
 from __future__ import annotations
 
 import asyncio
-import os
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,7 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from .block_cache import BlockCache
+from .chunk_files import ChunkFiles
 from .checked_store import CheckedStore, Ledger, slice_key
 from .checksums import CorruptChunkError, crc32c_hex
 from .defaults import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_BLOCKS
@@ -55,8 +55,6 @@ from .tier import TierLayout, check_append
 FORMAT = "rcengine-kv"
 VERSION = 2
 READS_VERSIONS = (1, 2)
-# Threads that read and write chunk files (reads and writes release the GIL).
-IO_THREADS = 8
 # A gather reads the blocks it misses in concurrent batches of at most this many bytes.
 READ_BATCH_BYTES = 64 << 20
 
@@ -105,10 +103,9 @@ class DiskTier:
         self._positions: list[np.ndarray] = [np.zeros(0, np.int64) for _ in range(layout.num_layers)]
         self._positions_written = [0] * layout.num_layers
         inner = store._store
-        self._root = Path(inner.root) if isinstance(inner, LocalStore) else None  # chunk files read and written directly
-        self._io: ThreadPoolExecutor | None = None
+        # A local store's chunk files are read and written directly (chunk_files.py).
+        self._files = ChunkFiles(Path(inner.root), store.ledger) if isinstance(inner, LocalStore) else None
         self._writes: list[Future] = []
-        self._dirs: set[Path] = set()
         for layer, arr in enumerate(self._arrays):
             self._load_tail(layer, int(arr.attrs.get("rows", 0)))
 
@@ -206,11 +203,6 @@ class DiskTier:
         if not self.read_only:
             self._write_full_chunks(layer)
 
-    def _pool(self) -> ThreadPoolExecutor:
-        if self._io is None:
-            self._io = ThreadPoolExecutor(max_workers=IO_THREADS, thread_name_prefix="rcengine-disk")
-        return self._io
-
     def _write_full_chunks(self, layer: int) -> None:
         s = self.chunk_tokens
         full = self._pending[layer].shape[1] // s
@@ -219,8 +211,8 @@ class DiskTier:
         first = self._flushed_chunks[layer]
         rows, self._pending[layer] = self._pending[layer][:, : full * s], np.ascontiguousarray(self._pending[layer][:, full * s :])
         self._discard_cached(layer, first * s, (first + full) * s)
-        if self._root is not None:  # background writes, straight to the chunk files
-            self._writes.append(self._pool().submit(self._write_chunks, layer, first, rows))
+        if self._files is not None:  # background writes, straight to the chunk files
+            self._writes.append(self._files.submit(self._write_chunks, layer, first, rows))
         else:
             arr = self._arrays[layer]
             stop = (first + full) * s
@@ -245,8 +237,7 @@ class DiskTier:
             for h0 in range(0, rows.shape[0], hc):
                 part = np.ascontiguousarray(rows[h0 : h0 + hc, j * s : (j + 1) * s])
                 key = self._arrays[layer].path + "/" + self._arrays[layer].metadata.encode_chunk_key((h0 // hc, first + j, 0, 0))
-                data = part.tobytes()
-                self._write_file(key, data)
+                self._files.write(key, part.tobytes())
         self._record_block_checksums(layer, first * s, rows)
 
     def _record_block_checksums(self, layer: int, start: int, rows: np.ndarray) -> None:
@@ -259,15 +250,6 @@ class DiskTier:
             for head in range(rows.shape[0]):
                 key, offset = self._block_location(layer, head, block)
                 ledger.checksums[slice_key(key, offset)] = crc32c_hex(rows[head, j * b : (j + 1) * b].tobytes())
-
-    def _write_file(self, key: str, data: bytes) -> None:
-        path = self._root / key
-        if path.parent not in self._dirs:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._dirs.add(path.parent)
-        with open(path, "wb") as f:
-            f.write(data)
-        self.store.ledger.checksums[key] = crc32c_hex(data)
 
     def _wait_for_writes(self) -> None:
         writes, self._writes = self._writes, []
@@ -318,33 +300,14 @@ class DiskTier:
     def _read_blocks(self, layer: int, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
         """Read blocks ``(head, block)``, concurrently; each is verified against its checksum.
 
-        A local store's files are read directly, one ``pread`` per block (the pool's tasks each
-        take a share of the files); other stores through zarr's concurrent byte-range gets."""
+        A local store's files are read directly (:class:`~.chunk_files.ChunkFiles`); other stores
+        through zarr's concurrent byte-range gets."""
         if not wanted:
             return {}
         places = [self._block_location(layer, h, blk) for h, blk in wanted]
         size = self._block_bytes
-        if self._root is not None:
-            by_file: dict[str, list[int]] = {}
-            for i, (key, _) in enumerate(places):
-                by_file.setdefault(key, []).append(i)
-            files = list(by_file.items())
-            tasks = min(IO_THREADS, len(files))
-            datas: list[bytes | None] = [None] * len(wanted)
-
-            def read_share(share: list[tuple[str, list[int]]]) -> None:
-                for key, idx in share:
-                    for i, data in zip(idx, self._read_local(key, [places[i][1] for i in idx], size), strict=True):
-                        datas[i] = data
-
-            if tasks <= 1:
-                read_share(files)
-            else:
-                for f in [self._pool().submit(read_share, files[t::tasks]) for t in range(tasks)]:
-                    f.result()
-            ledger = self.store.ledger
-            ledger.bytes_read += size * len(wanted)
-            ledger.objects_read += len(wanted)
+        if self._files is not None:
+            datas = self._files.read(places, size, whole_files=self.chunk_tokens == self.block_tokens and self.chunk_heads == 1)
         else:
             proto = default_buffer_prototype()
 
@@ -360,40 +323,6 @@ class DiskTier:
                 raise CorruptChunkError(f"chunk {key!r} of {self.store.ledger.location} {what}: "
                                         "re-create the store (rcengine prefill) or restore it from a copy")
             out[hb] = np.frombuffer(data, dtype=self._raw).reshape(shape)
-        return out
-
-    def _read_local(self, key: str, offsets: list[int], size: int) -> list[bytes | None]:
-        """Blocks of ``size`` bytes at ``offsets`` of one chunk file, each verified (thread-safe:
-        the caller counts the bytes).  Neighbouring blocks are read together, in one ``pread``."""
-        try:
-            fd = os.open(self._root / key, os.O_RDONLY)
-        except FileNotFoundError:
-            return [None] * len(offsets)
-        ledger, whole = self.store.ledger, self.chunk_tokens == self.block_tokens and self.chunk_heads == 1
-        out: list[bytes | None] = [None] * len(offsets)
-        order = sorted(range(len(offsets)), key=offsets.__getitem__)
-        try:
-            run = 0
-            while run < len(order):  # a run of blocks that follow each other in the file
-                end = run + 1
-                while end < len(order) and offsets[order[end]] == offsets[order[end - 1]] + size:
-                    end += 1
-                start, want = offsets[order[run]], (end - run) * size
-                data = os.pread(fd, want, start)
-                while 0 < len(data) < want:  # short reads happen on some file systems
-                    more = os.pread(fd, want - len(data), start + len(data))
-                    if not more:
-                        break
-                    data += more
-                view = memoryview(data)
-                for j, i in enumerate(order[run:end]):
-                    block = bytes(view[j * size : (j + 1) * size])
-                    if len(block) == size:  # (a short one is reported by the caller)
-                        ledger.verify(key if whole else slice_key(key, offsets[i]), block)
-                    out[i] = block
-                run = end
-        finally:
-            os.close(fd)
         return out
 
     def gather(self, layer: int, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -479,8 +408,7 @@ class DiskTier:
         try:
             self._wait_for_writes()
         finally:
-            if self._io is not None:
-                self._io.shutdown(wait=True)
-                self._io = None
+            if self._files is not None:
+                self._files.close()
             self.cache.clear()
             self.store.close()

@@ -71,4 +71,3 @@ def test_captured_steps_equal_eager_steps(tiny_llama, method, selector, monkeypa
     assert out[True][0] == out[False][0]
     assert out[True][2] == out[False][2]  # the same bytes metered
     assert out[False][1] == 0 and out[True][1] >= 2  # re-planned and recaptured as the mid-region grew
-
