@@ -93,6 +93,7 @@ class DiskTier:
         self.read_only = read_only
         self._raw = raw_numpy_dtype(layout.dtype)
         self._block_bytes = block_tokens * layout.row_bytes
+        self._block_is_file = self.chunk_tokens == block_tokens and self.chunk_heads == 1  # format 1
         self._group = zarr.open_group(store, mode="r" if read_only else "r+")
         # Every chunk is written, zeros too, so that every stored chunk has a checksum.
         self._arrays = [self._group[f"L{i}"].with_config({"write_empty_chunks": True}) for i in range(layout.num_layers)]
@@ -236,13 +237,12 @@ class DiskTier:
         for j in range(rows.shape[1] // s):
             for h0 in range(0, rows.shape[0], hc):
                 part = np.ascontiguousarray(rows[h0 : h0 + hc, j * s : (j + 1) * s])
-                key = self._arrays[layer].path + "/" + self._arrays[layer].metadata.encode_chunk_key((h0 // hc, first + j, 0, 0))
-                self._files.write(key, part.tobytes())
+                self._files.write(self._chunk_key(layer, h0 // hc, first + j), part.tobytes())
         self._record_block_checksums(layer, first * s, rows)
 
     def _record_block_checksums(self, layer: int, start: int, rows: np.ndarray) -> None:
         """Checksums of the (head, block) byte ranges of rows ``start..`` (whole blocks only)."""
-        if self.chunk_tokens == self.block_tokens and self.chunk_heads == 1:
+        if self._block_is_file:
             return  # a block is a whole file, checksummed as such
         b, ledger = self.block_tokens, self.store.ledger
         for j in range(rows.shape[1] // b):
@@ -293,9 +293,11 @@ class DiskTier:
     def _block_location(self, layer: int, head: int, block: int) -> tuple[str, int]:
         """The chunk file holding block ``block`` of ``head``, and the block's byte offset in it."""
         s, hc, b = self.chunk_tokens, self.chunk_heads, self.block_tokens
+        return self._chunk_key(layer, head // hc, block * b // s), ((head % hc) * s + block * b % s) * self.layout.row_bytes
+
+    def _chunk_key(self, layer: int, head_group: int, chunk: int) -> str:
         arr = self._arrays[layer]
-        key = f"{arr.path}/{arr.metadata.encode_chunk_key((head // hc, block * b // s, 0, 0))}"
-        return key, ((head % hc) * s + block * b % s) * self.layout.row_bytes
+        return f"{arr.path}/{arr.metadata.encode_chunk_key((head_group, chunk, 0, 0))}"
 
     def _read_blocks(self, layer: int, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
         """Read blocks ``(head, block)``, concurrently; each is verified against its checksum.
@@ -307,7 +309,7 @@ class DiskTier:
         places = [self._block_location(layer, h, blk) for h, blk in wanted]
         size = self._block_bytes
         if self._files is not None:
-            datas = self._files.read(places, size, whole_files=self.chunk_tokens == self.block_tokens and self.chunk_heads == 1)
+            datas = self._files.read(places, size, whole_files=self._block_is_file)
         else:
             proto = default_buffer_prototype()
 

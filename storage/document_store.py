@@ -9,12 +9,10 @@
                              per layer i, L{i}.kmax and L{i}.kmin (Hkv, blocks, d), the block
                              selector's bounds in the model's dtype, and L{i}.clusters (Hkv, n)
                              int32, the centroid of every mid row (where the fused kernels use it);
-                             DocumentMeta.selection says what was saved
+                             any other selection state is rebuilt from kv.zarr's keys at open
     keys-L{i}-H{h}.f32       (faiss selector only) the mid keys of one KV head as float32 rows,
                              checksummed in blocks of KEY_BLOCK_ROWS rows, for the flat index
     index-L{i}-H{h}.bin      a serialised FAISS index (index kinds ivf and hnsw)
-
-Any other selection state is rebuilt from the keys in ``kv.zarr`` (read once, at open).
     manifest.json            format, model fingerprint, :class:`DocumentMeta`, every checksum
 
 It knows tensor names and files, not models.
@@ -56,8 +54,8 @@ class DocumentMeta:
     block_tokens: int
     estimator: dict[str, Any] = field(default_factory=dict)
     index: dict[str, Any] = field(default_factory=dict)
-    # {"selector": ..., "block": tokens per unit, "bounds": bool, "clusters": bool} (empty: none saved,
-    # stores made before it existed)
+    # {"selector": ..., "block": tokens per selected unit} at prefill (empty in stores made before
+    # it existed); selection.safetensors holds what was saved
     selection: dict[str, Any] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict
 from typing import Any
 
@@ -36,7 +37,6 @@ def persist(state: KVState, doc_ids: list[int], writer: ArtifactWriter, fingerpr
         disk.close()
     doc = DocumentWriter(writer)
     tail_k, tail_v, tail_pos = state.tail.view()
-    bounds = clusters = False
     for layer in range(layers):
         doc.put_anchors(layer, state.sink_k[layer], state.sink_v[layer], tail_k[layer], tail_v[layer], tail_pos.cpu())
         if state.maps[layer] is not None:
@@ -44,10 +44,8 @@ def persist(state: KVState, doc_ids: list[int], writer: ArtifactWriter, fingerpr
         sel, saved = state.selectors[layer], {}
         if isinstance(sel, BlockSelector):
             saved.update(sel.saved())
-            bounds = True
         if state.clusters[layer] is not None:
             saved["clusters"] = state.clusters[layer][:, : state.mid_len]
-            clusters = True
         if saved:
             doc.put_selection(layer, saved)
         if cfg.selector == "faiss":  # the flat index searches these (streamed from the store when reopened)
@@ -59,7 +57,7 @@ def persist(state: KVState, doc_ids: list[int], writer: ArtifactWriter, fingerpr
     meta = DocumentMeta(tokens=state.seen, num_layers=layers, num_kv_heads=heads, head_dim=state.head_dim, dtype=dtype_name,
                         sink=cfg.sink, tail=cfg.tail, block_tokens=cfg.block_tokens,
                         estimator=asdict(cfg.estimator), index=asdict(cfg.index),
-                        selection={"selector": cfg.selector, "block": state.selectors[0].block, "bounds": bounds, "clusters": clusters})
+                        selection={"selector": cfg.selector, "block": state.selectors[0].block})
     doc.commit(doc_ids, meta, fingerprint, checksums)
 
 
@@ -103,8 +101,8 @@ def _restore_selection(state: KVState, reader: DocumentReader, layer: int, strea
             else:
                 index.load_keys(layer, head, reader.keys(layer, head))
         return
-    has_bounds = isinstance(sel, BlockSelector) and "kmax" in saved and saved["kmax"].shape[1] * sel.block >= n \
-        and reader.meta.selection.get("block") == sel.block
+    has_bounds = isinstance(sel, BlockSelector) and reader.meta.selection.get("block") == sel.block \
+        and "kmax" in saved and saved["kmax"].shape[1] == math.ceil(n / sel.block)
     sel.reserve(n)
     if has_bounds:
         sel.load(saved["kmax"], saved["kmin"], n)
