@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
 import torch
@@ -40,6 +40,20 @@ TESTED_TRANSFORMERS = ("5.17", "5.24")
 CACHE_ARG = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
 
 _ACTIVE: ContextVar[RCCache | None] = ContextVar("rcengine_active_cache", default=None)
+# (layer, query (B, Hq, T, d), key (B, Hkv, T, d), value) of each stock attention call, post-RoPE.
+Capture = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+_CAPTURE: ContextVar[Capture | None] = ContextVar("rcengine_capture", default=None)
+
+
+@contextlib.contextmanager
+def capturing(sink: Capture) -> Iterator[None]:
+    """Within this block, stock (SDPA) attention calls of a model loaded with rcengine's attention
+    hand their post-RoPE queries, keys and values to ``sink`` (calibration reads them)."""
+    token = _CAPTURE.set(sink)
+    try:
+        yield
+    finally:
+        _CAPTURE.reset(token)
 
 
 @contextlib.contextmanager
@@ -57,6 +71,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
     (the new tokens only: our cache keeps the rest) -> ``((B, T, Hq, d), None)``."""
     cache = _ACTIVE.get()
     if cache is None:
+        capture = _CAPTURE.get()
+        if capture is not None:
+            capture(module.layer_idx, query, key, value)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if cache.phase == "prefill":
