@@ -34,6 +34,8 @@ _EXPORTS = {
     "SamplingConfig": ".engine.sampling",
     **dict.fromkeys(("Answer", "Document"), ".engine.qa.document"),
     "Engine": ".engine.qa.engine",
+    **dict.fromkeys(("CalibrationConfig", "calibrate"), ".engine.calibration.fit"),
+    **dict.fromkeys(("LearnedMaps", "MapsError", "read_maps"), ".engine.calibration.maps_file"),
     **dict.fromkeys(("ArtifactError", "CorruptChunkError", "IndexSpec", "ModelMismatchError", "available_tiers", "reclaim_stale",
                      "temporaries"), ".storage"),
     **dict.fromkeys(("BenchIOConfig", "run_bench_io"), ".bench.io_bench"),
@@ -43,6 +45,8 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from .bench.io_bench import BenchIOConfig, run_bench_io
     from .bench.io_report import overview_table, write_report
+    from .engine.calibration.fit import CalibrationConfig, calibrate
+    from .engine.calibration.maps_file import LearnedMaps, MapsError, read_maps
     from .engine.config import METHODS, OFFLOADS, SELECTORS, EngineConfig
     from .engine.demo import demo_prompt
     from .engine.hf.loader import LoadedModel, default_model_path, load_model

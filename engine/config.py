@@ -85,7 +85,7 @@ class EngineConfig:
         if self.selector not in SELECTORS:
             raise ValueError(f"selector {self.selector!r} is unknown: use one of {', '.join(SELECTORS)}")
         if self.method == "rc" and self.estimator.kind == "none":
-            raise ValueError("method 'rc' needs an estimator (favor or centroid); use method 'topk' for none")
+            raise ValueError("method 'rc' needs an estimator (centroid, learned or favor); use method 'topk' for none")
 
     def resolved(self) -> "EngineConfig":
         """This configuration with ``select_block`` made concrete for its offload."""

@@ -22,6 +22,7 @@ import torch
 
 from ...storage import ByteMeter, KVTier, MemoryTier
 from ..config import EngineConfig
+from ..calibration.maps_file import layer_params
 from ..rule.feature_maps import CentroidFeatures, EstimatorSpec, FeatureMap, build_feature_map
 from ..rule.methods import method_rule
 from ..rule.summary import Summary
@@ -138,7 +139,10 @@ class KVState:
         self.maps[layer], self.summaries[layer] = fmap, summary
 
     def _empty_estimator(self, spec: EstimatorSpec, layer: int, k_mid: torch.Tensor | None) -> tuple[FeatureMap | None, Summary | None]:
-        fmap = build_feature_map(spec, layer, k_mid, self.num_kv_heads, self.head_dim, self.device)
+        learned = None
+        if spec.kind == "learned":
+            learned = layer_params(spec.maps, layer, self.num_kv_heads, self.head_dim, self.device)
+        fmap = build_feature_map(spec, layer, k_mid, self.num_kv_heads, self.head_dim, self.device, learned)
         if fmap is None:
             return None, None
         return fmap, Summary.empty(1, self.num_kv_heads, fmap.num_features, self.head_dim, self.device)

@@ -72,8 +72,10 @@ class Document:
         changes = {k: v for k, v in {"method": method, "budget": budget, "estimator": estimator, "selector": selector,
                                      "select_block": select_block, "fused": fused}.items() if v is not None}
         new = replace(self.engine.config, **changes).resolved()  # validated by EngineConfig
-        self.state.configure(new)
-        self.engine = type(self.engine)(self.engine.lm, new, self.engine.show_progress)
+        verify = estimator is not None and estimator != self.engine.config.estimator
+        engine = type(self.engine)(self.engine.lm, new, self.engine.show_progress, verify_maps=verify)
+        self.state.configure(engine.config)
+        self.engine = engine
 
     def drop_caches(self) -> None:
         """Forget cached KV blocks, so that the next question starts cold (disk tier; no-op otherwise)."""

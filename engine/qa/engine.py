@@ -22,11 +22,12 @@ import torch
 from ...storage import Artifact, ArtifactWriter, ByteMeter, DiskTier, IndexSpec, KVTier, MemoryTier, TierLayout, device_tier, host_tier
 from ...storage.document_store import DocumentReader
 from ...storage.rows import dtype_name
+from ..calibration.maps_file import MapsError, default_maps_path, read_maps
 from ..config import EngineConfig
 from ..decode.state import KVState
 from ..hf.cache import RCCache
 from ..hf.integration import prefill_chunk
-from ..hf.loader import LoadedModel, load_model
+from ..hf.loader import LoadedModel, default_model_path, load_model
 from ..progress import progress
 from ..rule.feature_maps import EstimatorSpec
 from ..sampling import SamplingConfig
@@ -34,10 +35,32 @@ from .document import Answer, Document
 from .persist import persist, restore
 
 
+def resolve_maps(config: EngineConfig, lm: LoadedModel) -> EngineConfig:
+    """With the learned estimator: its maps folder made concrete (the embedded model's own when
+    none is given and the embedded model is loaded) and verified against the loaded model."""
+    spec = config.estimator
+    if spec.kind != "learned":
+        return config
+    maps = spec.maps
+    if maps is None:
+        if lm.path != default_model_path().resolve():
+            raise MapsError(f"the learned estimator needs maps calibrated for {lm.name}: run `rcengine calibrate --model "
+                            f"{lm.path} --out MAPS` and pass --maps MAPS")
+        maps = str(default_maps_path())
+    layers, heads, dim = lm.kv_shape
+    cfg = lm.model.config
+    read_maps(maps, lm.fingerprint(), (layers, heads, cfg.num_attention_heads // heads, dim))
+    return replace(config, estimator=replace(spec, maps=str(Path(maps).resolve())))
+
+
 class Engine:
-    def __init__(self, lm: LoadedModel, config: EngineConfig | None = None, show_progress: bool = True) -> None:
+    def __init__(self, lm: LoadedModel, config: EngineConfig | None = None, show_progress: bool = True,
+                 verify_maps: bool = True) -> None:
+        """``verify_maps``: resolve and verify the learned estimator's maps (not for a reopened
+        store's own, which it holds)."""
         self.lm = lm
-        self.config = config if config is not None else EngineConfig()
+        config = config if config is not None else EngineConfig()
+        self.config = resolve_maps(config, lm) if verify_maps else config
         self.show_progress = show_progress
 
     @classmethod
@@ -140,7 +163,7 @@ class Engine:
         state = self._state(cfg, tier, meter)
         streamed = cfg.offload == "disk" and not cfg.keys_in_memory
         restore(state, reader, streamed_keys=streamed)
-        engine = Engine(self.lm, cfg, self.show_progress)
+        engine = Engine(self.lm, cfg, self.show_progress, verify_maps=False)
         return Document(engine, RCCache(state, prefill=False), meta.tokens, None, 0.0, store=str(store), scratch=None)
 
     def generate(

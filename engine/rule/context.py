@@ -14,6 +14,7 @@ import torch
 from .attention import dense_attention, group_queries, rc_attention, topk_attention
 from .methods import METHODS, Method
 from .feature_maps import EstimatorSpec, FeatureMap, build_feature_map
+from .learned_maps import LearnedParams
 from .retrieval import gather_tokens, group_topk
 from .summary import Summary
 
@@ -40,16 +41,18 @@ class LayerContext:
         layer: int = 0,
         chunk: int = 1024,
         summary_dtype: torch.dtype | None = None,
+        learned: LearnedParams | None = None,
     ) -> "LayerContext":
         """Split ``k, v: (B, Hkv, N, d)`` and build the mid-region's summary chunk by chunk
-        (in float32, or float64 for float64 keys unless ``summary_dtype`` says otherwise)."""
+        (in float32, or float64 for float64 keys unless ``summary_dtype`` says otherwise);
+        ``learned``: the layer's calibrated parameters, for the learned estimator."""
         if summary_dtype is None:
             summary_dtype = torch.float64 if k.dtype == torch.float64 else torch.float32
         b, h, n, d = k.shape
         sink = min(sink, n)
         tail = min(tail, n - sink)
         k_mid = k[:, :, sink : n - tail]
-        fmap = build_feature_map(spec, layer, k_mid, h, d, k.device)
+        fmap = build_feature_map(spec, layer, k_mid, h, d, k.device, learned)
         summary = None
         if fmap is not None:
             summary = Summary.empty(b, h, fmap.num_features, d, k.device, summary_dtype)

@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 
 import torch
+
+if TYPE_CHECKING:
+    from .learned_maps import LearnedParams
 
 
 @runtime_checkable
@@ -33,23 +36,30 @@ class FeatureMap(Protocol):
         ...
 
 
+ESTIMATOR_KINDS: tuple[str, ...] = ("favor", "centroid", "learned", "none")
+
+
 @dataclass(frozen=True, slots=True)
 class EstimatorSpec:
     """How to build the completion estimator of every layer.
 
     ``kind``: ``"favor"`` (positive orthogonal random features, training-free), ``"centroid"``
-    (k-means of the mid keys, training-free) or ``"none"`` (Top-K only).  ``num_features`` is r
-    for favor (even: antithetic pairs) and the number of centroids for centroid.
+    (k-means of the mid keys, training-free), ``"learned"`` (centroid clusters with a learned
+    within-cluster mass term, calibrated per model: learned_maps.py) or ``"none"`` (Top-K only).
+    ``num_features`` is r for favor (even: antithetic pairs) and the number of centroids for
+    centroid and learned.  ``maps``: the folder of the learned maps (``rcengine calibrate``); None
+    for the embedded model's own.
     """
 
-    kind: Literal["favor", "centroid", "none"] = "favor"
+    kind: Literal["favor", "centroid", "learned", "none"] = "favor"
     num_features: int = 64
     seed: int = 0
     kmeans_iters: int = 10
+    maps: str | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("favor", "centroid", "none"):
-            raise ValueError(f"estimator kind {self.kind!r} is unknown: use favor, centroid or none")
+        if self.kind not in ESTIMATOR_KINDS:
+            raise ValueError(f"estimator kind {self.kind!r} is unknown: use one of {', '.join(ESTIMATOR_KINDS)}")
         if self.num_features < 1:
             raise ValueError(f"num_features must be >= 1, got {self.num_features}")
         if self.kind == "favor" and self.num_features % 2:
@@ -176,16 +186,24 @@ def _nearest(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 def build_feature_map(
     spec: EstimatorSpec, layer: int, mid_keys: torch.Tensor | None, num_kv_heads: int, head_dim: int,
-    device: torch.device | str = "cpu",
+    device: torch.device | str = "cpu", learned: "LearnedParams | None" = None,
 ) -> FeatureMap | None:
     """The map of one layer.  ``mid_keys: (B, Hkv, n, d)`` is needed by data-fitted maps
-    (centroid); each layer's random features get their own seed derived from ``spec.seed``."""
+    (centroid, learned); ``learned`` is the layer's calibrated parameters (learned); each layer's
+    random features get their own seed derived from ``spec.seed``."""
     if spec.kind == "none":
         return None
     if spec.kind == "favor":
         return FavorFeatures.create(num_kv_heads, head_dim, spec.num_features, _layer_seed(spec.seed, layer), device)
     if mid_keys is None:
-        raise ValueError("the centroid estimator is fitted on the mid-region keys: pass mid_keys")
+        raise ValueError(f"the {spec.kind} estimator is fitted on the mid-region keys: pass mid_keys")
+    if spec.kind == "learned":
+        from .learned_maps import LearnedCentroidFeatures
+
+        if learned is None:
+            raise ValueError("the learned estimator needs the layer's calibrated parameters (rcengine calibrate)")
+        return LearnedCentroidFeatures.fit(mid_keys, learned.to(mid_keys.device), spec.num_features, spec.kmeans_iters,
+                                           _layer_seed(spec.seed, layer))
     return CentroidFeatures.fit(mid_keys, spec.num_features, spec.kmeans_iters, _layer_seed(spec.seed, layer))
 
 
@@ -199,6 +217,11 @@ def feature_map_tensors(fmap: FeatureMap) -> dict[str, torch.Tensor]:
         return {"W": fmap.W}
     if isinstance(fmap, CentroidFeatures):
         return {"centroids": fmap.centroids}
+    from .learned_maps import LearnedCentroidFeatures
+
+    if isinstance(fmap, LearnedCentroidFeatures):
+        p = fmap.params
+        return {"centroids": fmap.centroids, "spreads": fmap.spreads, "U": p.U, "tau": p.tau, "gamma": p.gamma}
     raise TypeError(f"cannot persist a feature map of type {type(fmap).__name__}")
 
 
@@ -207,4 +230,9 @@ def feature_map_from_tensors(kind: str, tensors: dict[str, torch.Tensor], device
         return FavorFeatures(tensors["W"].to(device))
     if kind == "centroid":
         return CentroidFeatures(tensors["centroids"].to(device))
+    if kind == "learned":
+        from .learned_maps import LearnedCentroidFeatures, LearnedParams
+
+        t = {k: v.to(device) for k, v in tensors.items()}
+        return LearnedCentroidFeatures(t["centroids"], t["spreads"], LearnedParams(t["U"], t["tau"], t["gamma"]))
     raise ValueError(f"estimator kind {kind!r} has no persisted form")
