@@ -7,8 +7,9 @@
 #   bash bench/gpu_run.sh decode [ARGS...]      # bench/gpu_decode.py   ($OUT/gpu_decode.json, decode.log)
 #   bash bench/gpu_run.sh tests decode [ARGS]   # both, tests first
 #   bash bench/gpu_run.sh disk [ARGS...]        # bench/disk_decode.py on the 8B shape ($OUT/disk_decode.json, disk.log)
+#   bash bench/gpu_run.sh calibrate [ARGS...]   # bench/calibrate_time.py on the 8B shape ($OUT/calibrate_time.json, calibrate.log)
 #
-# TESTS_S, DECODE_S and DISK_S (seconds) bound the parts; PYTEST_ARGS picks tests (default:
+# TESTS_S, DECODE_S, DISK_S and CALIBRATE_S (seconds) bound the parts; PYTEST_ARGS picks tests (default:
 # all; the whole suite took 517 s on the H200).  With pytest-timeout among the wheels
 # (bash ../shared/gpu/wheels.sh pytest-timeout), add --timeout=120 to name a hanging test.
 set -uo pipefail
@@ -33,4 +34,9 @@ if [ "${1:-}" = disk ]; then
   shift
   timeout "${DISK_S:-540}" python3 -m rcengine.bench.disk_decode --synthetic 8b --scratch /tmp --out "$OUT" "$@" > "$OUT/disk.log" 2>&1
   echo "disk exit $?"; df -h /tmp | tail -1; tail -n 40 "$OUT/disk.log" | cut -c1-600
+fi
+if [ "${1:-}" = calibrate ]; then
+  shift
+  timeout "${CALIBRATE_S:-540}" python3 -m rcengine.bench.calibrate_time --synthetic 8b --out "$OUT" "$@" > "$OUT/calibrate.log" 2>&1
+  echo "calibrate exit $?"; tail -n 45 "$OUT/calibrate.log" | cut -c1-300
 fi

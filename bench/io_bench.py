@@ -31,7 +31,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -39,12 +39,13 @@ from typing import Any
 import torch
 from rich.console import Console
 
+from ..engine.calibration.maps_file import read_maps
 from ..engine.config import EngineConfig
 from ..engine.hf.integration import reference_logits
 from ..engine.hf.loader import LoadedModel
 from ..engine.progress import progress
 from ..engine.qa.document import Answer, Document
-from ..engine.qa.engine import Engine
+from ..engine.qa.engine import Engine, resolve_maps
 from ..engine.rule.feature_maps import EstimatorSpec
 from ..engine.sampling import SamplingConfig
 from ..storage.defaults import DEFAULT_BLOCK_TOKENS
@@ -53,7 +54,7 @@ from .io_probe import Probe
 from .tasks import TASKS, TaskGenerator, corpus_haystack, eval_documents, score
 
 TIERS = ("cpu", "disk", "device")
-ESTIMATORS = ("centroid", "favor")
+ESTIMATORS = ("centroid", "learned", "favor")
 
 
 SELECTORS = ("exact", "exact-block", "block")
@@ -99,7 +100,8 @@ class BenchIOConfig:
     probe_queries: int = 4  # sampled queries per continuation for the per-head analysis
     timing_rounds: int = 3  # interleaved rounds of fixed-length decodes, on each length's first example
     timing_tokens: int = 16
-    features: int = 64
+    features: int = 64  # centroids of the centroid estimator; the others get as many summary bytes
+    maps: str | None = None  # the learned estimator's maps (None: the embedded model's)
     sink: int = 4
     tail: int = 64
     cache_bytes: int = 16 << 20  # disk tier block cache (emptied before every answer)
@@ -117,7 +119,7 @@ class BenchIOConfig:
         if not self.budgets or any(not 0.0 < b <= 1.0 for b in self.budgets):
             raise ValueError(f"budgets must be fractions in (0, 1] (1 % is 0.01), got {self.budgets}")
         if unknown := [e for e in self.estimators if e not in ESTIMATORS]:
-            raise ValueError(f"unknown estimator {unknown[0]!r}: use centroid and/or favor")
+            raise ValueError(f"unknown estimator {unknown[0]!r}: use some of {', '.join(ESTIMATORS)}")
         if not self.selectors or self.selectors[0] != "exact" or (unknown := [s for s in self.selectors if s not in SELECTORS]):
             raise ValueError(f"selectors must start with exact and be some of {', '.join(SELECTORS)}, got {self.selectors}")
         if not self.tiers or (unknown := [t for t in self.tiers if t not in TIERS]):
@@ -132,6 +134,7 @@ class BenchIOConfig:
         """Small enough for CI (2 cores, well under 3 minutes): one length, two tasks (a needle
         and a diffuse one), two budgets."""
         return BenchIOConfig(lengths=(2048,), tasks=("niah_single_number", "common_words"), examples=1, budgets=(0.01, 0.04),
+                             estimators=("centroid", "learned"),
                              max_new_tokens=12, heldout_tokens=16, probe_queries=2, timing_rounds=2, timing_tokens=8)
 
     def rc_budgets(self) -> tuple[float, ...]:
@@ -153,6 +156,34 @@ class BenchIOConfig:
             for b in sorted(self.budgets):
                 out += [Variant("topk", budget=b, selector=sel), *(Variant("rc", e, b, sel) for e in self.estimators)]
         return out
+
+
+def equal_bytes_features(kind: str, centroids: int, head_dim: int, directions: int = 0) -> int:
+    """Features of estimator ``kind`` whose summary (map state included) costs at most what
+    ``centroids`` centroids cost: C (2d + 2) floats per KV head (centroids, S, u and beta)."""
+    budget = centroids * (2 * head_dim + 2)
+    if kind == "centroid":
+        return centroids
+    if kind == "learned":  # plus p + 1 spreads per cluster
+        return max(1, budget // (2 * head_dim + 2 + directions + 1))
+    if kind == "favor":  # S, u and beta only; an even count (antithetic pairs)
+        return max(2, budget // (head_dim + 2) // 2 * 2)
+    raise ValueError(f"estimator {kind!r} has no summary")
+
+
+def estimator_specs(lm: LoadedModel, cfg: BenchIOConfig) -> dict[str, EstimatorSpec]:
+    """Each compared estimator at equal summary bytes (the learned one's maps resolved and checked)."""
+    _, _, head_dim = lm.kv_shape
+    specs = {}
+    for e in cfg.estimators:
+        if e == "learned":
+            probe = EngineConfig(estimator=EstimatorSpec("learned", cfg.features, maps=cfg.maps))
+            spec = resolve_maps(probe, lm).estimator
+            p = read_maps(spec.maps).layers[0].U.shape[-1]
+            specs[e] = replace(spec, num_features=equal_bytes_features(e, cfg.features, head_dim, p))
+        else:
+            specs[e] = EstimatorSpec(e, equal_bytes_features(e, cfg.features, head_dim))
+    return specs
 
 
 def run_bench_io(lm: LoadedModel, cfg: BenchIOConfig, show_progress: bool = True) -> dict[str, Any]:
@@ -211,9 +242,10 @@ def _run_example(lm, cfg, variants, ex, length, heldout_text, store, quality_tie
     qa = question + reference_answer
     ref_qa, ref_held = reference_logits(lm.model, ctx, [qa, heldout])
 
-    first = cfg.estimators[0] if cfg.estimators else "centroid"
+    specs = estimator_specs(lm, cfg)
+    first = specs[cfg.estimators[0]] if cfg.estimators else EstimatorSpec("centroid", cfg.features)
     base = EngineConfig(method="dense", budget=min(cfg.budgets), sink=cfg.sink, tail=cfg.tail, offload="disk",
-                        estimator=EstimatorSpec(first, cfg.features), cache_bytes=cfg.cache_bytes, keys_in_memory=True)
+                        estimator=first, cache_bytes=cfg.cache_bytes, keys_in_memory=True)
     engine = Engine(lm, base, show_progress=False)
     prefilled = engine.prefill(ctx, store=store)
     docs: dict[str, Document] = {}
@@ -221,7 +253,6 @@ def _run_example(lm, cfg, variants, ex, length, heldout_text, store, quality_tie
         for tier in cfg.tiers:
             docs[tier] = prefilled if tier == "disk" else engine.open(store, offload=tier)
         qdoc = docs[quality_tier]
-        specs = {e: EstimatorSpec(e, cfg.features) for e in cfg.estimators}
         estimators = {e: qdoc.state.estimator_layers(spec) for e, spec in specs.items()}
         mids = [tuple(x.to(torch.float64) for x in qdoc.state.read_mid(layer)) for layer in range(qdoc.state.num_layers)]
         sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, stop=("\n",))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import typer
 
-from . import bench_io, decode
+from . import bench_io, calibrate, decode
 from .errors import EXIT_BAD_INPUT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
@@ -30,6 +30,7 @@ def _root() -> None:
 
 decode.register(app)
 bench_io.register(app)
+calibrate.register(app)
 
 
 def _version(name: str) -> str:

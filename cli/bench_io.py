@@ -12,7 +12,7 @@ from .errors import user_errors_exit_2
 from .options import DEVICE, MODEL, TRUST, csv, quiet_transformers
 
 _EXAMPLES = {"--lengths": "4096,8192", "--tasks": "niah_single_number,common_words", "--budgets": "0.005,0.01,0.02,0.04",
-             "--estimators": "centroid,favor", "--tiers": "cpu,disk", "--selectors": "exact,block"}
+             "--estimators": "centroid,learned,favor", "--tiers": "cpu,disk", "--selectors": "exact,block"}
 
 
 def register(app: typer.Typer) -> None:
@@ -42,7 +42,9 @@ def bench_io(
     tasks: str = typer.Option(None, "--tasks", help="Task names, comma-separated (default: all nine)."),
     examples: int = typer.Option(None, "--examples", min=1, help="Examples per task and length (default 2)."),
     budgets: str = typer.Option(None, "--budgets", help="Budgets as fractions, comma-separated (default 0.005,0.01,0.02,0.04)."),
-    estimators: str = typer.Option(None, "--estimators", help="rc estimators, comma-separated (default centroid,favor)."),
+    estimators: str = typer.Option(None, "--estimators", help="rc estimators, comma-separated (default centroid,learned,favor; "
+                                   "learned and favor get the centroid summary's bytes)."),
+    maps: Path = typer.Option(None, "--maps", help="The learned estimator's maps (`rcengine calibrate`; default: the embedded model's)."),
     selectors: str = typer.Option(None, "--selectors", help="Selectors, comma-separated, exact first (default exact,block)."),
     tiers: str = typer.Option(None, "--tiers", help="Offload tiers, comma-separated (default cpu,disk)."),
     io_bandwidth: list[str] = typer.Option(None, "--io-bandwidth", help="NAME=GB/s for the modelled time (repeatable; default ssd=1.9, pcie=55)."),
@@ -66,6 +68,8 @@ def bench_io(
             changes[name] = csv(value, convert, f"--{name}", _EXAMPLES[f"--{name}"])
     if examples is not None:
         changes["examples"] = examples
+    if maps is not None:
+        changes["maps"] = str(maps)
     if io_bandwidth:
         changes["bandwidths"] = bandwidths(io_bandwidth)
     if max_new_tokens is not None:

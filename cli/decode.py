@@ -10,7 +10,7 @@ import typer
 
 from .errors import user_errors_exit_2
 from .options import (
-    AS_JSON, BUDGET, DEVICE, ESTIMATOR, FEATURES, MAX_NEW, METHOD, MODEL, SEED, SELECTOR, SINK, STOP, TAIL, TEMPERATURE, TOP_P,
+    AS_JSON, BUDGET, DEVICE, ESTIMATOR, FEATURES, MAPS, MAX_NEW, METHOD, MODEL, SEED, SELECTOR, SINK, STOP, TAIL, TEMPERATURE, TOP_P,
     TRUST, EstimatorName, MethodName, OffloadName, SelectorName, engine_config, quiet_transformers, read_text, stream,
 )
 
@@ -36,6 +36,7 @@ def generate(
     tail: int = TAIL,
     estimator: EstimatorName = ESTIMATOR,
     features: int = FEATURES,
+    maps: Path = MAPS,
     selector: SelectorName = SELECTOR,
     temperature: float = TEMPERATURE,
     top_p: float = TOP_P,
@@ -61,7 +62,7 @@ def generate(
         typer.echo(f"[embedded demo: {len(demo.document)} characters of text, then: {demo.question.strip().splitlines()[0]}"
                    f" (expected: {demo.answer})]", err=True)
     quiet_transformers()
-    cfg = engine_config(method, budget, offload, sink, tail, estimator, features, selector)
+    cfg = engine_config(method, budget, offload, sink, tail, estimator, features, selector, maps)
     engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
     sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()))
     if store is not None:
@@ -79,6 +80,7 @@ def prefill(
     tail: int = TAIL,
     estimator: EstimatorName = ESTIMATOR,
     features: int = FEATURES,
+    maps: Path = MAPS,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
     device: str = DEVICE,
     trust_remote_code: bool = TRUST,
@@ -88,7 +90,7 @@ def prefill(
 
     text = read_text(file)
     quiet_transformers()
-    cfg = engine_config(MethodName.rc, 0.02, OffloadName.disk, sink, tail, estimator, features)
+    cfg = engine_config(MethodName.rc, 0.02, OffloadName.disk, sink, tail, estimator, features, maps=maps)
     engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
     report_reclaimed(rcengine.reclaim_stale(store))
     doc = engine.prefill(text, store=store, overwrite=overwrite)

@@ -36,6 +36,7 @@ class SelectorName(str, Enum):
 
 class EstimatorName(str, Enum):
     centroid = "centroid"
+    learned = "learned"
     favor = "favor"
 
 
@@ -53,7 +54,8 @@ AS_JSON = typer.Option(False, "--json", help="Print one JSON object instead of s
 SINK = typer.Option(4, "--sink", min=0, help="Anchor tokens kept at the start.")
 TAIL = typer.Option(64, "--tail", min=1, help="Anchor tokens kept at the end (generated tokens join them).")
 ESTIMATOR = typer.Option(EstimatorName.centroid, "--estimator", help="Completion estimator for rc.")
-FEATURES = typer.Option(64, "--features", min=2, help="Centroids or random features per KV head.")
+FEATURES = typer.Option(64, "--features", min=2, help="Centroids (centroid, learned) or random features (favor) per KV head.")
+MAPS = typer.Option(None, "--maps", help="Learned maps made by `rcengine calibrate` for this model (default: the embedded model's own).")
 SELECTOR = typer.Option(SelectorName.exact, "--selector", help="How topk and rc choose what to read: exact (Top-K tokens; "
                         "keys on the compute device), exact-block (whole blocks ranked by their best token), block (whole blocks, by bounds on the device: the store's blocks on "
                         "disk, so that reads are what was selected; 16 tokens in memory), faiss (an index on the host).")
@@ -67,12 +69,14 @@ TRUST = typer.Option(False, "--trust-remote-code", help="Allow the model folder'
 
 def engine_config(method: MethodName, budget: float, offload: OffloadName, sink: int = 4, tail: int = 64,
                   estimator: EstimatorName = EstimatorName.centroid, features: int = 64,
-                  selector: SelectorName = SelectorName.exact) -> "rcengine.EngineConfig":
+                  selector: SelectorName = SelectorName.exact, maps: Path | None = None) -> "rcengine.EngineConfig":
     import rcengine
 
+    if maps is not None and estimator != EstimatorName.learned:
+        raise ValueError("--maps is for the learned estimator: add --estimator learned")
     return rcengine.EngineConfig(
         method=method.value, budget=budget, offload=offload.value, sink=sink, tail=tail,
-        estimator=rcengine.EstimatorSpec(estimator.value, features), selector=selector.value,
+        estimator=rcengine.EstimatorSpec(estimator.value, features, maps=None if maps is None else str(maps)), selector=selector.value,
     )
 
 

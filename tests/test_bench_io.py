@@ -126,9 +126,9 @@ def test_report_files_and_schema(report):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (out / "report.md").read_text()
     assert "## Overview" in md and "rho*" in md and "| rc-centroid@0.02 | cpu |" in md
-    variants = {"dense", "sink-tail", "topk@0.02", "topk@0.08"} | {f"rc-{e}@{b:g}" for e in ("centroid", "favor") for b in (0.005, 0.01, 0.02, 0.08)}
+    variants = {"dense", "sink-tail", "topk@0.02", "topk@0.08"} | {f"rc-{e}@{b:g}" for e in ("centroid", "learned", "favor") for b in (0.005, 0.01, 0.02, 0.08)}
     for sel in ("exact-block", "block"):
-        variants |= {f"topk-{sel}@{b:g}" for b in (0.02, 0.08)} | {f"rc-{e}-{sel}@{b:g}" for e in ("centroid", "favor") for b in (0.02, 0.08)}
+        variants |= {f"topk-{sel}@{b:g}" for b in (0.02, 0.08)} | {f"rc-{e}-{sel}@{b:g}" for e in ("centroid", "learned", "favor") for b in (0.02, 0.08)}
     assert {r["variant"] for r in rep["overview"]} == variants
     assert {(r["variant"], r["tier"]) for r in rep["rows"]} == {(v, t) for v in variants for t in ("cpu", "disk")}
     for r in rep["rows"]:
@@ -136,7 +136,7 @@ def test_report_files_and_schema(report):
                 "token_equivalent", "ms_per_token", "modelled_ms_per_token", "task", "length"} <= set(r)
         assert set(r["modelled_ms_per_token"]) == {"ssd", "pcie"}
         assert r["answers_match_quality_tier"], r  # every tier attends identically
-    assert {t["estimator"] for t in rep["tradeoff"]} == {"centroid", "favor"} and {t["length"] for t in rep["tradeoff"]} == {600}
+    assert {t["estimator"] for t in rep["tradeoff"]} == {"centroid", "learned", "favor"} and {t["length"] for t in rep["tradeoff"]} == {600}
     assert {(t["variant"], t["tier"], t["length"]) for t in rep["timing"]} == {(v, t, 600) for v in variants for t in ("cpu", "disk")}
     assert all(t["rounds"] == 2 and t["ms_per_token"] > 0 for t in rep["timing"])
     assert all(r["ms_per_token"] is not None for r in rep["overview"])
@@ -197,7 +197,7 @@ def test_bad_configs_are_refused():
     with pytest.raises(ValueError, match="tiers"):
         BenchIOConfig(tiers=("tape",))
     with pytest.raises(ValueError, match="estimator"):
-        BenchIOConfig(estimators=("learned",))
+        BenchIOConfig(estimators=("hedgehog",))
 
 
 def test_ignore_eos_decodes_a_fixed_number_of_steps(tiny):

@@ -176,3 +176,22 @@ def test_import_and_help_are_light():
     out = subprocess.run([sys.executable, "-c", _LIGHT], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.splitlines()[0] == "[]"  # import rcengine: no torch, transformers, matplotlib, rich, faiss, zarr
     assert out.stderr.strip().splitlines()[-1] == "[]"  # rcengine --help: no torch or the rest either
+
+
+def test_calibrate_writes_maps_that_another_model_refuses(model, other_model, tmp_path):
+    text = tmp_path / "calibration.txt"
+    text.write_text(PROMPT * 4)
+    out = rc("calibrate", "--model", str(model), "--text", str(text), "--features", "4", "--directions", "2", "--steps", "3",
+             "--out", str(tmp_path / "maps"))
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["layers"] == 2
+    assert "layer 1: loss" in out.stderr  # progress, per layer
+    again = rc("calibrate", "--model", str(model), "--text", str(text), "--out", str(tmp_path / "maps"))
+    _assert_one_line_error(again, "--overwrite")
+    _assert_one_line_error(rc("calibrate", "--model", str(model), "--out", str(tmp_path / "m2")), "--text is needed")
+    refused = rc("generate", PROMPT, "--model", str(other_model), "--estimator", "learned", "--maps", str(tmp_path / "maps"),
+                 "--features", "4", "--max-new-tokens", "2")
+    _assert_one_line_error(refused, "calibrated for model")
+    ok = rc("generate", PROMPT, "--model", str(model), "--estimator", "learned", "--maps", str(tmp_path / "maps"),
+            "--features", "4", "--max-new-tokens", "2", "--json", "--tail", "16", "--offload", "disk")
+    assert ok.returncode == 0, ok.stderr
