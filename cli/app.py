@@ -57,7 +57,7 @@ def _store_report(store: Path) -> dict:
     try:
         art = Artifact.open(store)
         out.update({"tokens": art.meta.get("tokens"), "model": art.manifest["model"]["fingerprint"].get("name"),
-                    "created": art.manifest.get("created")})
+                    "created": art.manifest.get("created"), "estimator": art.meta.get("estimator")})
     except rcengine.ArtifactError as e:
         out["error"] = str(e)
     out["temporaries"] = [{"path": str(t.path), "bytes": t.bytes, "live": t.live} for t in rcengine.temporaries(store)]

@@ -136,6 +136,8 @@ def test_report_files_and_schema(report):
                 "token_equivalent", "ms_per_token", "modelled_ms_per_token", "task", "length"} <= set(r)
         assert set(r["modelled_ms_per_token"]) == {"ssd", "pcie"}
         assert r["answers_match_quality_tier"], r  # every tier attends identically
+    features = {e: spec["num_features"] for e, spec in rep["meta"]["estimators"].items()}
+    assert features == {"centroid": 64, "learned": 61, "favor": 126}  # equal summary bytes at head dim 64 (p = 4)
     assert {t["estimator"] for t in rep["tradeoff"]} == {"centroid", "learned", "favor"} and {t["length"] for t in rep["tradeoff"]} == {600}
     assert {(t["variant"], t["tier"], t["length"]) for t in rep["timing"]} == {(v, t, 600) for v in variants for t in ("cpu", "disk")}
     assert all(t["rounds"] == 2 and t["ms_per_token"] > 0 for t in rep["timing"])

@@ -195,3 +195,13 @@ def test_calibrate_writes_maps_that_another_model_refuses(model, other_model, tm
     ok = rc("generate", PROMPT, "--model", str(model), "--estimator", "learned", "--maps", str(tmp_path / "maps"),
             "--features", "4", "--max-new-tokens", "2", "--json", "--tail", "16", "--offload", "disk")
     assert ok.returncode == 0, ok.stderr
+    doc = tmp_path / "doc.txt"
+    doc.write_text(PROMPT)
+    made = rc("prefill", str(doc), "--store", str(tmp_path / "store"), "--model", str(model), "--estimator", "learned",
+              "--maps", str(tmp_path / "maps"), "--features", "4", "--tail", "16")
+    assert made.returncode == 0, made.stderr
+    shutil.rmtree(tmp_path / "maps")  # the store holds the maps it was built with
+    info = json.loads(rc("info", "--json", "--store", str(tmp_path / "store")).stdout)["store"]
+    assert info["estimator"]["kind"] == "learned"
+    asked = rc("ask", str(tmp_path / "store"), " What?", "--model", str(model), "--json", "--max-new-tokens", "2")
+    assert asked.returncode == 0, asked.stderr
