@@ -6,7 +6,8 @@
 text.  It must never be eval-split text: the haystack is this Python's standard-library docstrings
 of the documents ``build_corpus.py`` puts in the train split (the same hash rule; PSF licence, made
 here with no download), and the tasks are ``bench/tasks.py``'s train split (train-split key words),
-every task at 4096 tokens with its reference answer appended, plus two plain stretches of text.
+every task with its reference answer appended, at 4096, 8192 and 15872 tokens in turn (the lengths
+decode is measured at; under calibrate's 16384-token cut), plus two plain stretches of text.
 Writes ``engine/default_model/calibration.jsonl.gz`` (one JSON string per text; the same input gives
 the same bytes) and prints the text count and the file's SHA-256.
 """
@@ -22,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "engine" / "default_model" / "calibration.jsonl.gz"
-LENGTH = 4096
+LENGTHS = (4096, 8192, 15872)
 
 
 def train_documents() -> list[str]:
@@ -43,11 +44,11 @@ def main() -> None:
     gen = TaskGenerator("train", corpus_haystack(docs), lambda t: len(tok(t)["input_ids"]))
     texts = []
     for i, task in enumerate(TASKS):
-        ex = gen.example(task, LENGTH, seed=1000 + i)
+        ex = gen.example(task, LENGTHS[i % len(LENGTHS)], seed=1000 + i)
         texts.append(ex.prompt + " " + ex.answers[0])
     haystack = corpus_haystack(docs)
     for seed in (1, 2):
-        texts.append(haystack(random.Random(f"calibration/{seed}"), LENGTH * 3))
+        texts.append(haystack(random.Random(f"calibration/{seed}"), 4096 * 3))
     payload = "".join(json.dumps(t) + "\n" for t in texts).encode()
     with gzip.GzipFile(OUT, "wb", mtime=0) as f:
         f.write(payload)
