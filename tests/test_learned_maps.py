@@ -188,3 +188,13 @@ def test_engine_with_learned_maps_persists_and_reopens_without_them(tiny, tmp_pa
     assert isinstance(reopened.state.maps[0], LearnedCentroidFeatures)
     assert reopened.ask(" What is the number?", SamplingConfig(max_new_tokens=4)).text == first.text
     reopened.close()
+
+
+def test_the_embedded_model_ships_maps_made_for_it():
+    from rcengine.engine.calibration.maps_file import default_maps_path
+
+    lm = load_model(None, device="cpu")
+    engine = Engine(lm, EngineConfig(estimator=EstimatorSpec("learned")), show_progress=False)
+    assert engine.config.estimator.maps == str(default_maps_path().resolve())
+    manifest = read_maps(default_maps_path(), lm.fingerprint(), (8, 2, 2, 64)).manifest
+    assert manifest["settings"]["features"] == 64 and len(manifest["per_layer"]) == 8
