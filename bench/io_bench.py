@@ -189,6 +189,7 @@ def estimator_specs(lm: LoadedModel, cfg: BenchIOConfig) -> dict[str, EstimatorS
 def run_bench_io(lm: LoadedModel, cfg: BenchIOConfig, show_progress: bool = True) -> dict[str, Any]:
     """Run everything ``cfg`` asks for with the loaded model; -> the report (JSON-ready dict)."""
     variants = cfg.variants()
+    specs = estimator_specs(lm, cfg)
     positions_needed = max(cfg.lengths) + 2 * max(cfg.max_new_tokens, cfg.heldout_tokens) + 64
     if positions_needed > lm.max_positions:
         raise ValueError(f"length {max(cfg.lengths)} leaves no room for answers within the model's {lm.max_positions} positions")
@@ -212,7 +213,7 @@ def run_bench_io(lm: LoadedModel, cfg: BenchIOConfig, show_progress: bool = True
                 done = i + 1
                 ex = gen.example(task, length, cfg.seed * 1000 + seed)
                 rng = random.Random(f"heldout/{task}/{length}/{seed}")
-                _run_example(lm, cfg, variants, ex, length, heldout_source(rng, cfg.heldout_tokens * 16), scratch / f"ex{i}.rcs",
+                _run_example(lm, cfg, specs, variants, ex, length, heldout_source(rng, cfg.heldout_tokens * 16), scratch / f"ex{i}.rcs",
                              quality_tier, acc, advance, timed=seed == 0 and task == cfg.tasks[0])
                 if show_progress and not console.is_terminal:  # a log gets one line per example instead of a bar
                     console.print(f"bench-io: example {i + 1}/{len(examples)} ({task}, {length} tokens) done at "
@@ -225,7 +226,7 @@ def run_bench_io(lm: LoadedModel, cfg: BenchIOConfig, show_progress: bool = True
         "model": str(lm.path), "model_fingerprint": lm.fingerprint(), "dtype": str(lm.dtype).removeprefix("torch."),
         "kv_shape": dict(zip(("layers", "kv_heads", "head_dim"), lm.kv_shape, strict=True)),
         "row_bytes": 2 * lm.kv_shape[2] * torch.empty(0, dtype=lm.dtype).element_size(),
-        "config": asdict(cfg), "estimators": {e: asdict(spec) for e, spec in estimator_specs(lm, cfg).items()},
+        "config": asdict(cfg), "estimators": {e: asdict(spec) for e, spec in specs.items()},
         "quality_tier": quality_tier, "reference": "the model's own dense attention (transformers SDPA)",
         "entropy_bins": [list(b) for b in ENTROPY_BINS], "wall_s": round(time.perf_counter() - t_start, 1),
         "examples_run": done, "examples_planned": len(examples),
@@ -234,7 +235,7 @@ def run_bench_io(lm: LoadedModel, cfg: BenchIOConfig, show_progress: bool = True
     return summarise(meta, variants, acc, cfg.bandwidths, cfg.tiers, quality_tier)
 
 
-def _run_example(lm, cfg, variants, ex, length, heldout_text, store, quality_tier, acc, advance, timed) -> None:  # noqa: ANN001
+def _run_example(lm, cfg, specs, variants, ex, length, heldout_text, store, quality_tier, acc, advance, timed) -> None:  # noqa: ANN001
     ctx = list(lm.tokenizer(ex.context)["input_ids"])
     tok = lambda s: list(lm.tokenizer(s, add_special_tokens=False)["input_ids"])  # noqa: E731
     question = tok(ex.question)
@@ -243,7 +244,6 @@ def _run_example(lm, cfg, variants, ex, length, heldout_text, store, quality_tie
     qa = question + reference_answer
     ref_qa, ref_held = reference_logits(lm.model, ctx, [qa, heldout])
 
-    specs = estimator_specs(lm, cfg)
     first = specs[cfg.estimators[0]] if cfg.estimators else EstimatorSpec("centroid", cfg.features)
     base = EngineConfig(method="dense", budget=min(cfg.budgets), sink=cfg.sink, tail=cfg.tail, offload="disk",
                         estimator=first, cache_bytes=cfg.cache_bytes, keys_in_memory=True)

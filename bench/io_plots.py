@@ -4,21 +4,13 @@ the helpers the report shares with them."""
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..storage.atomic_file import write_atomic
 from .io_analysis import ENTROPY_BINS
 
 FAMILIES = ("topk", "rc-centroid", "rc-favor")
-
-
-def new_file_mode() -> int:
-    """The mode open() gives a new file under this process's umask (mkstemp's files are 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def bin_errors(report: dict[str, Any]) -> dict[tuple[str, float, str], float | None]:
@@ -112,12 +104,4 @@ def _x(r: dict[str, Any], charged: bool, per_token: float) -> float:
 
 
 def _save(fig, path: Path) -> None:  # noqa: ANN001
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.fchmod(fd, new_file_mode())
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110), suffix=".png")

@@ -7,15 +7,15 @@ leaves a half-written report.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
 
+from ..storage.atomic_file import write_atomic
 from .io_analysis import ENTROPY_BINS
-from .io_plots import FAMILIES, bin_errors, new_file_mode, plots
+from .io_plots import FAMILIES, bin_errors, plots
+
 
 def write_report(report: dict[str, Any], out_dir: str | Path) -> list[Path]:
     """Write the report files into ``out_dir`` (created if needed); -> their paths."""
@@ -38,19 +38,7 @@ def _json_default(x: Any) -> Any:
 
 
 def _atomic(path: Path, data: bytes) -> Path:
-    """Write ``path`` whole or not at all, readable as any new file is (mkstemp makes files 0600)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, new_file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 # -- numbers -------------------------------------------------------------------------------------

@@ -123,6 +123,7 @@ def _items(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, U: torch.Tensor, c
     zq = query_terms(qs.permute(2, 0, 1, 3), U).permute(1, 2, 0, 3)  # (Hkv, G, Q, p+1)
     z = zq[:, :, :, None, :] * spreads[:, None, None]  # (Hkv, G, Q, C, p+1)
     score_c = torch.einsum("hgqd,hcd->hgqc", qs, centroids) * scale
+    qsq = (qs * qs).sum(dim=-1) / (2 * d)
     items = []
     for b in (cfg.budget / 2, cfg.budget, 2 * cfg.budget, 4 * cfg.budget):
         top = s_mid.amax(dim=1).topk(retrieval_count(b, nm), dim=-1).indices  # (Hkv, Q, K)
@@ -136,7 +137,7 @@ def _items(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, U: torch.Tensor, c
         den_u = torch.exp(s_mid - m[..., None]).mul(unread[:, None]).sum(dim=-1)
         cnt = torch.einsum("hnc,hqn->hqc", onehot, unread)
         vsum = torch.einsum("hnc,hqn,hnd->hqcd", onehot, unread, v_mid)
-        items.append(_Item(score_c - m[..., None], z, (qs * qs).sum(dim=-1) / (2 * d), cnt, vsum, torch.matmul(pe, v[:, None]), pe.sum(dim=-1), out, den_u))
+        items.append(_Item(score_c - m[..., None], z, qsq, cnt, vsum, torch.matmul(pe, v[:, None]), pe.sum(dim=-1), out, den_u))
     return items
 
 

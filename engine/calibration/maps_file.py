@@ -14,8 +14,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ...storage import ModelMismatchError, fingerprint_digest
+from ...storage.atomic_file import write_atomic
 from ..rule.learned_maps import LearnedParams
 
 FORMAT = 1
@@ -55,28 +54,12 @@ class LearnedMaps:
         for i, p in enumerate(self.layers):
             tensors.update({f"L{i}.U": p.U, f"L{i}.tau": p.tau, f"L{i}.gamma": p.gamma})
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-        _atomic(folder / MAPS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        write_atomic(folder / MAPS_FILE, lambda tmp: save_file(tensors, str(tmp)))
         manifest = dict(self.manifest, format=FORMAT, kind=KIND, layers=len(self.layers),
                         sha256=hashlib.sha256((folder / MAPS_FILE).read_bytes()).hexdigest())
-        _atomic(folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+        write_atomic(folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
         self.manifest = manifest
         return folder
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def read_maps(folder: str | Path, fingerprint: dict[str, Any] | None = None,

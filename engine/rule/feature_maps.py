@@ -202,8 +202,7 @@ def build_feature_map(
 
         if learned is None:
             raise ValueError("the learned estimator needs the layer's calibrated parameters (rcengine calibrate)")
-        return LearnedCentroidFeatures.fit(mid_keys, learned.to(mid_keys.device), spec.num_features, spec.kmeans_iters,
-                                           _layer_seed(spec.seed, layer))
+        return LearnedCentroidFeatures.fit(mid_keys, learned, spec.num_features, spec.kmeans_iters, _layer_seed(spec.seed, layer))
     return CentroidFeatures.fit(mid_keys, spec.num_features, spec.kmeans_iters, _layer_seed(spec.seed, layer))
 
 

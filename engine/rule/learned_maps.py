@@ -57,9 +57,10 @@ class LearnedCentroidFeatures:
     @staticmethod
     def fit(k: torch.Tensor, params: LearnedParams, num_centroids: int, iters: int = 10, seed: int = 0) -> LearnedCentroidFeatures:
         """Cluster ``k: (B, Hkv, n, d)`` (as :meth:`CentroidFeatures.fit`) and measure each cluster's
-        spreads along the learned directions."""
+        spreads along the learned directions (the parameters are moved to the keys' device)."""
+        params = params.to(k.device)
         base = CentroidFeatures.fit(k, num_centroids, iters, seed)
-        return LearnedCentroidFeatures(base.centroids, cluster_spreads(k, base.centroids, params.U.to(k.device)), params)
+        return LearnedCentroidFeatures(base.centroids, cluster_spreads(k, base.centroids, params.U), params)
 
     @property
     def num_features(self) -> int:
