@@ -52,12 +52,29 @@ def _sync(lm) -> None:  # noqa: ANN001
         torch.cuda.synchronize()
 
 
-def answer_row(doc: Document, question: list[int], tokens: int, cold: bool) -> dict:
-    """One answer of ``tokens`` decode steps; per-step figures are means over its decode steps."""
+def answer_row(doc: Document, question: list[int], tokens: int, cold: bool, profile: Path | None = None) -> dict:
+    """One answer of ``tokens`` decode steps; per-step figures are means over its decode steps.
+    ``profile``: write a torch.profiler table of the answer there (the ops by device time and by
+    host time)."""
     if cold:
         doc.drop_caches()
     first = doc.meter.step + 1  # the answer's first step (the question's prefill)
-    answer = doc.ask(question, SamplingConfig(max_new_tokens=tokens + 1, ignore_eos=True))
+    captures, reruns = doc.runner.captures, doc.runner.reruns
+    sampling = SamplingConfig(max_new_tokens=tokens + 1, ignore_eos=True)
+    if profile is None:
+        answer = doc.ask(question, sampling)
+    else:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profiler(activities=activities) as prof:
+            answer = doc.ask(question, sampling)
+        _sync(doc.engine.lm)
+        table = prof.key_averages()
+        by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        profile.write_text(f"{tokens}-token answer, by device time\n{table.table(sort_by=by, row_limit=25)}\n\n"
+                           f"by host time\n{table.table(sort_by='self_cpu_time_total', row_limit=25)}\n")
     st = answer.stats
     per_step = st["bytes_per_decode_step"]["by_tier"]
     disk = doc.meter.totals(tier="disk", since=first)
@@ -68,7 +85,9 @@ def answer_row(doc: Document, question: list[int], tokens: int, cold: bool) -> d
             # the whole answer (question prefill and decode steps) on the disk tier
             "answer_disk_logical": disk.logical, "answer_disk_physical": disk.physical,
             "answer_disk_physical_over_logical": disk.physical / disk.logical if disk.logical else None,
-            "answer_block_cache_hits": disk.cache_hits, "answer_block_cache_misses": disk.cache_misses}
+            "answer_block_cache_hits": disk.cache_hits, "answer_block_cache_misses": disk.cache_misses,
+            # steps run again after reading blocks they missed, and CUDA graphs captured, in the answer
+            "reruns": doc.runner.reruns - reruns, "graphs_captured": doc.runner.captures - captures}
 
 
 def timed_prefill(engine: Engine, ids: list[int], store: Path | None) -> tuple[Document, float]:
@@ -99,6 +118,8 @@ def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
         doc.configure(selector=selector, select_block=block)
         answer_row(doc, question, args.tokens, cold=False)  # warm-up (kernels, graphs)
         add({"variant": f"host {selector}" + (f" {block}" if block else ""), **answer_row(doc, question, args.tokens, cold=False)})
+        if args.profile and selector == "block":
+            answer_row(doc, question, args.tokens, cold=False, profile=Path(args.out) / f"host_profile_{n}.txt")
     doc.close()
     del doc
 
@@ -116,6 +137,8 @@ def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
             answer_row(doc, question, args.tokens, cold=True)  # warm-up
             cold = answer_row(doc, question, args.tokens, cold=True)
             warm = answer_row(doc, question, args.tokens, cold=False)
+            if args.profile and selector == "block":
+                answer_row(doc, question, args.tokens, cold=False, profile=Path(args.out) / f"disk_profile_{n}.txt")
             name = f"disk {selector}" + (f" {b}" if selector != "exact" else "")
             add({"variant": f"{name} cold", **cold})
             add({"variant": f"{name} warm", **warm})
@@ -126,7 +149,7 @@ def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
         probe = DiskTier.open(Artifact.open(work / "doc").kv_location)
         base_open = probe.store.ledger.bytes_read  # what opening the store reads: metadata, positions, each layer's last partial chunk
         probe.close()
-        for selector in disk_selectors:
+        for selector in () if args.no_reopen else disk_selectors:
             cfg = EngineConfig(**{**_fields(base), "offload": "disk", "selector": selector})
             engine = Engine(lm, cfg, show_progress=False)
             _sync(lm)
@@ -162,6 +185,8 @@ def main() -> None:
     parser.add_argument("--exact-max", type=int, default=32768,
                         help="longest length at which token-level selection runs on the disk tier (it reads most blocks each step)")
     parser.add_argument("--synthetic", choices=["8b"], default=None, help="an 8B-shaped random model (GPU) instead of the embedded one")
+    parser.add_argument("--profile", action="store_true", help="profile a warm block-selection answer on disk per length")
+    parser.add_argument("--no-reopen", action="store_true", help="skip the reopened-store variants")
     parser.add_argument("--scratch", default=None, help="where the stores are written (default: the system's temporary folder)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = parser.parse_args()

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from .artifact import Artifact, ArtifactError, ArtifactWriter, BlockReader, ModelMismatchError, fingerprint_digest
 from .availability import TierAvailability, available_tiers
-from .block_cache import BlockCache
+from .block_pool import BlockPool, BlockPoolFull
 from .checksums import CorruptChunkError
 from .defaults import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES
 from .index_spec import IndexSpec
@@ -32,7 +32,7 @@ def __getattr__(name: str):  # noqa: ANN202 (PEP 562: the heavy modules load on 
 
 
 __all__ = [
-    "DEFAULT_BLOCK_TOKENS", "DEFAULT_CACHE_BYTES", "Artifact", "ArtifactError", "ArtifactWriter", "BlockReader", "BlockCache",
+    "DEFAULT_BLOCK_TOKENS", "DEFAULT_CACHE_BYTES", "Artifact", "ArtifactError", "ArtifactWriter", "BlockReader", "BlockPool", "BlockPoolFull",
     "ByteMeter", "CorruptChunkError", "Counters", "DiskTier", "IndexSpec", "KVTier", "KeyIndex", "MemoryTier", "StreamedFlatIndex",
     "ModelMismatchError", "Temporary", "TierAvailability", "TierLayout", "available_tiers", "device_tier", "fingerprint_digest", "host_tier",
     "merge_group", "reclaim_stale", "temporaries",

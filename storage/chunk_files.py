@@ -13,11 +13,15 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+
 from .checked_store import Ledger, slice_key
 from .checksums import crc32c_hex
 
 # Threads that read and write chunk files.
 IO_THREADS = 8
+# Buffers one ``preadv`` scatters into at most (IOV_MAX is 1024 on Linux).
+MAX_IOV = 512
 
 
 class ChunkFiles:
@@ -46,20 +50,22 @@ class ChunkFiles:
             f.write(data)
         self.ledger.checksums[key] = crc32c_hex(data)
 
-    def read(self, places: list[tuple[str, int]], size: int, whole_files: bool) -> list[bytes | None]:
-        """Ranges of ``size`` bytes at ``places`` ((key, offset) pairs), each verified; None for a
-        missing file, a short result for a truncated one (the caller says which).  ``whole_files``:
-        every range is a whole file, checksummed under its key.  Counts the bytes in the ledger."""
+    def read_into(self, places: list[tuple[str, int]], dests: list[np.ndarray], whole_files: bool) -> list[int]:
+        """Byte ranges at ``places`` ((key, offset) pairs), each as long as its destination (a
+        writable contiguous array), read into ``dests`` and verified -> the bytes read per range:
+        its size, less for a truncated file, -1 for a missing one (the caller says which).
+        ``whole_files``: every range is a whole file, checksummed under its key.  Counts the bytes
+        in the ledger."""
         by_file: dict[str, list[int]] = {}
         for i, (key, _) in enumerate(places):
             by_file.setdefault(key, []).append(i)
         files = list(by_file.items())
-        out: list[bytes | None] = [None] * len(places)
+        got = [-1] * len(places)
 
         def read_share(share: list[tuple[str, list[int]]]) -> None:
             for key, idx in share:
-                for i, data in zip(idx, self._read_file(key, [places[i][1] for i in idx], size, whole_files), strict=True):
-                    out[i] = data
+                self._read_file(key, [places[i][1] for i in idx], [dests[i] for i in idx], whole_files,
+                                lambda j, n, idx=idx: got.__setitem__(idx[j], n))
 
         tasks = min(self.threads, len(files))
         if tasks <= 1:
@@ -67,43 +73,59 @@ class ChunkFiles:
         else:
             for f in [self.pool().submit(read_share, files[t::tasks]) for t in range(tasks)]:
                 f.result()
-        self.ledger.bytes_read += sum(len(d) for d in out if d is not None)
-        self.ledger.objects_read += sum(d is not None for d in out)
-        return out
+        self.ledger.bytes_read += sum(n for n in got if n > 0)
+        self.ledger.objects_read += sum(n >= 0 for n in got)
+        return got
 
-    def _read_file(self, key: str, offsets: list[int], size: int, whole_files: bool) -> list[bytes | None]:
-        """Ranges of one file; a run of ranges that follow each other is one ``pread``."""
+    def _read_file(self, key: str, offsets: list[int], dests: list[np.ndarray], whole_files: bool, done) -> None:  # noqa: ANN001
+        """Ranges of one file into ``dests``; a run of ranges that follow each other is one
+        ``preadv`` (scattered into its destinations).  ``done(j, nbytes)`` for each."""
         try:
             fd = os.open(self.root / key, os.O_RDONLY)
         except FileNotFoundError:
-            return [None] * len(offsets)
-        out: list[bytes | None] = [None] * len(offsets)
+            return
         order = sorted(range(len(offsets)), key=offsets.__getitem__)
         try:
             run = 0
             while run < len(order):
                 end = run + 1
-                while end < len(order) and offsets[order[end]] == offsets[order[end - 1]] + size:
+                while (end < len(order) and end - run < MAX_IOV
+                       and offsets[order[end]] == offsets[order[end - 1]] + dests[order[end - 1]].nbytes):
                     end += 1
-                start, want = offsets[order[run]], (end - run) * size
-                data = os.pread(fd, want, start)
-                while 0 < len(data) < want:  # short reads happen on some file systems
-                    more = os.pread(fd, want - len(data), start + len(data))
-                    if not more:
+                start = offsets[order[run]]
+                bufs = [memoryview(dests[i]).cast("B") for i in order[run:end]]
+                want = sum(b.nbytes for b in bufs)
+                n = os.preadv(fd, bufs, start)
+                while 0 < n < want:  # short reads happen on some file systems
+                    more = os.preadv(fd, _after(bufs, n), start + n)
+                    if more <= 0:
                         break
-                    data += more
-                view = memoryview(data)
+                    n += more
+                first = 0  # the run's byte where buffer j starts
                 for j, i in enumerate(order[run:end]):
-                    block = bytes(view[j * size : (j + 1) * size])
-                    if len(block) == size:
-                        self.ledger.verify(key if whole_files else slice_key(key, offsets[i]), block)
-                    out[i] = block
+                    size = bufs[j].nbytes
+                    have = max(0, min(size, n - first))
+                    if have == size:
+                        self.ledger.verify(key if whole_files else slice_key(key, offsets[i]), bufs[j])
+                    done(i, have)
+                    first += size
                 run = end
         finally:
             os.close(fd)
-        return out
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+def _after(bufs: list[memoryview], n: int) -> list[memoryview]:
+    """The parts of the buffers ``bufs`` (one run) after its first ``n`` bytes."""
+    out = []
+    for b in bufs:
+        if n >= b.nbytes:
+            n -= b.nbytes
+            continue
+        out.append(b[n:])
+        n = 0
+    return out

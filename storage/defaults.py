@@ -6,5 +6,6 @@ DEFAULT_BLOCK_TOKENS = 64
 # Blocks of every KV head per chunk file (1,024 tokens at 64 a block): creating files, not writing
 # bytes, bounded a prefill to disk with one file per block and head (bench/RESULTS.md).
 DEFAULT_CHUNK_BLOCKS = 16
-# The disk tier's LRU block cache: 256 MiB holds 1 % of a 32K-token 8B-shaped KV cache 60 times over.
-DEFAULT_CACHE_BYTES = 256 << 20
+# The disk tier's block cache (host memory the GPU reads in place): 512 MiB holds the blocks of a
+# 128K-token 8B-shaped step at 1 % (5,376 blocks of 32 KiB, 176 MB) about three times over.
+DEFAULT_CACHE_BYTES = 512 << 20

@@ -13,13 +13,13 @@ is the ``i``-th token written, for every KV head.  Shapes:
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
+from .host_memory import alloc_host, device_view, zero_copy_possible
 from .meter import ByteMeter, Counters
 from .rows import check_dtype, pack, row_bytes
 
@@ -99,7 +99,7 @@ class MemoryTier:
         self.compute_device = torch.device(compute_device)
         self.meter = meter if meter is not None else ByteMeter()
         self._pinned = self.storage_device.type == "cpu" and self.compute_device.type == "cuda"
-        can = self._pinned and importlib.util.find_spec("cupy") is not None
+        can = self._pinned and zero_copy_possible(self.compute_device)
         if zero_copy and not can:
             raise ValueError("zero-copy reads need pinned host memory, a CUDA compute device and cupy")
         self._zero_copy = can if zero_copy is None else zero_copy
@@ -111,19 +111,14 @@ class MemoryTier:
 
     def _alloc(self, capacity: int) -> torch.Tensor:
         lay = self.layout
-        return torch.empty(capacity, lay.num_kv_heads, 2, lay.head_dim, dtype=lay.dtype, device=self.storage_device,
-                           pin_memory=self._pinned)
+        shape = (capacity, lay.num_kv_heads, 2, lay.head_dim)
+        if self.storage_device.type == "cpu":
+            return alloc_host(shape, lay.dtype, self.compute_device)
+        return torch.empty(shape, dtype=lay.dtype, device=self.storage_device)
 
     def _device_view(self, host: torch.Tensor) -> torch.Tensor | None:
         """A CUDA tensor aliasing the pinned host buffer (UVA), or None."""
-        if not self._zero_copy:
-            return None
-        import cupy
-
-        nbytes = host.numel() * host.element_size()
-        mem = cupy.cuda.UnownedMemory(host.data_ptr(), nbytes, owner=host, device_id=self.compute_device.index or 0)
-        arr = cupy.ndarray((nbytes,), cupy.uint8, cupy.cuda.MemoryPointer(mem, 0))
-        return torch.from_dlpack(arr).view(host.dtype).view(host.shape)
+        return device_view(host, self.compute_device) if self._zero_copy else None
 
     def _resize(self, layer: int, capacity: int) -> None:
         grown = self._alloc(capacity)

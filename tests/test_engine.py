@@ -39,10 +39,11 @@ def _engine(path: Path, **kw) -> Engine:
     return Engine.load(path, EngineConfig(**(base | kw)), show_progress=False)
 
 
-def _decode_logits(engine: Engine, ids: list[int], new: int) -> tuple[list[int], torch.Tensor, int]:
+def _decode_logits(engine: Engine, ids: list[int], new: int, defer_fills: bool = False) -> tuple[list[int], torch.Tensor, int]:
     """Greedy decoding through the engine's step runner, keeping every step's logits ``(new, vocab)``
-    on the CPU."""
+    on the CPU.  ``defer_fills``: disk steps fill missing blocks between runs, as captured ones do."""
     doc = engine.prefill(ids)
+    doc.runner.defer_fills = defer_fills
     logits, out, rows = doc.last_logits, [], []
     with torch.no_grad():
         for i in range(new):
@@ -81,13 +82,15 @@ def test_cpu_and_disk_offload_are_identical(models, tmp_path, selector):
     kw = {"method": "rc", "budget": 0.05, "selector": selector, "select_block": 16}
     cpu = _decode_logits(_engine(models["llama"], offload="cpu", **kw), ids, NEW)
     disk = _decode_logits(_engine(models["llama"], offload="disk", scratch_dir=str(tmp_path), **kw), ids, NEW)
+    deferred = _decode_logits(_engine(models["llama"], offload="disk", scratch_dir=str(tmp_path), **kw), ids, NEW, defer_fills=True)
     dev = _decode_logits(_engine(models["llama"], offload="device", **kw), ids, NEW)
-    assert cpu[0] == disk[0] == dev[0]
+    assert cpu[0] == disk[0] == deferred[0] == dev[0]
     # The same rows in the same order reach the same computation: bit-identical on the CPU.  On a
-    # GPU, memory tiers run captured steps whose plans pad K (masked rows), disk steps run eagerly:
-    # sums of other widths, equal to rounding.
+    # GPU, captured steps' plans pad K (masked rows), eager steps do not: sums of other widths, equal
+    # to rounding.
     tol = 0.0 if torch.device(_engine(models["llama"]).lm.device).type == "cpu" else logit_tolerance(torch.bfloat16)
-    assert torch.allclose(cpu[1], disk[1], rtol=tol, atol=tol) and torch.allclose(cpu[1], dev[1], rtol=tol, atol=tol)
+    for other in (disk, deferred, dev):
+        assert torch.allclose(cpu[1], other[1], rtol=tol, atol=tol)
     assert not list(tmp_path.iterdir())  # the scratch store is removed with its document
 
 
@@ -311,3 +314,34 @@ def test_long_work_prints_progress_lines_in_a_log(models, monkeypatch, capsys):
     engine.prefill(_prompt()).close()
     err = capsys.readouterr().err
     assert "prefill: 64/300 tokens" in err and "done in" in err
+
+
+@pytest.mark.parametrize("selector", ["block", "exact"])
+def test_disk_steps_read_the_block_cache_in_place(models, tmp_path, selector):
+    """Steps on the disk tier look their blocks up in the block cache with tensor operations only,
+    flag the missing ones, and run again once they are read (as a captured step must): the same
+    tokens and logits as steps that read each layer's blocks at once, and as the host tier.  A
+    repeated answer finds every block resident: no read, no second run."""
+    ids, question = _prompt(seed=30, n=400), _prompt(seed=31, n=7)
+    kw = {"method": "rc", "budget": 0.1, "selector": selector, "block_tokens": 16}
+    results = {}
+    for name, offload, deferred in (("host", "cpu", False), ("eager", "disk", False), ("deferred", "disk", True)):
+        doc = _engine(models["llama"], offload=offload, scratch_dir=str(tmp_path), **kw).prefill(ids)
+        doc.runner.defer_fills = deferred
+        answers = []
+        for _ in range(2):  # cold, then warm
+            doc.drop_caches() if not answers else None
+            first = doc.meter.next_step()
+            reruns = doc.runner.reruns
+            answer = doc.ask(question, SamplingConfig(max_new_tokens=6, ignore_eos=True))
+            answers.append((answer.token_ids, doc.meter.totals(tier="disk", since=first), doc.runner.reruns - reruns))
+        assert doc.state.reads_blocks_in_place() == (offload == "disk")
+        results[name] = answers
+        doc.close()
+    assert results["host"][0][0] == results["eager"][0][0] == results["deferred"][0][0]
+    block_bytes = 16 * 2 * _engine(models["llama"]).lm.kv_shape[2] * 4  # float32 rows
+    for name in ("eager", "deferred"):
+        (_, cold, cold_runs), (_, warm, warm_runs) = results[name]
+        assert cold.cache_misses > 0 and cold.physical == cold.cache_misses * block_bytes
+        assert warm.physical == 0 and warm.cache_misses == 0 and warm.cache_hits > 0 and warm_runs == 0
+        assert (cold_runs > 0) == (name == "deferred")

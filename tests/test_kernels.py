@@ -97,3 +97,59 @@ def test_selection_scores_match_the_group_max(gen, bounds):
     assert torch.equal(torch.isinf(got), torch.isinf(ref))
     finite = torch.isfinite(ref)
     assert ((got.double() - ref)[finite].abs() <= output_tolerance(dtype) * ref[finite].abs().max()).all()
+
+
+@pytest.mark.parametrize("method", ["topk", "rc"])
+@pytest.mark.parametrize("unit", [1, 8])
+def test_fused_kernels_read_blocks_through_a_slot_table(gen, method, unit):
+    """Rows read in place from a block cache (the disk tier's): blocks of 8 tokens of one head each
+    in a slot, found through a table, some not resident (their rows count as not retrieved)."""
+    hkv, g, d, sink, ring, cap, n, centroids, pb, t = 2, 4, 32, 3, 24, 200, 173, 8, 8, 2
+    dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
+    rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    qg = rnd(t, hkv, g, d)
+    sink_k, sink_v, tail_k, tail_v = rnd(hkv, sink, d), rnd(hkv, sink, d), rnd(hkv, ring, d), rnd(hkv, ring, d)
+    tail_pos = torch.full((ring,), -1, dtype=torch.int64)
+    tail_pos[2:12] = torch.arange(500, 510)
+    q_pos = torch.arange(512, 512 + t)
+    rows = rnd(cap, hkv, 2, d)
+    k_mid, v_mid = rows[:n, :, 0].transpose(0, 1)[None], rows[:n, :, 1].transpose(0, 1)[None]
+    fmap = CentroidFeatures.fit(k_mid, centroids, seed=1)
+    summary = Summary.empty(1, hkv, centroids, d)
+    summary.fold(fmap.key_logits(k_mid), v_mid)
+    clusters = torch.zeros(hkv, cap, dtype=torch.int32)
+    clusters[:, :n] = fmap.assign(k_mid)[0].to(torch.int32)
+    blocks = cap // pb
+    table = torch.randperm(hkv * blocks + 5, generator=gen)[: hkv * blocks].view(hkv, blocks).to(torch.int32)
+    table[0, 3] = table[1, 10] = -1  # not resident
+    pool = rnd(hkv * blocks + 5, pb, 2, d)  # slots nobody points to hold other rows
+    for h in range(hkv):
+        for b in range(blocks):
+            if table[h, b] >= 0:
+                pool[table[h, b]] = rows[b * pb : (b + 1) * pb, h]
+    units, count, live = math.ceil(cap / unit), 7, 5
+    ids = torch.stack([torch.stack([torch.randperm(units, generator=gen)[:count] for _ in range(hkv)]) for _ in range(t)])
+    ids[:, 0, 0] = 3 * pb // unit  # a unit in head 0's missing block
+    ids[0, 1, 2] = 10 * pb // unit + (1 if unit == 1 else 0)  # one in head 1's
+    completes = method == "rc"
+    to = lambda x: x.to(DEVICE, dtype)  # noqa: E731
+    out = kernels.fused_attention(
+        to(qg), to(sink_k), to(sink_v), to(tail_k), to(tail_v), tail_pos.to(DEVICE), q_pos.to(DEVICE),
+        to(pool), ids.to(DEVICE), unit, count * unit, torch.tensor(n).to(DEVICE), torch.tensor(live).to(DEVICE), False, d**-0.5,
+        centroids=fmap.centroids.to(DEVICE) if completes else None,
+        summary=Summary(**{k: v.to(DEVICE) for k, v in summary.state_dict().items()}) if completes else None,
+        clusters=clusters.to(DEVICE) if completes else None, table=table.to(DEVICE), table_block=pb,
+    )
+    f64 = lambda x: to(x).double().cpu()  # noqa: E731
+    for i in range(t):
+        seen = (tail_pos >= 0) & (tail_pos <= q_pos[i])
+        anchors = [TokenSet(f64(sink_k)[None], f64(sink_v)[None]), TokenSet(f64(tail_k)[None][:, :, seen], f64(tail_v)[None][:, :, seen])]
+        tok, ok = expand_units(ids[i : i + 1], unit, live, n)
+        tok = tok.clamp(max=cap - 1)
+        ok = ok & (table[torch.arange(hkv)[None, :, None], tok // pb] >= 0)
+        kk = f64(rows)[tok, torch.arange(hkv)[None, :, None], 0]
+        vv = f64(rows)[tok, torch.arange(hkv)[None, :, None], 1]
+        completion = Completion(fmap, Summary(**{k: v.double() for k, v in summary.state_dict().items()})) if completes else None
+        ref = normalize(rc_state(f64(qg)[i : i + 1], anchors, d**-0.5, TokenSet(kk, vv, ok), completion))[0]
+        got = out[i].double().cpu()
+        assert (got - ref).abs().max() <= output_tolerance(dtype) * ref.abs().max(), (got - ref).abs().max()

@@ -241,3 +241,82 @@ def test_version_1_stores_still_open(tmp_path, gen):
     assert (old.chunk_tokens, old.chunk_heads) == (BLOCK, 1)
     k, v = old.gather(1, torch.arange(130).repeat(3, 1))
     assert torch.equal(_bits(k), _bits(refs[1][:, :, 0])) and torch.equal(_bits(v), _bits(refs[1][:, :, 1]))
+
+
+def _resident_rows(tier, slots):
+    """Rows ``(..., block, 2, d)`` of the cache's slots (what a step reads in place)."""
+    return tier.cache.view[slots.clamp(min=0)]
+
+
+@pytest.mark.parametrize("kind", ["disk", "disk-head-files", "disk-url"])
+def test_block_cache_lookups_fills_and_in_place_rows(kind, tmp_path, gen):
+    """The device side of the block cache: a deferred lookup flags missing blocks and finds none;
+    after ``fill_missed`` every wanted block is resident, and its slot holds exactly the rows a full
+    read returns (blocks past the store's whole chunks come from memory)."""
+    meter = ByteMeter()
+    tier = _make(kind, tmp_path, meter)
+    refs = _fill(tier, gen, sizes=(100,))  # 96 rows in whole chunks of 32, 4 in memory (block 6)
+    tier.reserve(100)
+    pool = tier.cache
+    blocks = torch.tensor([[[0, 2, 6], [1, 1, 5], [6, 3, 0]]])  # (T 1, Hkv 3, X 3)
+    wanted = torch.tensor([[[True, True, True], [True, False, True], [True, True, False]]])
+    pool.deferred = True
+    tier.begin_step()
+    pool.begin_step()
+    slots = tier.resolve(1, blocks, wanted)
+    assert (slots == -1).all()
+    assert sorted(pool.missed()) == sorted({(1, h, int(b)) for h in range(3) for b, w in zip(blocks[0, h], wanted[0, h]) if w})
+    assert tier.fill_missed()
+    pool.begin_step()
+    slots = tier.resolve(1, blocks, wanted)
+    assert ((slots >= 0) == wanted).all() and not tier.fill_missed()
+    rows = _resident_rows(tier, slots)  # (1, Hkv, X, block, 2, d)
+    for h in range(3):
+        for x in range(3):
+            if wanted[0, h, x]:
+                b = int(blocks[0, h, x])
+                ref = refs[1][h, b * BLOCK : (b + 1) * BLOCK]
+                assert torch.equal(_bits(rows[0, h, x, : ref.shape[0]]), _bits(ref))
+    tier.finish_step()
+    assert meter.totals(tier="disk").cache_misses == 5 and meter.totals(tier="cpu").cache_misses == 2
+    assert meter.totals(tier="disk").cache_hits == 0  # every wanted block was read in this step
+    # rows appended to the last, partial block replace its cached copy
+    extra = torch.randn(3, 10, 8, generator=gen).to(torch.bfloat16)
+    tier.append(1, extra, extra, torch.arange(100, 110))
+    pool.deferred = False
+    tier.begin_step()
+    slots = tier.resolve(1, torch.tensor([[[6], [6], [6]]]), torch.ones(1, 3, 1, dtype=torch.bool))
+    rows = _resident_rows(tier, slots)
+    assert torch.equal(_bits(rows[0, 2, 0, 4:14, 0]), _bits(extra[2]))
+
+
+def test_block_cache_evicts_only_earlier_steps(tmp_path, gen):
+    """Least recently used eviction by step: a step's blocks stay until it is done, and a step that
+    needs more blocks than the cache holds is refused with a clear error."""
+    block_bytes = BLOCK * 2 * 8 * 2
+    tier = DiskTier.create(tmp_path / "kv.zarr", LAYOUT, block_tokens=BLOCK, cache_bytes=4 * block_bytes, chunk_tokens=CHUNK)
+    refs = _fill(tier, gen, sizes=(160,))  # 10 blocks per head
+    tier.reserve(160)
+    pool = tier.cache
+
+    def step(blocks):  # an eager step reading head 0's ``blocks`` of layer 0
+        tier.begin_step()
+        pool.tick()
+        b = torch.tensor(blocks)[None, None].expand(1, 3, -1).clone()
+        wanted = torch.zeros(1, 3, len(blocks), dtype=torch.bool)
+        wanted[0, 0] = True
+        pool.deferred = True
+        pool.begin_step()
+        tier.resolve(0, b, wanted)
+        tier.fill_missed()
+        return tier.resolve(0, b, wanted)[0, 0]
+
+    s1 = step([0, 1, 2])
+    assert (s1 >= 0).all() and len(pool) == 3
+    s2 = step([2, 3, 4])  # needs 2 slots: 1 free, 1 evicted (block 0, the oldest; block 2 was used again)
+    assert (s2 >= 0).all() and pool.slot_of(0, 0, 0) < 0 and pool.slot_of(0, 0, 1) >= 0 and pool.nbytes == 4 * block_bytes
+    rows = pool.view[s2]
+    for i, b in enumerate([2, 3, 4]):
+        assert torch.equal(_bits(rows[i]), _bits(refs[0][0, b * BLOCK : (b + 1) * BLOCK]))
+    with pytest.raises(Exception, match="raise the cache size"):
+        step([5, 6, 7, 8, 9])

@@ -87,10 +87,10 @@ if triton is not None:
     @triton.jit
     def _partial_kernel(
         q_ptr, sink_k, sink_v, tail_k, tail_v, tail_pos, q_pos, rows, ids, n_mid_ptr, live_ptr,
-        cent_ptr, beta_ptr, clusters, part_m, part_l, part_acc, part_lam, part_lamv,
-        scale, HKV, S, C, R, U, CAP, CR, CHUNK, NS,
+        cent_ptr, beta_ptr, clusters, part_m, part_l, part_acc, part_lam, part_lamv, table,
+        scale, HKV, S, C, R, U, CAP, CR, CHUNK, NS, NB, PB,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, UNIT: tl.constexpr, DENSE: tl.constexpr,
-        COMPLETE: tl.constexpr, CRP: tl.constexpr, IEEE: tl.constexpr, BN: tl.constexpr,
+        COMPLETE: tl.constexpr, CRP: tl.constexpr, IEEE: tl.constexpr, BN: tl.constexpr, SLOTTED: tl.constexpr,
     ):
         pid = tl.program_id(0)  # query position t and KV head h
         sl = tl.program_id(1)  # slice of the mid tokens
@@ -140,7 +140,13 @@ if triton is not None:
                 row = uid * UNIT + r % UNIT
                 ok = inside & (unit < live) & (row < n_mid)
             row = tl.where(ok, row, 0)
-            base = rows + (row[:, None].to(tl.int64) * HKV + h) * 2 * D + offs_d[None, :]
+            if SLOTTED:  # rows of blocks of PB tokens, each in a slot of a cache: table (Hkv, NB) -> slot or -1
+                slot = tl.load(table + h * NB + row // PB, mask=ok, other=-1)
+                ok = ok & (slot >= 0)
+                phys = tl.where(ok, slot, 0).to(tl.int64) * PB + row % PB
+                base = rows + phys[:, None] * 2 * D + offs_d[None, :]
+            else:
+                base = rows + (row[:, None].to(tl.int64) * HKV + h) * 2 * D + offs_d[None, :]
             k = tl.load(base, mask=ok[:, None], other=0.0)
             v = tl.load(base + D, mask=ok[:, None], other=0.0)
             m_i, l_i, acc = _online(q, k, v, ok, m_i, l_i, acc, scale, IEEE)
@@ -281,6 +287,7 @@ def fused_attention(
     tail_pos: torch.Tensor, q_pos: torch.Tensor, rows: torch.Tensor | None, ids: torch.Tensor | None, unit: int,
     rows_read: int, n_mid: torch.Tensor, live: torch.Tensor, dense: bool, scale: float,
     centroids: torch.Tensor | None = None, summary=None, clusters: torch.Tensor | None = None,  # noqa: ANN001 (a Summary)
+    table: torch.Tensor | None = None, table_block: int = 1,
 ) -> torch.Tensor:
     """One layer's decode attention for ``qg: (T, Hkv, G, d)`` -> ``(T, Hkv, G, d)`` in qg's dtype.
 
@@ -291,7 +298,10 @@ def fused_attention(
       which the first ``live`` count (``n_mid``, ``live``: 0-dim int64 device tensors);
       ``rows_read``: mid tokens per program row (``U * unit``, or the rows' capacity when dense);
     - completion (centroid estimator): ``centroids: (1, Hkv, C, d)``, the summary (``S, u, beta,
-      v_max``) and ``clusters: (Hkv, cap)`` the centroid of every mid row.
+      v_max``) and ``clusters: (Hkv, cap)`` the centroid of every mid row;
+    - a block cache instead (the disk tier): ``rows: (slots, table_block, 2, d)``, each slot one
+      KV head's block of ``table_block`` rows, and ``table: (Hkv, blocks)`` int32 the slot of each
+      block, -1 where it is not resident (its rows then count as not retrieved).
     """
     t, hkv, g, d = qg.shape
     dev = qg.device
@@ -315,6 +325,8 @@ def fused_attention(
     part_lam = torch.empty(t * hkv, ns, gp, **f32) if complete else part_m
     part_lamv = torch.empty(t * hkv, ns, gp, d, **f32) if complete else part_acc
     dummy_i = torch.zeros(1, dtype=torch.int64, device=dev)
+    dummy_t = torch.zeros(1, dtype=torch.int32, device=dev)
+    table = table.contiguous() if table is not None else None
     cr = centroids.shape[-2] if complete else 1
     crp = _pow2(cr)
     cent = centroids.reshape(hkv, cr, d).contiguous() if complete else part_acc
@@ -324,9 +336,10 @@ def fused_attention(
     _partial_kernel[(t * hkv, ns)](
         qg, sink_k, sink_v, tail_k, tail_v, tail_pos, q_pos, rows if rows is not None else sink_k,
         ids if ids is not None else dummy_i, n_mid, live, cent, beta, clusters if complete else dummy_i,
-        part_m, part_l, part_acc, part_lam, part_lamv,
+        part_m, part_l, part_acc, part_lam, part_lamv, table if table is not None else dummy_t,
         scale, hkv, s_len, c_len, r, ids.shape[-1] if ids is not None else 0, cap, cr, chunk, ns,
-        G=g, GP=gp, D=d, UNIT=unit, DENSE=dense, COMPLETE=complete, CRP=crp, IEEE=ieee, BN=BLOCK_N,
+        table.shape[1] if table is not None else 1, table_block,
+        G=g, GP=gp, D=d, UNIT=unit, DENSE=dense, COMPLETE=complete, CRP=crp, IEEE=ieee, BN=BLOCK_N, SLOTTED=table is not None,
     )
     out = torch.empty_like(qg)
     _combine_kernel[(t * hkv,)](

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..rule.attention import Completion, TokenSet, normalize, rc_state
 from ..rule.feature_maps import CentroidFeatures
 from . import kernels
+from .selectors import unit_blocks
 from .state import KVState
 
 
@@ -66,6 +67,7 @@ def fused_decode(state: KVState, layer: int, qg: torch.Tensor, scale: float) -> 
     t, cap = qg.shape[0], plan.mid_cap
     rows = state.device_rows(layer)
     n_mid, live, rows_read, ids, unit = state.n_mid, state.live, plan.rows, None, 1
+    table, table_block = None, 1
     clusters = state.clusters[layer] if plan.method.completes else None
     if plan.method.name == "dense" and rows is None and cap:  # a host read (eager steps only)
         k, v = state.tier.gather(layer, torch.arange(cap).expand(hkv, cap))
@@ -74,6 +76,11 @@ def fused_decode(state: KVState, layer: int, qg: torch.Tensor, scale: float) -> 
         sel = state.selectors[layer]
         if rows is not None and sel.on_device:  # rows read in place, by unit id
             ids, unit = sel.choose(qg, cap, plan.units, n_mid), sel.block
+        elif state.reads_blocks_in_place():  # the disk tier: blocks read in place from its block cache
+            tier = state.tier
+            ids, unit = sel.choose(qg, cap, plan.units, n_mid), sel.block
+            tier.resolve(layer, *unit_blocks(ids, unit, tier.block_tokens, live, n_mid))
+            rows, table, table_block = tier.cache.view, tier.cache.table[layer], tier.block_tokens
         else:  # a host read (eager steps only): gather, then point the kernels at the gathered rows
             tok, valid = sel.select(qg, cap, plan.units, live, n_mid)  # (T, Hkv, R)
             tok = tok.clamp(max=max(cap - 1, 0))
@@ -91,7 +98,7 @@ def fused_decode(state: KVState, layer: int, qg: torch.Tensor, scale: float) -> 
         qg, state.sink_k[layer][0], state.sink_v[layer][0], state.tail.k[layer][0], state.tail.v[layer][0], state.tail.pos,
         step.q_pos, rows if rows_read else None, ids, unit, rows_read, n_mid, live, plan.method.name == "dense", scale,
         centroids=state.maps[layer].centroids if completes else None, summary=state.summaries[layer] if completes else None,
-        clusters=clusters,
+        clusters=clusters, table=table, table_block=table_block,
     )
 
 
@@ -111,6 +118,12 @@ def read_mid(state: KVState, layer: int, qg: torch.Tensor) -> TokenSet:
     ids, valid = state.selectors[layer].select(qg, cap, plan.units, state.live, state.n_mid)  # (T, Hkv, R)
     ids = ids.clamp(max=max(cap - 1, 0))  # padding past the mid-region stays inside the buffers
     r = ids.shape[-1]
+    if rows is None and state.reads_blocks_in_place():  # the disk tier's block cache, read in place
+        tier = state.tier
+        b = tier.block_tokens
+        slots = tier.resolve(layer, ids // b, valid)  # (T, Hkv, R)
+        kv = tier.cache.view[slots.clamp(min=0), ids % b]  # (T, Hkv, R, 2, d)
+        return TokenSet(kv[..., 0, :], kv[..., 1, :], valid & (slots >= 0))
     if rows is not None:
         flat = (ids * hkv + torch.arange(hkv, device=ids.device)[:, None]).reshape(-1)  # token-major rows
         kv = rows.view(-1, rows.shape[-2] * rows.shape[-1]).index_select(0, flat).view(t, hkv, r, 2, -1)

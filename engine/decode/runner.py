@@ -40,6 +40,11 @@ class StepRunner:
         self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
         self._pool = None
         self.captures = 0  # graphs captured so far (for the benchmarks)
+        self.reruns = 0  # steps run again after reading blocks they missed (disk tier)
+        # Eager steps on the disk tier look blocks up as captured ones do and fill misses between
+        # runs (as a graph must), instead of layer by layer: for tests of that path on any machine.
+        self.defer_fills = False
+        self._last: torch.Tensor | None = None
 
     def run(self, ids: list[int], start: int, every_position: bool = False) -> torch.Tensor:
         """One forward over ``ids`` (the next T tokens, at positions ``start..``) -> logits."""
@@ -51,11 +56,19 @@ class StepRunner:
         inputs = self._inputs.setdefault(t, StepInputs(t, st.device))
         inputs.fill(torch.tensor(ids, dtype=torch.int64)[None], start, st.tail.slots_for(t))
         st.plan, st.step = plan, inputs
+        in_place = bool(plan.rows) and st.reads_blocks_in_place()
+        if in_place:  # the disk tier's block cache: a captured step only flags the blocks it misses
+            st.tier.begin_step()
+            st.tier.cache.deferred = captured or self.defer_fills
         if captured:
             graph, logits = self._graph(plan, inputs)
             graph.replay()
         else:
             logits = self._step(inputs, every_position)
+        if in_place:
+            self._fill_and_rerun(graph.replay if captured else lambda: self._step(inputs, every_position))
+            if not captured:
+                logits = self._last
         st.tail.n += t
         st.seen = start + t
         self._meter(plan)
@@ -64,8 +77,32 @@ class StepRunner:
 
     def _step(self, inputs: StepInputs, every_position: bool) -> torch.Tensor:
         """What a step runs on the device (and what a graph captures)."""
-        self.state.tail.pos.index_copy_(0, inputs.slots, inputs.q_pos)
-        return self.forward(inputs.ids, inputs.positions, every_position)
+        st = self.state
+        if st.plan.rows and st.reads_blocks_in_place():
+            st.tier.cache.begin_step()
+        st.tail.pos.index_copy_(0, inputs.slots, inputs.q_pos)
+        self._last = self.forward(inputs.ids, inputs.positions, every_position)
+        return self._last
+
+    def _fill_and_rerun(self, rerun: Callable[[], object]) -> None:
+        """After a deferred run (its blocks looked up, the missing ones flagged): read the missing
+        blocks and run the step again, until a run finds every block it needs.  Each run is
+        exact for the layers up to its first missing block, so this ends within L + 1 runs
+        (a warm cache: one).  Then meter the cache hits."""
+        st = self.state
+        tier = st.tier
+        try:
+            if tier.cache.deferred:
+                for _ in range(st.num_layers + 1):
+                    if not tier.fill_missed():
+                        break
+                    rerun()
+                    self.reruns += 1
+                else:
+                    raise RuntimeError("the disk tier's block cache kept missing blocks for one step: raise cache_bytes")
+            tier.finish_step()
+        finally:
+            tier.cache.deferred = False
 
     def _plan_for(self, queries: int, every_position: bool, captured: bool) -> DecodePlan:
         st, p = self.state, self._plan
@@ -114,6 +151,13 @@ class StepRunner:
             row = tier.layout.row_bytes
             logical, physical = heads * t * live * row, heads * t * plan.rows * row
             c = Counters(logical=logical, physical=physical, h2d=tier.h2d(physical), rows=heads * t * live, gathers=1)
+            for layer in range(layers):
+                meter.record(tier.name, layer, c)
+        elif plan.rows and st.reads_blocks_in_place():  # physical bytes and misses: metered by the fills
+            live = min(plan.live_units(n) * plan.block, n)
+            logical = heads * t * live * tier.layout.row_bytes
+            on_gpu = st.device.type == "cuda"  # the GPU reads the rows from the (host) cache in place
+            c = Counters(logical=logical, h2d=logical if on_gpu else 0, rows=heads * t * live, gathers=1)
             for layer in range(layers):
                 meter.record(tier.name, layer, c)
         if plan.method.selects and st.selectors[0].on_device:

@@ -100,6 +100,21 @@ def expand_units(units: torch.Tensor, block: int, live: torch.Tensor | int, n_mi
     return ids, ok.repeat_interleave(block) & (ids < n_mid)
 
 
+def unit_blocks(units: torch.Tensor, unit: int, block: int, live: torch.Tensor | int,
+                n_mid: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen units ``(T, Hkv, count)`` of ``unit`` tokens -> the ids of the tier's blocks of
+    ``block`` tokens they cover ``(T, Hkv, X)`` (a block may repeat), and which are wanted: units
+    ranked below ``live`` with rows below ``n_mid``."""
+    count = units.shape[-1]
+    ok = torch.arange(count, device=units.device) < live  # (count,)
+    if unit % block == 0:  # whole blocks
+        per = unit // block
+        blocks = (units[..., None] * per + torch.arange(per, device=units.device)).flatten(-2)
+        return blocks, ok.repeat_interleave(per) & (blocks * block < n_mid)
+    tokens = (units[..., None] * unit + torch.arange(unit, device=units.device)).flatten(-2)
+    return tokens // block, ok.repeat_interleave(unit) & (tokens < n_mid)
+
+
 def _grow(buf: torch.Tensor, used: int, rows: int) -> torch.Tensor:
     """A copy of ``buf: (H, cap, d)`` with room for exactly ``rows``."""
     new = buf.new_empty(buf.shape[0], rows, buf.shape[2])

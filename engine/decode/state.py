@@ -167,6 +167,22 @@ class KVState:
         or None where the tier is read on the host (disk; pinned memory without zero-copy)."""
         return self.tier.device_rows(layer) if isinstance(self.tier, MemoryTier) else None
 
+    def reads_blocks_in_place(self) -> bool:
+        """Whether steps read their selected rows in place from the tier's block cache (the disk
+        tier, with a selector on the compute device): the tier then reads only missing blocks."""
+        return (getattr(self.tier, "reads_in_place", False) and self.method.selects
+                and self.selectors[0].on_device)
+
+    def step_blocks(self, queries: int = 1) -> int:
+        """Blocks of the tier's block cache a step of ``queries`` positions reads at most, all
+        layers (the cache must hold them at once for the step to run deferred, as a graph)."""
+        cap = self.mid_len + PLAN_HORIZON
+        sel_block, tier_block = self.block, self.tier.block_tokens
+        units = math.ceil(self.method.count(self.config.budget, cap) / sel_block)
+        aligned = sel_block % tier_block == 0 or tier_block % sel_block == 0
+        per_unit = -(-sel_block // tier_block) + (0 if aligned else 1)
+        return self.num_layers * self.num_kv_heads * queries * units * per_unit
+
     @property
     def method(self):  # noqa: ANN201 (a MethodRule)
         return method_rule(self.config.method)
@@ -187,6 +203,8 @@ class KVState:
         can be captured: the tier is read in place and the selector works on the device."""
         method = self.method
         reads_in_place = self.device_rows(0) is not None
+        if self.reads_blocks_in_place():  # a captured step needs all of its blocks resident at once
+            return self.step_blocks() <= self.tier.cache.capacity
         return (reads_in_place or method.count(1.0, 1) == 0) and (not method.selects or self.selectors[0].on_device)
 
     def make_plan(self, queries: int, every_position: bool, captured: bool) -> DecodePlan:
@@ -199,7 +217,7 @@ class KVState:
                                version)
 
     def reserve(self, rows: int) -> None:
-        if isinstance(self.tier, MemoryTier):
+        if isinstance(self.tier, MemoryTier) or hasattr(self.tier, "reserve"):
             self.tier.reserve(rows)
         for sel in self.selectors:
             sel.reserve(rows)
