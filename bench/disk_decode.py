@@ -9,13 +9,17 @@ ignored) with each of:
 - ``host exact`` and ``host block B``: the host tier with exact Top-K, and with the disk's block
   selection (same units as on disk, so that only the tier differs);
 - ``disk block B cold`` / ``warm``: the disk tier's default selection (whole store blocks), with the
-  block cache emptied before the answer, and again with it as the previous answer left it;
+  block cache emptied before the answer, and again with it as the previous answer left it (the
+  cache holds one answer's blocks: ``--cache-mb``);
 - ``disk exact-block B cold`` / ``warm``: whole store blocks ranked by their best exact key score;
 - ``disk exact cold`` / ``warm``: token-level Top-K on the disk tier (each row pulls in its block;
   up to ``--exact-max`` tokens);
 - ``reopened block B``, ``reopened exact-block B`` and ``reopened exact``: the store reopened (``Engine.open``) in a fresh
   engine: bytes read at open for selection (saved state and KV rows read to rebuild it) against
-  the logical KV bytes of one decode step, then a warm answer.
+  the logical KV bytes of one decode step, then a repeated answer with the default block cache.
+
+Rows record the steps run again after reading missed blocks (``reruns``); ``--profile`` writes a
+torch.profiler table of a warm answer on each tier.
 
     python -m rcengine.bench.disk_decode [--lengths 16384] [--synthetic 8b] [--out DIR]
 
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -42,7 +47,7 @@ from ..engine.config import EngineConfig
 from ..engine.qa.document import Document
 from ..engine.qa.engine import Engine
 from ..engine.sampling import SamplingConfig
-from ..storage import DEFAULT_BLOCK_TOKENS, Artifact, DiskTier
+from ..storage import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES, Artifact, DiskTier
 
 QUESTION_TOKENS = 16
 
@@ -104,6 +109,15 @@ def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
     question = ids[-QUESTION_TOKENS:]
     b = args.block
     base = EngineConfig(method="rc", budget=args.budget, block_tokens=b)
+    # The fresh store's block cache holds one answer's blocks (its decode steps', and one layer of its
+    # question's), so that a repeated answer is warm: a random model's steps select unrelated blocks,
+    # so a smaller cache holds none of them by the time the answer repeats.  Reopened stores use the
+    # default cache, for comparison.
+    layers, heads, dim = lm.kv_shape
+    block_bytes = b * 2 * dim * (torch.finfo(lm.dtype).bits // 8)
+    units = math.ceil(math.ceil(args.budget * n) / b)
+    answer_bytes = (layers * (args.tokens + 2) + QUESTION_TOKENS) * heads * units * block_bytes
+    cache_bytes = (args.cache_mb << 20) if args.cache_mb is not None else max(DEFAULT_CACHE_BYTES, int(1.1 * answer_bytes))
     rows = out["rows"]
 
     def add(row: dict) -> None:
@@ -126,7 +140,8 @@ def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
     work = Path(tempfile.mkdtemp(prefix="rcengine-disk-bench-", dir=args.scratch))
     try:
         # Prefilled with the block selector, so that the store holds its bounds for the reopen.
-        disk_engine = Engine(lm, EngineConfig(**{**_fields(base), "offload": "disk", "selector": "block"}), show_progress=False)
+        disk_engine = Engine(lm, EngineConfig(**{**_fields(base), "offload": "disk", "selector": "block", "cache_bytes": cache_bytes}),
+                             show_progress=False)
         doc, disk_s = timed_prefill(disk_engine, ids, work / "doc")
         store_bytes = sum(f.stat().st_size for f in (work / "doc").rglob("*") if f.is_file())
         add({"variant": "prefill to disk (persisted store)", "seconds": disk_s, "vs_host": disk_s / host_s, "store_bytes": store_bytes})
@@ -140,8 +155,8 @@ def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
             if args.profile and selector == "block":
                 answer_row(doc, question, args.tokens, cold=False, profile=Path(args.out) / f"disk_profile_{n}.txt")
             name = f"disk {selector}" + (f" {b}" if selector != "exact" else "")
-            add({"variant": f"{name} cold", **cold})
-            add({"variant": f"{name} warm", **warm})
+            add({"variant": f"{name} cold", "cache_bytes": cache_bytes, **cold})
+            add({"variant": f"{name} warm", "cache_bytes": cache_bytes, **warm})
             if selector == "block":
                 step_logical = sum(cold["kv_logical_per_step"].values())
         doc.close()
@@ -164,7 +179,7 @@ def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
             row = answer_row(doc, question, args.tokens, cold=False)
             add({"variant": f"reopened {selector}" + (f" {b}" if selector != "exact" else ""), "open_s": open_s,
                  "selection_state_bytes_read": saved, "kv_rows_read_at_open": kv_at_open,
-                 "store_open_read": base_open,
+                 "store_open_read": base_open, "cache_bytes": DEFAULT_CACHE_BYTES,
                  "selection_read_over_step_logical": (saved + kv_at_open) / step_logical if step_logical else None, **row})
             doc.close()
             del doc
@@ -186,6 +201,8 @@ def main() -> None:
                         help="longest length at which token-level selection runs on the disk tier (it reads most blocks each step)")
     parser.add_argument("--synthetic", choices=["8b"], default=None, help="an 8B-shaped random model (GPU) instead of the embedded one")
     parser.add_argument("--profile", action="store_true", help="profile a warm block-selection answer on disk per length")
+    parser.add_argument("--cache-mb", type=int, default=None,
+                        help="the fresh store's block cache (default: enough for one answer's blocks, at least the default)")
     parser.add_argument("--no-reopen", action="store_true", help="skip the reopened-store variants")
     parser.add_argument("--scratch", default=None, help="where the stores are written (default: the system's temporary folder)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))

@@ -12,8 +12,9 @@ Two ways in:
   and offers what it read;
 - the device (:meth:`lookup`): a decode step looks its blocks up with tensor operations only (no
   host sync, so it runs inside a CUDA graph), reads hits in place, and flags what it touched and
-  what it missed, per layer.  The host then fills the misses (:meth:`alloc`, :meth:`commit`) and the
-  step runs again (see ``DiskTier.fill_missed``); an eager step fills a layer's misses at once.
+  what it missed, per layer.  The host then fills the misses (:meth:`alloc`, :meth:`commit`),
+  copies its table to the device once (:meth:`sync`), and the step runs again (see
+  ``DiskTier.fill_missed``); an eager step fills a layer's misses at once.
 
 Eviction is least recently used, by step: :meth:`tick` starts a step, every slot a step touches
 carries its number (``stamps``, written on the device by lookups and on the host by get/put), and
@@ -54,9 +55,11 @@ class BlockPool:
         h, layers = layout.num_kv_heads, layout.num_layers
         self._table = np.full((layers, h, 0), -1, np.int32)
         self.table = torch.full((layers, h, 0), -1, dtype=torch.int32, device=dev)
+        self._dirty = False  # the host table has changes the device's lacks (see sync)
         self._owner = np.full((self.capacity, 3), -1, np.int64)  # (layer, head, block) of each slot
         self._free = list(range(self.capacity - 1, -1, -1))
         self._host_stamp = np.zeros(self.capacity, np.int64)
+        self._transient = np.zeros(self.capacity, bool)
         self.stamps = torch.zeros(self.capacity + 1, dtype=torch.int64, device=dev)  # + a slot for misses to write to
         # flags[0]: blocks a step's lookups wanted; flags[1]: those it did not find.  (2, L, Hkv blocks + 1)
         self.flags = torch.zeros(2, layers, 1, dtype=torch.int32, device=dev)
@@ -110,6 +113,7 @@ class BlockPool:
         grown[:, :, : self.blocks] = self._table
         self._table = grown
         self.table = torch.from_numpy(grown.copy()).to(self.compute_device)
+        self._dirty = False
         layers, h = self._table.shape[:2]
         self.flags = torch.zeros(2, layers, h * need + 1, dtype=torch.int32, device=self.compute_device)
         self.version += 1
@@ -195,12 +199,14 @@ class BlockPool:
         used = np.nonzero(self._owner[:, 0] >= 0)[0]
         if not used.size:
             return
-        stamp = np.maximum(self._host_stamp[used], self.stamps[:-1].cpu().numpy()[used])
-        older = used[stamp < self.clock]
-        if not older.size:
+        device = self.stamps[:-1].cpu().numpy()[used]
+        stamp = np.maximum(self._host_stamp[used], device)
+        older = stamp < self.clock
+        if not older.any():
             return
-        order = np.argsort(stamp[stamp < self.clock], kind="stable")[:count]
-        self.release(older[order].tolist())
+        transient = self._transient[used] & (device <= self._host_stamp[used])  # not used since its eager step
+        order = np.lexsort((stamp[older], ~transient[older]))[:count]  # transient first, then least recent
+        self.release(used[older][order].tolist())
 
     def release(self, slots: list[int]) -> None:
         """Return slots to the free list (and drop their blocks from the table)."""
@@ -211,13 +217,15 @@ class BlockPool:
         if live.any():
             layer, head, block = owners[live].T
             self._table[layer, head, block] = -1
-            self._set_table(layer, head, block, -1)
+            self._dirty = True
         self._owner[slots] = -1
         self._free.extend(slots)
 
-    def commit(self, layer: int, blocks: list[tuple[int, int]], slots: list[int]) -> None:
+    def commit(self, layer: int, blocks: list[tuple[int, int]], slots: list[int], transient: bool = False) -> None:
         """Blocks ``(head, block)`` now in ``slots`` (filled by the caller): into the table, stamped
-        with the step."""
+        with the step.  ``transient`` blocks (read for an eager step, such as a question's batch of
+        positions, which reads many blocks once, layer by layer) are evicted before any other, unless
+        a later step has used them: a question does not flush the blocks its answer's steps reuse."""
         if not slots:
             return
         head = np.array([h for h, _ in blocks], np.int64)
@@ -228,7 +236,8 @@ class BlockPool:
         self._table[layer, head, block] = s
         self._owner[s] = np.stack([np.full_like(head, layer), head, block], axis=1)
         self._host_stamp[s] = self.clock
-        self._set_table(np.full_like(head, layer), head, block, s)
+        self._transient[s] = transient
+        self._dirty = True
         self.peak_bytes = max(self.peak_bytes, self.nbytes)
 
     def raw_slot(self, slot: int) -> np.ndarray:
@@ -253,12 +262,12 @@ class BlockPool:
     def clear(self) -> None:
         self.release(np.nonzero(self._owner[:, 0] >= 0)[0].tolist())
 
-    def _set_table(self, layer: np.ndarray, head: np.ndarray, block: np.ndarray, value: np.ndarray | int) -> None:
-        """Mirror host table entries on the device (a CPU device shares nothing: write both)."""
-        dev = self.compute_device
-        idx = tuple(torch.as_tensor(np.asarray(x, np.int64)).to(dev) for x in (layer, head, block))
-        val = torch.as_tensor(np.broadcast_to(np.asarray(value, np.int32), np.shape(head)).copy()).to(dev)
-        self.table.index_put_(idx, val)
+    def sync(self) -> None:
+        """Copy the host table to the device, if it changed (once per round of fills, between runs of
+        a step: one copy instead of one per change)."""
+        if self._dirty:
+            self.table.copy_(torch.from_numpy(self._table), non_blocking=False)
+            self._dirty = False
 
     def __len__(self) -> int:
         return self.capacity - len(self._free)

@@ -108,6 +108,7 @@ class DiskTier:
         # A local store's chunk files are read and written directly (chunk_files.py).
         self._files = ChunkFiles(Path(inner.root), store.ledger) if isinstance(inner, LocalStore) else None
         self._writes: list[Future] = []
+        self._chunk_keys: dict[tuple[int, int, int], str] = {}
         for layer, arr in enumerate(self._arrays):
             self._load_tail(layer, int(arr.attrs.get("rows", 0)))
 
@@ -293,8 +294,11 @@ class DiskTier:
         return self._chunk_key(layer, head // hc, block * b // s), ((head % hc) * s + block * b % s) * self.layout.row_bytes
 
     def _chunk_key(self, layer: int, head_group: int, chunk: int) -> str:
-        arr = self._arrays[layer]
-        return f"{arr.path}/{arr.metadata.encode_chunk_key((head_group, chunk, 0, 0))}"
+        key = self._chunk_keys.get((layer, head_group, chunk))
+        if key is None:  # zarr's encoding costs microseconds; a step reads thousands of blocks
+            arr = self._arrays[layer]
+            key = self._chunk_keys[layer, head_group, chunk] = f"{arr.path}/{arr.metadata.encode_chunk_key((head_group, chunk, 0, 0))}"
+        return key
 
     def _read_into(self, layer: int, wanted: list[tuple[int, int]], dests: list[np.ndarray]) -> None:
         """Read blocks ``(head, block)`` into ``dests`` (``(block, 2, d)`` raw arrays), concurrently;
@@ -435,6 +439,7 @@ class DiskTier:
         """Start a step that reads in place: a new stamp for the blocks it uses, no blocks filled yet.
         The step itself then clears the cache's flags (:meth:`BlockPool.begin_step`)."""
         self.cache.tick()
+        self.cache.sync()  # what host reads and evictions changed since the last step
         self._filled[:] = 0
         self.cache.view  # noqa: B018 (allocated here, never inside a graph capture)
 
@@ -446,6 +451,7 @@ class DiskTier:
         pool = self.cache
         if not pool.deferred:
             pool.tick()  # an eager step needs only this layer's blocks resident at once
+            pool.sync()
         slots = pool.lookup(layer, blocks, wanted)
         if pool.deferred:
             return slots
@@ -453,7 +459,8 @@ class DiskTier:
         if bool(miss.any()):
             head = torch.arange(blocks.shape[-2], device=blocks.device)[:, None].expand_as(blocks)
             pairs = torch.stack([head[miss], blocks[miss]], dim=1).unique(dim=0).cpu().tolist()
-            self._fill(layer, [(h, blk) for h, blk in pairs])
+            self._fill(layer, [(h, blk) for h, blk in pairs], transient=True)
+            pool.sync()
             slots = pool.lookup(layer, blocks, wanted)
         return slots
 
@@ -468,6 +475,7 @@ class DiskTier:
             by_layer.setdefault(layer, []).append((head, block))
         for layer, pairs in by_layer.items():
             self._fill(layer, pairs)
+        self.cache.sync()
         return True
 
     def finish_step(self) -> None:
@@ -478,9 +486,10 @@ class DiskTier:
             if hits:
                 self.meter.record("disk", layer, Counters(cache_hits=hits))
 
-    def _fill(self, layer: int, pairs: list[tuple[int, int]]) -> None:
+    def _fill(self, layer: int, pairs: list[tuple[int, int]], transient: bool = False) -> None:
         """Read blocks ``(head, block)`` into cache slots (evicting blocks of earlier steps): from the
-        store, straight into the slots, or, past its whole chunks, from the rows in memory."""
+        store, straight into the slots, or, past its whole chunks, from the rows in memory.
+        ``transient``: read for an eager step (see :meth:`BlockPool.commit`)."""
         if self._writes:
             self._wait_for_writes()
         pool = self.cache
@@ -496,7 +505,7 @@ class DiskTier:
         except BaseException:
             pool.release(slots)
             raise
-        pool.commit(layer, pairs, slots)
+        pool.commit(layer, pairs, slots, transient)
         self._filled[layer] += len(pairs)
         disk_after = process_disk_read_bytes()
         disk_read = 0 if disk_before is None or disk_after is None else disk_after - disk_before

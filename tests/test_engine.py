@@ -339,7 +339,8 @@ def test_disk_steps_read_the_block_cache_in_place(models, tmp_path, selector):
         results[name] = answers
         doc.close()
     assert results["host"][0][0] == results["eager"][0][0] == results["deferred"][0][0]
-    block_bytes = 16 * 2 * _engine(models["llama"]).lm.kv_shape[2] * 4  # float32 rows
+    lm = _engine(models["llama"]).lm
+    block_bytes = 16 * 2 * lm.kv_shape[2] * (torch.finfo(lm.dtype).bits // 8)
     for name in ("eager", "deferred"):
         (_, cold, cold_runs), (_, warm, warm_runs) = results[name]
         assert cold.cache_misses > 0 and cold.physical == cold.cache_misses * block_bytes

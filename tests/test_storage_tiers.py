@@ -320,3 +320,35 @@ def test_block_cache_evicts_only_earlier_steps(tmp_path, gen):
         assert torch.equal(_bits(rows[i]), _bits(refs[0][0, b * BLOCK : (b + 1) * BLOCK]))
     with pytest.raises(Exception, match="raise the cache size"):
         step([5, 6, 7, 8, 9])
+
+
+def test_block_cache_evicts_an_eager_steps_blocks_first(tmp_path, gen):
+    """Blocks read for an eager step (a question's batch of positions) go before older blocks read
+    for captured decode steps, so that a question does not flush what its answer reuses."""
+    block_bytes = BLOCK * 2 * 8 * 2
+    tier = DiskTier.create(tmp_path / "kv.zarr", LAYOUT, block_tokens=BLOCK, cache_bytes=4 * block_bytes, chunk_tokens=CHUNK)
+    _fill(tier, gen, sizes=(160,))
+    tier.reserve(160)
+    pool = tier.cache
+
+    def step(blocks, deferred):  # head 0's ``blocks`` of layer 0
+        b = torch.tensor(blocks)[None, None].expand(1, 3, -1).clone()
+        wanted = torch.zeros(1, 3, len(blocks), dtype=torch.bool)
+        wanted[0, 0] = True
+        tier.begin_step()
+        pool.deferred = deferred
+        pool.begin_step()
+        slots = tier.resolve(0, b, wanted)
+        if deferred:
+            tier.fill_missed()
+            slots = tier.resolve(0, b, wanted)
+        pool.deferred = False
+        assert (slots[0, 0] >= 0).all()
+
+    step([0, 1], deferred=True)
+    step([2, 3], deferred=False)
+    step([4, 5], deferred=False)
+    assert [pool.slot_of(0, 0, b) >= 0 for b in range(6)] == [True, True, False, False, True, True]
+    step([4, 6], deferred=True)  # block 4, read eagerly, is now used by a decode step: kept
+    step([7], deferred=False)
+    assert pool.slot_of(0, 0, 4) >= 0 and pool.slot_of(0, 0, 0) < 0  # block 0 is the least recent of the rest
