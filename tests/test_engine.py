@@ -336,13 +336,13 @@ def test_disk_steps_read_the_block_cache_in_place(models, tmp_path, selector):
             answer = doc.ask(question, SamplingConfig(max_new_tokens=6, ignore_eos=True))
             answers.append((answer.token_ids, doc.meter.totals(tier="disk", since=first), doc.runner.reruns - reruns))
         assert doc.state.reads_blocks_in_place() == (offload == "disk")
-        results[name] = answers
+        results[name] = answers, doc.runner.use_graphs
         doc.close()
-    assert results["host"][0][0] == results["eager"][0][0] == results["deferred"][0][0]
+    assert results["host"][0][0][0] == results["eager"][0][0][0] == results["deferred"][0][0][0]
     lm = _engine(models["llama"]).lm
     block_bytes = 16 * 2 * lm.kv_shape[2] * (torch.finfo(lm.dtype).bits // 8)
     for name in ("eager", "deferred"):
-        (_, cold, cold_runs), (_, warm, warm_runs) = results[name]
+        ((_, cold, cold_runs), (_, warm, warm_runs)), captured = results[name]
         assert cold.cache_misses > 0 and cold.physical == cold.cache_misses * block_bytes
         assert warm.physical == 0 and warm.cache_misses == 0 and warm.cache_hits > 0 and warm_runs == 0
-        assert (cold_runs > 0) == (name == "deferred")
+        assert (cold_runs > 0) == (name == "deferred" or captured)  # captured steps (CUDA) always defer
