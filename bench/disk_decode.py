@@ -36,6 +36,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import tempfile
 import time
 from datetime import date
@@ -126,6 +127,24 @@ def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
         save()
 
     host_engine = Engine(lm, EngineConfig(**{**_fields(base), "offload": "cpu", "selector": "exact"}), show_progress=False)
+    if args.prefill_repeats:  # prefill times only: host and disk alternately, each ``--prefill-repeats`` times
+        disk_engine = Engine(lm, EngineConfig(**{**_fields(base), "offload": "disk", "selector": "block"}), show_progress=False)
+        times: dict[str, list[float]] = {"host": [], "disk": []}
+        for _ in range(args.prefill_repeats):
+            doc, seconds = timed_prefill(host_engine, ids, None)
+            doc.close()
+            times["host"].append(seconds)
+            work = Path(tempfile.mkdtemp(prefix="rcengine-disk-bench-", dir=args.scratch))
+            try:
+                doc, seconds = timed_prefill(disk_engine, ids, work / "doc")
+                doc.close()
+                times["disk"].append(seconds)
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+        host_s, disk_s = statistics.median(times["host"]), statistics.median(times["disk"])
+        add({"variant": "prefill, host and disk alternately", "host_seconds": times["host"], "disk_seconds": times["disk"],
+             "median_vs_host": disk_s / host_s})
+        return
     doc, host_s = timed_prefill(host_engine, ids, None)
     add({"variant": "prefill to host memory", "seconds": host_s})
     for selector, block in (("exact", None), ("block", b)):
@@ -203,6 +222,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="profile a warm block-selection answer on disk per length")
     parser.add_argument("--cache-mb", type=int, default=None,
                         help="the fresh store's block cache (default: enough for one answer's blocks, at least the default)")
+    parser.add_argument("--prefill-repeats", type=int, default=0,
+                        help="only time prefills: host and disk alternately, this many times each")
     parser.add_argument("--no-reopen", action="store_true", help="skip the reopened-store variants")
     parser.add_argument("--scratch", default=None, help="where the stores are written (default: the system's temporary folder)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))

@@ -345,4 +345,7 @@ def test_disk_steps_read_the_block_cache_in_place(models, tmp_path, selector):
         ((_, cold, cold_runs), (_, warm, warm_runs)), captured = results[name]
         assert cold.cache_misses > 0 and cold.physical == cold.cache_misses * block_bytes
         assert warm.physical == 0 and warm.cache_misses == 0 and warm.cache_hits > 0 and warm_runs == 0
-        assert (cold_runs > 0) == (name == "deferred" or captured)  # captured steps (CUDA) always defer
+        if name == "deferred":  # the question's step too: some blocks are read between runs
+            assert cold_runs > 0
+        elif not captured:  # captured steps (CUDA) defer; here the question's eager step may read them all
+            assert cold_runs == 0
