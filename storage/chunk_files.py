@@ -27,8 +27,12 @@ MAX_IOV = 512
 class ChunkFiles:
     """The chunk files under ``root``; keys are zarr's (``"L0/c/0/3/0/0"``)."""
 
-    def __init__(self, root: Path, ledger: Ledger, threads: int = IO_THREADS) -> None:
+    def __init__(self, root: Path, ledger: Ledger, threads: int = IO_THREADS, durable: bool = False) -> None:
         self.root, self.ledger, self.threads = root, ledger, threads
+        # Durable: each file is flushed to the device as soon as it is written (on the writing
+        # thread), so that a persisted store's commit, which must fsync every file, finds little
+        # left to write instead of the whole store.
+        self.durable = durable
         self._pool: ThreadPoolExecutor | None = None
         self._dirs: set[Path] = set()
 
@@ -48,6 +52,9 @@ class ChunkFiles:
             self._dirs.add(path.parent)
         with open(path, "wb") as f:
             f.write(data)
+            if self.durable:
+                f.flush()
+                os.fsync(f.fileno())
         self.ledger.checksums[key] = crc32c_hex(data)
 
     def read_into(self, places: list[tuple[str, int]], dests: list[np.ndarray], whole_files: bool) -> list[int]:

@@ -81,6 +81,7 @@ class DiskTier:
         read_only: bool,
         chunk_tokens: int | None = None,
         chunk_heads: int | None = None,
+        durable: bool = False,
     ) -> None:
         self.store = store
         self.layout = layout
@@ -106,7 +107,7 @@ class DiskTier:
         self._positions_written = [0] * layout.num_layers
         inner = store._store
         # A local store's chunk files are read and written directly (chunk_files.py).
-        self._files = ChunkFiles(Path(inner.root), store.ledger) if isinstance(inner, LocalStore) else None
+        self._files = ChunkFiles(Path(inner.root), store.ledger, durable=durable) if isinstance(inner, LocalStore) else None
         self._writes: list[Future] = []
         self._chunk_keys: dict[tuple[int, int, int], str] = {}
         for layer, arr in enumerate(self._arrays):
@@ -126,10 +127,13 @@ class DiskTier:
         overwrite: bool = False,
         chunk_tokens: int | None = None,
         chunk_heads: int | None = None,
+        durable: bool = False,
     ) -> "DiskTier":
         """A new, empty store at ``location`` (refused if one exists there, unless ``overwrite``).
         ``chunk_tokens`` (a multiple of ``block_tokens``; default DEFAULT_CHUNK_BLOCKS blocks) tokens
-        of ``chunk_heads`` KV heads (default all; 1 or all) make one chunk file."""
+        of ``chunk_heads`` KV heads (default all; 1 or all) make one chunk file.  ``durable``: a
+        store to be committed (persisted) flushes each chunk file to the device as it is written,
+        in the background, rather than all of them at the commit."""
         if block_tokens < 1:
             raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
         if chunk_tokens is None:
@@ -158,7 +162,7 @@ class DiskTier:
             )
             group.create_array(f"P{layer}", shape=(0,), dtype=np.int64, chunks=(16384,), compressors=None, fill_value=0)
         return cls(store, layout, block_tokens, cache_bytes, compute_device, meter, read_only=False,
-                   chunk_tokens=chunk_tokens, chunk_heads=heads)
+                   chunk_tokens=chunk_tokens, chunk_heads=heads, durable=durable)
 
     @classmethod
     def open(

@@ -349,3 +349,31 @@ def test_disk_steps_read_the_block_cache_in_place(models, tmp_path, selector):
             assert cold_runs > 0
         elif not captured:  # captured steps (CUDA) defer; here the question's eager step may read them all
             assert cold_runs == 0
+
+
+def test_prefill_to_disk_streams_the_mid_rows_between_chunks(models, tmp_path, monkeypatch):
+    """A prefill to disk writes each chunk's finished mid rows while the next chunks run: the
+    store ends with exactly the host tier's rows and positions, and decoding is identical."""
+    ids = _prompt(seed=40, n=600)
+    kw = {"method": "rc", "budget": 0.1, "selector": "block", "block_tokens": 16, "prefill_chunk": 50}
+    host = _engine(models["llama"], offload="cpu", **kw).prefill(ids)
+    disk_engine = _engine(models["llama"], offload="disk", scratch_dir=str(tmp_path), **kw)
+    appended = []
+    real_append = DiskTier.append
+
+    def counted(self, layer, keys, values, positions):  # noqa: ANN001, ANN202
+        appended.append((layer, int(positions[0]), keys.shape[1]))
+        return real_append(self, layer, keys, values, positions)
+
+    monkeypatch.setattr(DiskTier, "append", counted)
+    disk = disk_engine.prefill(ids)
+    assert len({start for layer, start, _ in appended if layer == 0}) > 5  # written chunk by chunk, not at the end
+    n = host.state.mid_len
+    assert disk.state.mid_len == n == 600 - 4 - 16
+    for layer in range(host.state.num_layers):
+        every = torch.arange(n).expand(host.state.num_kv_heads, n)
+        assert all(torch.equal(a, b) for a, b in zip(host.state.tier.gather(layer, every), disk.state.tier.gather(layer, every), strict=True))
+        assert (host.state.tier.positions(layer) == disk.state.tier.positions(layer)).all()
+    question = _prompt(seed=41, n=5)
+    assert host.ask(question, SamplingConfig(max_new_tokens=6)).token_ids == disk.ask(question, SamplingConfig(max_new_tokens=6)).token_ids
+    disk.close()

@@ -91,15 +91,17 @@ class KVState:
         self.sink_k[layer].copy_(sink_k)
         self.sink_v[layer].copy_(sink_v)
 
-    def add_mid(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
+    def add_mid(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, in_tier: bool = False) -> None:
         """Rows ``(1, Hkv, n, d)`` at ``positions: (n,)`` appended to a layer's mid-region: tier,
-        selection state and summary (in chunks)."""
+        selection state and summary (in chunks).  ``in_tier``: the tier holds them already (its
+        last n rows: a prefill that streamed them)."""
         summary, fmap = self.summaries[layer], self.maps[layer]
-        first = self.tier.num_rows(layer)
+        first = self.tier.num_rows(layer) - (k.shape[2] if in_tier else 0)
         for start in range(0, k.shape[2], CHUNK_TOKENS):
             part = slice(start, start + CHUNK_TOKENS)
             kp, vp = k[:, :, part], v[:, :, part]
-            self.tier.append(layer, kp[0], vp[0], positions[part])
+            if not in_tier:
+                self.tier.append(layer, kp[0], vp[0], positions[part])
             self.selectors[layer].add(kp[0])
             self.assign_clusters(layer, kp, first + start)
             if summary is not None:

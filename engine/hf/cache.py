@@ -62,6 +62,7 @@ class RCCache(Cache):
         super().__init__(layers=[])
         self.state = state
         self.phase = "prefill" if prefill else "decode"
+        self._stream: tuple[int, int] | None = None  # streaming the mid rows: (tokens in all, rows written up to)
         s = state
         self.prefill = [PrefillBuffer(s.num_kv_heads, s.head_dim, s.dtype, s.device, PREFILL_START_TOKENS)
                         for _ in range(s.num_layers)] if prefill else []
@@ -109,6 +110,29 @@ class RCCache(Cache):
 
     # -- prefill -> decode ----------------------------------------------------------------------
 
+    def stream_mid(self, total: int) -> None:
+        """Write mid-region rows to the tier while the prefill of ``total`` tokens runs
+        (:meth:`offload_ready` between chunks), so that a slow tier's writes overlap the next chunks'
+        compute instead of following the whole forward; :meth:`finalize_prefill` then writes none."""
+        self._stream = (total, min(self.state.config.sink, total))
+
+    def offload_ready(self) -> None:
+        """Between prefill chunks: append every layer's rows that are final and belong to the
+        mid-region (past the sink, before the tail) and were not written yet."""
+        if self._stream is None:
+            return
+        total, start = self._stream
+        cfg = self.state.config
+        mid_stop = total - min(cfg.tail, total - min(cfg.sink, total))  # where the tail will start
+        stop = min(self.prefill[0].n, mid_stop)
+        if stop <= start:
+            return
+        positions = torch.arange(start, stop)
+        for layer, buf in enumerate(self.prefill):
+            k, v = buf.view()
+            self.state.tier.append(layer, k[0, :, start:stop], v[0, :, start:stop], positions)
+        self._stream = (total, stop)
+
     def finalize_prefill(self, progress: Callable[[int], None] | None = None) -> None:
         """Split every layer's prefill buffer into anchors and mid-region: anchors stay on the
         device, the mid-region goes to the tier and the selection state, and its summary is built.
@@ -119,6 +143,10 @@ class RCCache(Cache):
         tail = min(cfg.tail, n - sink)
         mid = slice(sink, n - tail)
         positions = torch.arange(n)
+        self.offload_ready()
+        streamed = self._stream is not None  # the mid rows are in the tier already
+        if streamed and self._stream[1] != mid.stop:
+            raise RuntimeError(f"streamed rows up to {self._stream[1]}, the mid-region ends at {mid.stop}")
         st.reserve(n - sink - tail + PLAN_HORIZON)  # and room for a captured plan's spills
         tails_k, tails_v = [], []
         for layer, buf in enumerate(self.prefill):
@@ -127,7 +155,7 @@ class RCCache(Cache):
             tails_k.append(k[:, :, n - tail :].clone())
             tails_v.append(v[:, :, n - tail :].clone())
             st.build_summary(layer, k[:, :, mid])
-            st.add_mid(layer, k[:, :, mid], v[:, :, mid], positions[mid])
+            st.add_mid(layer, k[:, :, mid], v[:, :, mid], positions[mid], in_tier=streamed)
             self.prefill[layer] = None
             if progress is not None:
                 progress(layer)

@@ -98,7 +98,8 @@ class Engine:
                 else:
                     scratch = tempfile.mkdtemp(prefix="rcengine-kv-", dir=cfg.scratch_dir)
                     location = f"{scratch}/kv.zarr"
-                tier: KVTier = DiskTier.create(location, self._layout(), cfg.block_tokens, cfg.cache_bytes, self.lm.device, meter)
+                tier: KVTier = DiskTier.create(location, self._layout(), cfg.block_tokens, cfg.cache_bytes, self.lm.device, meter,
+                                               durable=writer is not None)
             else:
                 tier = self._memory_tier(meter)
             t0 = time.perf_counter()
@@ -209,11 +210,14 @@ class Engine:
 
     def _run_prefill(self, ids: list[int], state: KVState) -> tuple[RCCache, torch.Tensor]:
         cache = RCCache(state)
+        if isinstance(state.tier, DiskTier) and not state.tier.read_only:
+            cache.stream_mid(len(ids))  # the store's writes overlap the next chunks' compute
         chunk = self.config.prefill_chunk
         x = torch.tensor(ids, device=self.lm.device)[None]
         with progress("prefill", len(ids), "tokens", self.show_progress) as advance:
             for start in range(0, len(ids), chunk):
                 logits = prefill_chunk(self.lm.model, x[:, start : start + chunk], cache, start)
+                cache.offload_ready()
                 advance(min(chunk, len(ids) - start))
         with progress("offloading, selection state and summaries", state.num_layers, "layers", self.show_progress) as advance:
             cache.finalize_prefill(progress=lambda _layer: advance(1))
