@@ -35,6 +35,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import tempfile
@@ -104,6 +105,31 @@ def timed_prefill(engine: Engine, ids: list[int], store: Path | None) -> tuple[D
     return doc, time.perf_counter() - t0
 
 
+def _profile_prefill(engine: Engine, ids: list[int], path: Path, scratch: str | None) -> None:
+    """A persisted prefill to disk under cProfile -> ``path``: functions by cumulative time (this
+    package's) and by own time (all)."""
+    import cProfile
+    import io
+    import pstats
+
+    work = Path(tempfile.mkdtemp(prefix="rcengine-disk-bench-", dir=scratch))
+    prof = cProfile.Profile()
+    try:
+        prof.enable()
+        doc, seconds = timed_prefill(engine, ids, work / "doc")
+        prof.disable()
+        doc.close()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = io.StringIO()
+    stats = pstats.Stats(prof, stream=text)
+    text.write(f"prefill to disk of {len(ids)} tokens under cProfile: {seconds:.2f} s\n")
+    package = re.escape(str(Path(__file__).parent.parent)) + "/(engine|storage|bench)/"  # as imported
+    stats.sort_stats("cumulative").print_stats(package, 45)
+    stats.sort_stats("tottime").print_stats(30)
+    path.write_text(text.getvalue())
+
+
 def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
     vocab = lm.model.config.vocab_size
     ids = torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist()
@@ -144,6 +170,8 @@ def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
                 times["disk"].append(seconds)
             finally:
                 shutil.rmtree(work, ignore_errors=True)
+        if args.profile:  # one more prefill to disk under cProfile: where the host's time goes, by function
+            _profile_prefill(disk_engine, ids, Path(args.out) / f"prefill_profile_{n}.txt", args.scratch)
         host_s, disk_s = statistics.median(times["host"]), statistics.median(times["disk"])
         add({"variant": "prefill, host and disk alternately", "host_seconds": times["host"], "disk_seconds": times["disk"],
              "median_vs_host": disk_s / host_s})
@@ -222,7 +250,8 @@ def main() -> None:
     parser.add_argument("--exact-max", type=int, default=32768,
                         help="longest length at which token-level selection runs on the disk tier (it reads most blocks each step)")
     parser.add_argument("--synthetic", choices=["8b"], default=None, help="an 8B-shaped random model (GPU) instead of the embedded one")
-    parser.add_argument("--profile", action="store_true", help="profile a warm block-selection answer on disk per length")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile a warm block-selection answer on each tier per length (with --prefill-repeats: a prefill to disk)")
     parser.add_argument("--cache-mb", type=int, default=None,
                         help="the fresh store's block cache (default: enough for one answer's blocks, at least the default)")
     parser.add_argument("--prefill-repeats", type=int, default=0,

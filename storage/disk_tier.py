@@ -91,6 +91,7 @@ class DiskTier:
         self.compute_device = torch.device(compute_device)
         self.cache = BlockPool(layout, block_tokens, cache_bytes, self.compute_device)
         self._filled = np.zeros(layout.num_layers, np.int64)  # blocks read into the cache this step, per layer
+        self._counts: np.ndarray | None = None  # the flags' counts after a step's last run (fill_missed)
         self.meter = meter if meter is not None else ByteMeter()
         self.read_only = read_only
         self._raw = raw_numpy_dtype(layout.dtype)
@@ -445,6 +446,7 @@ class DiskTier:
         self.cache.tick()
         self.cache.sync()  # what host reads and evictions changed since the last step
         self._filled[:] = 0
+        self._counts = None
         self.cache.view  # noqa: B018 (allocated here, never inside a graph capture)
 
     def resolve(self, layer: int, blocks: torch.Tensor, wanted: torch.Tensor) -> torch.Tensor:
@@ -471,9 +473,10 @@ class DiskTier:
     def fill_missed(self) -> bool:
         """After a deferred run of a step: read the blocks it missed into the cache -> whether it
         must run again (one host sync)."""
-        missed = self.cache.missed()
-        if not missed:
+        self._counts = self.cache.step_counts()  # (2, L): wanted, missed; kept for finish_step
+        if not self._counts[1].any():
             return False
+        missed = self.cache.missed()
         by_layer: dict[int, list[tuple[int, int]]] = {}
         for layer, head, block in missed:
             by_layer.setdefault(layer, []).append((head, block))
@@ -484,7 +487,8 @@ class DiskTier:
 
     def finish_step(self) -> None:
         """Meter the cache hits of a step that read in place (its misses were metered as filled)."""
-        wanted = self.cache.step_counts()[0]
+        counts, self._counts = self._counts, None
+        wanted = (counts if counts is not None else self.cache.step_counts())[0]
         for layer in range(self.layout.num_layers):
             hits = max(int(wanted[layer]) - int(self._filled[layer]), 0)
             if hits:
