@@ -16,15 +16,19 @@ tokens a block that is 128x fewer files than version 1's one file per block and 
 reader still reads: ``chunk_heads`` 1, ``chunk_tokens == block_tokens``).  Creating files, not
 writing bytes, bounded a prefill to disk (bench/RESULTS.md).
 
-A gather reads every block of the layer that holds a requested row and is not cached, in
-concurrent batches (a small thread pool, each task reading its share of the files, one ``pread``
-per block; zarr's byte-range gets for other stores), verifies each, keeps it in an LRU cache bounded
-in bytes, and copies out the rows asked for.  A selector whose units are the store's blocks reads
-exactly what it asks for.
+The block cache (:class:`~.block_pool.BlockPool`) holds blocks in slots the compute device reads
+in place.  A decode step finds its blocks there with tensor operations (:meth:`resolve`: no host
+work while every block is resident, so the step can be a CUDA graph); the blocks it misses are read
+between its runs (:meth:`fill_missed`), straight into slots (one ``preadv`` per run of neighbouring
+blocks of a file, on a small thread pool; zarr's byte-range gets for other stores), each verified
+against its checksum.  A gather (host reads: dense on disk, FAISS, housekeeping) copies rows out of
+resident blocks, reads the others in concurrent batches and offers them to the cache.  A selector
+whose units are the store's blocks reads exactly what it asks for.
 
 Appended rows wait in host memory until they fill a chunk, which is then written: to a local store
 on background threads (chunk files written directly, once, so that writes overlap the caller's
-compute; :meth:`flush` waits for them and writes the array metadata), elsewhere through zarr.  Only
+compute, and flushed to the device there if the store is to be persisted; :meth:`flush` waits for
+them and writes the array metadata), elsewhere through zarr.  Only
 a writable store is written; a committed artifact is never modified, so rows appended to a reopened
 store stay in memory and are metered as tier ``cpu``.
 """
