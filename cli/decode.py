@@ -10,8 +10,8 @@ import typer
 
 from .errors import user_errors_exit_2
 from .options import (
-    AS_JSON, BUDGET, DEVICE, ESTIMATOR, FEATURES, MAPS, MAX_NEW, METHOD, MODEL, SEED, SELECTOR, SINK, STOP, TAIL, TEMPERATURE, TOP_P,
-    TRUST, EstimatorName, MethodName, OffloadName, SelectorName, engine_config, quiet_transformers, read_text, stream,
+    AS_JSON, BUDGET, CACHE_MB, DEVICE, ESTIMATOR, FEATURES, MAPS, MAX_NEW, METHOD, MODEL, SEED, SELECTOR, SINK, STOP, TAIL, TEMPERATURE, TOP_P,
+    TRUST, EstimatorName, MethodName, OffloadName, SelectorName, cache_bytes, engine_config, quiet_transformers, read_text, stream,
 )
 
 
@@ -38,6 +38,7 @@ def generate(
     features: int = FEATURES,
     maps: Path = MAPS,
     selector: SelectorName = SELECTOR,
+    cache_mb: int = CACHE_MB,
     temperature: float = TEMPERATURE,
     top_p: float = TOP_P,
     seed: int = SEED,
@@ -62,7 +63,7 @@ def generate(
         typer.echo(f"[embedded demo: {len(demo.document)} characters of text, then: {demo.question.strip().splitlines()[0]}"
                    f" (expected: {demo.answer})]", err=True)
     quiet_transformers()
-    cfg = engine_config(method, budget, offload, sink, tail, estimator, features, selector, maps)
+    cfg = engine_config(method, budget, offload, sink, tail, estimator, features, selector, maps, cache_mb)
     engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
     sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()))
     if store is not None:
@@ -115,6 +116,7 @@ def ask(
     as_json: bool = AS_JSON,
     offload: OffloadName = typer.Option(OffloadName.disk, "--offload", help="disk reads the store; cpu/device copy it in."),
     selector: SelectorName = SELECTOR,
+    cache_mb: int = CACHE_MB,
     temperature: float = TEMPERATURE,
     top_p: float = TOP_P,
     seed: int = SEED,
@@ -128,7 +130,7 @@ def ask(
     if not question.strip():
         raise ValueError("the question is empty")
     quiet_transformers()
-    cfg = rcengine.EngineConfig(method=method.value, budget=budget, selector=selector.value)
+    cfg = rcengine.EngineConfig(method=method.value, budget=budget, selector=selector.value, **cache_bytes(cache_mb))
     engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
     doc = engine.open(store, offload=offload.value)
     sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()))

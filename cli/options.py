@@ -65,11 +65,14 @@ SEED = typer.Option(None, "--seed")
 STOP = typer.Option(None, "--stop", help="Stop at this string (repeatable).")
 DEVICE = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present).")
 TRUST = typer.Option(False, "--trust-remote-code", help="Allow the model folder's own code to run.")
+CACHE_MB = typer.Option(None, "--cache-mb", min=0, help="The disk tier's block cache, MiB of host memory the GPU reads in "
+                        "place (default 512); 0 keeps no block.")
 
 
 def engine_config(method: MethodName, budget: float, offload: OffloadName, sink: int = 4, tail: int = 64,
                   estimator: EstimatorName = EstimatorName.centroid, features: int = 64,
-                  selector: SelectorName = SelectorName.exact, maps: Path | None = None) -> "rcengine.EngineConfig":
+                  selector: SelectorName = SelectorName.exact, maps: Path | None = None,
+                  cache_mb: int | None = None) -> "rcengine.EngineConfig":
     import rcengine
 
     if maps is not None and estimator != EstimatorName.learned:
@@ -77,7 +80,13 @@ def engine_config(method: MethodName, budget: float, offload: OffloadName, sink:
     return rcengine.EngineConfig(
         method=method.value, budget=budget, offload=offload.value, sink=sink, tail=tail,
         estimator=rcengine.EstimatorSpec(estimator.value, features, maps=None if maps is None else str(maps)), selector=selector.value,
+        **cache_bytes(cache_mb),
     )
+
+
+def cache_bytes(cache_mb: int | None) -> dict[str, int]:
+    """``EngineConfig`` keyword for ``--cache-mb`` (none: the default)."""
+    return {} if cache_mb is None else {"cache_bytes": cache_mb << 20}
 
 
 def read_text(path: Path) -> str:

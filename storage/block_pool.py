@@ -33,8 +33,8 @@ from .rows import raw_numpy_dtype
 from .tier import TierLayout
 
 
-class BlockPoolFull(RuntimeError):
-    """A step needs more blocks at once than the cache holds."""
+class BlockPoolFull(ValueError):
+    """A step needs more blocks at once than the cache holds (a setting to raise: bad input)."""
 
 
 class BlockPool:
@@ -191,7 +191,7 @@ class BlockPool:
             if strict:
                 raise BlockPoolFull(
                     f"a step needs {count} more blocks of {self.slot_bytes} bytes at once than the disk tier's block cache "
-                    f"of {self.capacity_bytes} bytes can hold: raise the cache size (cache_bytes)")
+                    f"of {self.capacity_bytes} bytes can hold: raise the cache size (--cache-mb, EngineConfig.cache_bytes)")
             count = len(self._free)
         return [self._free.pop() for _ in range(count)]
 

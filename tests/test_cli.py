@@ -205,3 +205,15 @@ def test_calibrate_writes_maps_that_another_model_refuses(model, other_model, tm
     assert info["estimator"]["kind"] == "learned"
     asked = rc("ask", str(tmp_path / "store"), " What?", "--model", str(model), "--json", "--max-new-tokens", "2")
     assert asked.returncode == 0, asked.stderr
+
+
+
+def test_disk_block_cache_size_option(model, tmp_path):
+    """--cache-mb sizes the disk tier's block cache: none at all works too (blocks are read when
+    asked, and not kept), with the same answer."""
+    args = ("generate", PROMPT, "--model", str(model), "--offload", "disk", "--method", "rc", "--budget", "0.5",
+            "--max-new-tokens", "3", "--json", "--tail", "16")
+    none = rc(*args, "--cache-mb", "0")
+    assert none.returncode == 0, none.stderr
+    default = rc(*args)
+    assert json.loads(none.stdout)["text"] == json.loads(default.stdout)["text"]

@@ -377,3 +377,16 @@ def test_prefill_to_disk_streams_the_mid_rows_between_chunks(models, tmp_path, m
     question = _prompt(seed=41, n=5)
     assert host.ask(question, SamplingConfig(max_new_tokens=6)).token_ids == disk.ask(question, SamplingConfig(max_new_tokens=6)).token_ids
     disk.close()
+
+
+def test_a_block_cache_too_small_for_a_layer_is_refused_clearly(models, tmp_path):
+    """A step whose layer needs more blocks at once than the disk tier's cache holds is refused
+    with the setting to raise (a ValueError: the CLI prints it as one line, exit code 2)."""
+    lm = _engine(models["llama"]).lm
+    slot = 16 * 2 * lm.kv_shape[2] * (torch.finfo(lm.dtype).bits // 8)
+    engine = _engine(models["llama"], method="rc", budget=0.2, offload="disk", selector="block", block_tokens=16,
+                     cache_bytes=3 * slot, scratch_dir=str(tmp_path))
+    doc = engine.prefill(_prompt(seed=50, n=400))
+    with pytest.raises(ValueError, match="--cache-mb"):
+        doc.ask(_prompt(seed=51, n=5), SamplingConfig(max_new_tokens=2))
+    doc.close()
