@@ -37,7 +37,7 @@ class Ledger:
     bytes_read: int = 0
     objects_read: int = 0
 
-    def verify(self, key: str, data: bytes | memoryview) -> None:
+    def verify(self, key: str, data) -> None:  # noqa: ANN001 (bytes, a memoryview or a contiguous array)
         expected = self.checksums.get(key)
         if expected is None:
             if self.strict:

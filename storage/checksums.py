@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import google_crc32c
+import numpy as np
 
 
 class CorruptChunkError(IOError):
     """A stored object does not match its recorded checksum (or has none where one is required)."""
 
 
-def crc32c_hex(data: bytes | memoryview) -> str:
+def crc32c_hex(data: bytes | memoryview | np.ndarray) -> str:
+    """CRC-32C of ``data`` (a C-contiguous array is read in place, without a copy)."""
+    if isinstance(data, np.ndarray) and data.flags.c_contiguous:
+        return f"{google_crc32c.value(data.reshape(-1).view(np.uint8)):08x}"
     return f"{google_crc32c.value(bytes(data)):08x}"
