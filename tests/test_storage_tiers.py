@@ -352,3 +352,57 @@ def test_block_cache_evicts_an_eager_steps_blocks_first(tmp_path, gen):
     step([4, 6], deferred=True)  # block 4, read eagerly, is now used by a decode step: kept
     step([7], deferred=False)
     assert pool.slot_of(0, 0, 4) >= 0 and pool.slot_of(0, 0, 0) < 0  # block 0 is the least recent of the rest
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_block_cache_under_random_operations_matches_full_reads(tmp_path, seed):
+    """Lookups (deferred and eager), gathers, appends (partial blocks growing, chunks written) and
+    clears in a random order, with a cache of 6 blocks (evicting all the time): every resident
+    block a lookup returns holds the rows written, and every gather returns them."""
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+    block_bytes = BLOCK * 2 * 8 * 2
+    tier = DiskTier.create(tmp_path / "kv.zarr", LAYOUT, block_tokens=BLOCK, cache_bytes=6 * block_bytes, chunk_tokens=CHUNK)
+    refs = [r.clone() for r in _fill(tier, gen, sizes=(70,))]  # (Hkv, n, 2, d) per layer
+    pool = tier.cache
+    for _ in range(40):
+        n = refs[0].shape[1]
+        tier.reserve(n)
+        op = rng.choice(["deferred", "eager", "gather", "append", "clear"], p=[0.3, 0.3, 0.2, 0.15, 0.05])
+        layer = int(rng.integers(2))
+        if op in ("deferred", "eager"):
+            blocks = torch.from_numpy(rng.integers(0, -(-n // BLOCK), (1, 3, 2)))
+            blocks[0, :, 0] = torch.where(torch.from_numpy(rng.random(3) < 0.5), (n - 1) // BLOCK, blocks[0, :, 0])  # the growing block
+            wanted = torch.from_numpy(rng.random((1, 3, 2)) < 0.8)
+            tier.begin_step()
+            pool.deferred = op == "deferred"
+            pool.begin_step()
+            slots = tier.resolve(layer, blocks, wanted)
+            if op == "deferred":
+                tier.fill_missed()
+                slots = tier.resolve(layer, blocks, wanted)
+            pool.deferred = False
+            tier.finish_step()
+            assert ((slots >= 0) | ~wanted).all()
+            rows = pool.view[slots.clamp(min=0)]  # (1, Hkv, 2, block, 2, d)
+            for h in range(3):
+                for x in range(2):
+                    if wanted[0, h, x]:
+                        b = int(blocks[0, h, x])
+                        ref = refs[layer][h, b * BLOCK : (b + 1) * BLOCK]
+                        assert torch.equal(_bits(rows[0, h, x, : ref.shape[0]]), _bits(ref))
+        elif op == "gather":
+            ids = torch.from_numpy(rng.integers(0, n, (3, 5)))
+            k, v = tier.gather(layer, ids)
+            heads = torch.arange(3)[:, None]
+            assert torch.equal(_bits(k), _bits(refs[layer][heads, ids, 0])) and torch.equal(_bits(v), _bits(refs[layer][heads, ids, 1]))
+        elif op == "append":
+            m = int(rng.integers(1, 20))
+            for lay in range(2):
+                kk = torch.randn(3, m, 8, generator=gen).to(torch.bfloat16)
+                vv = torch.randn(3, m, 8, generator=gen).to(torch.bfloat16)
+                tier.append(lay, kk, vv, torch.arange(n, n + m))
+                refs[lay] = torch.cat([refs[lay], torch.stack([kk, vv], dim=2)], dim=1)
+        else:
+            pool.clear()
+        assert len(pool) <= 6
