@@ -246,11 +246,6 @@ class BlockPool:
             self._allocate()
         return self._raw[slot]
 
-    def discard(self, layer: int, head: int, block: int) -> None:
-        slot = self.slot_of(layer, head, block)
-        if slot >= 0:
-            self.release([slot])
-
     def discard_blocks(self, layer: int, first: int, stop: int) -> None:
         """Drop blocks ``first..stop-1`` of every head of ``layer`` (their rows changed)."""
         stop = min(stop, self.blocks)

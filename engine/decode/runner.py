@@ -44,7 +44,7 @@ class StepRunner:
         # Eager steps on the disk tier look blocks up as captured ones do and fill misses between
         # runs (as a graph must), instead of layer by layer: for tests of that path on any machine.
         self.defer_fills = False
-        self._last: torch.Tensor | None = None
+        self._in_place = False  # the running step reads the disk tier's block cache in place
 
     def run(self, ids: list[int], start: int, every_position: bool = False) -> torch.Tensor:
         """One forward over ``ids`` (the next T tokens, at positions ``start..``) -> logits."""
@@ -56,8 +56,8 @@ class StepRunner:
         inputs = self._inputs.setdefault(t, StepInputs(t, st.device))
         inputs.fill(torch.tensor(ids, dtype=torch.int64)[None], start, st.tail.slots_for(t))
         st.plan, st.step = plan, inputs
-        in_place = bool(plan.rows) and st.reads_blocks_in_place()
-        if in_place:  # the disk tier's block cache: a captured step only flags the blocks it misses
+        self._in_place = bool(plan.rows) and st.reads_blocks_in_place()
+        if self._in_place:  # the disk tier's block cache: a captured step only flags the blocks it misses
             st.tier.begin_step()
             st.tier.cache.deferred = captured or self.defer_fills
         if captured:
@@ -65,10 +65,10 @@ class StepRunner:
             graph.replay()
         else:
             logits = self._step(inputs, every_position)
-        if in_place:
-            self._fill_and_rerun(graph.replay if captured else lambda: self._step(inputs, every_position))
-            if not captured:
-                logits = self._last
+        if self._in_place:
+            rerun = self._fill_and_rerun(graph.replay if captured else lambda: self._step(inputs, every_position))
+            if rerun is not None and not captured:
+                logits = rerun
         st.tail.n += t
         st.seen = start + t
         self._meter(plan)
@@ -78,31 +78,33 @@ class StepRunner:
     def _step(self, inputs: StepInputs, every_position: bool) -> torch.Tensor:
         """What a step runs on the device (and what a graph captures)."""
         st = self.state
-        if st.plan.rows and st.reads_blocks_in_place():
+        if self._in_place:
             st.tier.cache.begin_step()
         st.tail.pos.index_copy_(0, inputs.slots, inputs.q_pos)
-        self._last = self.forward(inputs.ids, inputs.positions, every_position)
-        return self._last
+        return self.forward(inputs.ids, inputs.positions, every_position)
 
-    def _fill_and_rerun(self, rerun: Callable[[], object]) -> None:
+    def _fill_and_rerun(self, rerun: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
         """After a deferred run (its blocks looked up, the missing ones flagged): read the missing
         blocks and run the step again, until a run finds every block it needs.  Each run is
         exact for the layers up to its first missing block, so this ends within L + 1 runs
-        (a warm cache: one).  Then meter the cache hits."""
+        (a warm cache: one).  Then meter the cache hits.  -> what the last rerun returned (None
+        without one)."""
         st = self.state
         tier = st.tier
+        last = None
         try:
             if tier.cache.deferred:
                 for _ in range(st.num_layers + 1):
                     if not tier.fill_missed():
                         break
-                    rerun()
+                    last = rerun()
                     self.reruns += 1
                 else:
                     raise RuntimeError("the disk tier's block cache kept missing blocks for one step: raise cache_bytes")
             tier.finish_step()
         finally:
             tier.cache.deferred = False
+        return last
 
     def _plan_for(self, queries: int, every_position: bool, captured: bool) -> DecodePlan:
         st, p = self.state, self._plan
@@ -146,18 +148,16 @@ class StepRunner:
         tier, meter = st.tier, st.meter
         layers, heads, t = st.num_layers, st.num_kv_heads, plan.queries
         n = st.mid_len
-        if st.device_rows(0) is not None and plan.rows:
+        if plan.rows and (self._in_place or st.device_rows(0) is not None):
             live = n if plan.method.name == "dense" else min(plan.live_units(n) * plan.block, n)
             row = tier.layout.row_bytes
-            logical, physical = heads * t * live * row, heads * t * plan.rows * row
-            c = Counters(logical=logical, physical=physical, h2d=tier.h2d(physical), rows=heads * t * live, gathers=1)
-            for layer in range(layers):
-                meter.record(tier.name, layer, c)
-        elif plan.rows and st.reads_blocks_in_place():  # physical bytes and misses: metered by the fills
-            live = min(plan.live_units(n) * plan.block, n)
-            logical = heads * t * live * tier.layout.row_bytes
-            on_gpu = st.device.type == "cuda"  # the GPU reads the rows from the (host) cache in place
-            c = Counters(logical=logical, h2d=logical if on_gpu else 0, rows=heads * t * live, gathers=1)
+            logical = heads * t * live * row
+            if self._in_place:  # the disk tier's cache, read in place: what the fills read is metered by them
+                physical, h2d = 0, logical if st.device.type == "cuda" else 0
+            else:
+                physical = heads * t * plan.rows * row
+                h2d = tier.h2d(physical)
+            c = Counters(logical=logical, physical=physical, h2d=h2d, rows=heads * t * live, gathers=1)
             for layer in range(layers):
                 meter.record(tier.name, layer, c)
         if plan.method.selects and st.selectors[0].on_device:

@@ -175,15 +175,15 @@ class KVState:
         return (getattr(self.tier, "reads_in_place", False) and self.method.selects
                 and self.selectors[0].on_device)
 
-    def step_blocks(self, queries: int = 1) -> int:
-        """Blocks of the tier's block cache a step of ``queries`` positions reads at most, all
-        layers (the cache must hold them at once for the step to run deferred, as a graph)."""
+    def step_blocks(self) -> int:
+        """Blocks of the tier's block cache a single-token step reads at most, all layers (the
+        cache must hold them at once for the step to run deferred, as a graph)."""
         cap = self.mid_len + PLAN_HORIZON
         sel_block, tier_block = self.block, self.tier.block_tokens
         units = math.ceil(self.method.count(self.config.budget, cap) / sel_block)
         aligned = sel_block % tier_block == 0 or tier_block % sel_block == 0
         per_unit = -(-sel_block // tier_block) + (0 if aligned else 1)
-        return self.num_layers * self.num_kv_heads * queries * units * per_unit
+        return self.num_layers * self.num_kv_heads * units * per_unit
 
     @property
     def method(self):  # noqa: ANN201 (a MethodRule)
@@ -219,7 +219,7 @@ class KVState:
                                version)
 
     def reserve(self, rows: int) -> None:
-        if isinstance(self.tier, MemoryTier) or hasattr(self.tier, "reserve"):
+        if hasattr(self.tier, "reserve"):  # memory tiers' rows, the disk tier's block table
             self.tier.reserve(rows)
         for sel in self.selectors:
             sel.reserve(rows)

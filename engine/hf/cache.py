@@ -114,7 +114,7 @@ class RCCache(Cache):
         """Write mid-region rows to the tier while the prefill of ``total`` tokens runs
         (:meth:`offload_ready` between chunks), so that a slow tier's writes overlap the next chunks'
         compute instead of following the whole forward; :meth:`finalize_prefill` then writes none."""
-        self._stream = (total, min(self.state.config.sink, total))
+        self._stream = (total, self._mid_span(total).start)
 
     def offload_ready(self) -> None:
         """Between prefill chunks: append every layer's rows that are final and belong to the
@@ -122,9 +122,7 @@ class RCCache(Cache):
         if self._stream is None:
             return
         total, start = self._stream
-        cfg = self.state.config
-        mid_stop = total - min(cfg.tail, total - min(cfg.sink, total))  # where the tail will start
-        stop = min(self.prefill[0].n, mid_stop)
+        stop = min(self.prefill[0].n, self._mid_span(total).stop)
         if stop <= start:
             return
         positions = torch.arange(start, stop)
@@ -133,15 +131,20 @@ class RCCache(Cache):
             self.state.tier.append(layer, k[0, :, start:stop], v[0, :, start:stop], positions)
         self._stream = (total, stop)
 
+    def _mid_span(self, n: int) -> slice:
+        """The mid-region of a prefill of ``n`` tokens: past the sink, before the tail."""
+        cfg = self.state.config
+        sink = min(cfg.sink, n)
+        return slice(sink, n - min(cfg.tail, n - sink))
+
     def finalize_prefill(self, progress: Callable[[int], None] | None = None) -> None:
         """Split every layer's prefill buffer into anchors and mid-region: anchors stay on the
         device, the mid-region goes to the tier and the selection state, and its summary is built.
         Each layer's buffer is freed as soon as it is split."""
-        st, cfg = self.state, self.state.config
+        st = self.state
         n = self.prefill[0].n
-        sink = min(cfg.sink, n)
-        tail = min(cfg.tail, n - sink)
-        mid = slice(sink, n - tail)
+        mid = self._mid_span(n)
+        sink, tail = mid.start, n - mid.stop
         positions = torch.arange(n)
         self.offload_ready()
         streamed = self._stream is not None  # the mid rows are in the tier already
