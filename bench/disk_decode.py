@@ -156,25 +156,36 @@ def run_length(lm, n: int, args, out: dict, save) -> None:  # noqa: ANN001
     # A short prefill first, so that neither timed prefill pays for the first kernels' set-up (the
     # host prefill, timed first, used to: it made a disk prefill look 1.1-1.6x a host one, not 3.9x).
     timed_prefill(host_engine, ids[: 2 * base.prefill_chunk], None)[0].close()
-    if args.prefill_repeats:  # prefill times only: host and disk alternately, each ``--prefill-repeats`` times
-        disk_engine = Engine(lm, EngineConfig(**{**_fields(base), "offload": "disk", "selector": "block"}), show_progress=False)
-        times: dict[str, list[float]] = {"host": [], "disk": []}
+    if args.prefill_repeats:  # prefill times only: host, persisted and scratch disk in turn, each ``--prefill-repeats`` times
+        disk_engine = Engine(lm, EngineConfig(**{**_fields(base), "offload": "disk", "selector": "block", "scratch_dir": args.scratch}),
+                             show_progress=False)
+        # host memory; a persisted store (fsynced and committed, then reopened); a scratch store
+        # (what ``generate --offload disk`` writes without --store)
+        times: dict[str, list[float]] = {"host": [], "disk": [], "scratch": []}
+        phases: dict[str, list[dict[str, float]]] = {k: [] for k in times}  # host time by phase, ms
         for _ in range(args.prefill_repeats):
             doc, seconds = timed_prefill(host_engine, ids, None)
             doc.close()
             times["host"].append(seconds)
+            phases["host"].append({k: round(v, 1) for k, v in doc.prefill_phases_ms.items()})
             work = Path(tempfile.mkdtemp(prefix="rcengine-disk-bench-", dir=args.scratch))
             try:
                 doc, seconds = timed_prefill(disk_engine, ids, work / "doc")
                 doc.close()
                 times["disk"].append(seconds)
+                phases["disk"].append({k: round(v, 1) for k, v in doc.prefill_phases_ms.items()})
+                doc, seconds = timed_prefill(disk_engine, ids, None)
+                doc.close()
+                times["scratch"].append(seconds)
+                phases["scratch"].append({k: round(v, 1) for k, v in doc.prefill_phases_ms.items()})
             finally:
                 shutil.rmtree(work, ignore_errors=True)
         if args.profile:  # one more prefill to disk under cProfile: where the host's time goes, by function
             _profile_prefill(disk_engine, ids, Path(args.out) / f"prefill_profile_{n}.txt", args.scratch)
         host_s, disk_s = statistics.median(times["host"]), statistics.median(times["disk"])
         add({"variant": "prefill, host and disk alternately", "host_seconds": times["host"], "disk_seconds": times["disk"],
-             "median_vs_host": disk_s / host_s})
+             "scratch_seconds": times["scratch"], "median_vs_host": disk_s / host_s,
+             "scratch_median_vs_host": statistics.median(times["scratch"]) / host_s, "phases_ms": phases})
         return
     doc, host_s = timed_prefill(host_engine, ids, None)
     add({"variant": "prefill to host memory", "seconds": host_s})
@@ -255,7 +266,7 @@ def main() -> None:
     parser.add_argument("--cache-mb", type=int, default=None,
                         help="the fresh store's block cache (default: enough for one answer's blocks, at least the default)")
     parser.add_argument("--prefill-repeats", type=int, default=0,
-                        help="only time prefills: host and disk alternately, this many times each")
+                        help="only time prefills: to host memory, to a persisted store and to a scratch store, in turn, this many times each")
     parser.add_argument("--no-reopen", action="store_true", help="skip the reopened-store variants")
     parser.add_argument("--scratch", default=None, help="where the stores are written (default: the system's temporary folder)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))

@@ -16,16 +16,16 @@ from pathlib import Path
 import numpy as np
 
 from .checked_store import Ledger, slice_key
-from .checksums import crc32c_hex
+from .checksums import crc32c_parts_hex
 
 # Threads that read and write chunk files.
 IO_THREADS = 8
-# Buffers one ``preadv`` scatters into at most (IOV_MAX is 1024 on Linux).
+# Buffers one ``preadv`` scatters into (or ``writev`` gathers from) at most (IOV_MAX is 1024 on Linux).
 MAX_IOV = 512
 
 
 class ChunkFiles:
-    """The chunk files under ``root``; keys are zarr's (``"L0/c/0/3/0/0"``)."""
+    """The chunk files under ``root``; keys are zarr's (``"L0/c.0.3.0.0"``; ``"L0/c/0/3/0/0"`` in older stores)."""
 
     def __init__(self, root: Path, ledger: Ledger, threads: int = IO_THREADS, durable: bool = False) -> None:
         self.root, self.ledger, self.threads = root, ledger, threads
@@ -44,18 +44,23 @@ class ChunkFiles:
     def submit(self, fn, *args) -> Future:  # noqa: ANN001 (a background write)
         return self.pool().submit(fn, *args)
 
-    def write(self, key: str, data: bytes) -> None:
-        """One whole chunk file, and its checksum."""
+    def write(self, key: str, parts: list[np.ndarray]) -> None:
+        """One whole chunk file: the C-contiguous arrays ``parts`` end to end (``writev``, no copy),
+        and its checksum."""
         path = self.root / key
         if path.parent not in self._dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._dirs.add(path.parent)
-        with open(path, "wb") as f:
-            f.write(data)
+        bufs = [memoryview(p).cast("B") for p in parts]
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for i in range(0, len(bufs), MAX_IOV):
+                _write_all(fd, bufs[i : i + MAX_IOV])
             if self.durable:
-                f.flush()
-                os.fsync(f.fileno())
-        self.ledger.checksums[key] = crc32c_hex(data)
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.ledger.checksums[key] = crc32c_parts_hex(parts)
 
     def read_into(self, places: list[tuple[str, int]], dests: list[np.ndarray], whole_files: bool) -> list[int]:
         """Byte ranges at ``places`` ((key, offset) pairs), each as long as its destination (a
@@ -136,3 +141,11 @@ def _after(bufs: list[memoryview], n: int) -> list[memoryview]:
         out.append(b[n:])
         n = 0
     return out
+
+
+def _write_all(fd: int, bufs: list[memoryview]) -> None:
+    """``writev`` until every byte of ``bufs`` is written (short writes happen)."""
+    want = sum(b.nbytes for b in bufs)
+    n = os.writev(fd, bufs)
+    while n < want:
+        n += os.writev(fd, _after(bufs, n))

@@ -9,3 +9,6 @@ DEFAULT_CHUNK_BLOCKS = 16
 # The disk tier's block cache (host memory the GPU reads in place): 512 MiB holds the blocks of a
 # 128K-token 8B-shaped step at 1 % (5,376 blocks of 32 KiB, 176 MB) about three times over.
 DEFAULT_CACHE_BYTES = 512 << 20
+# Bytes of chunk files a prefill to disk may have queued for its background writers: past this the
+# prefill waits for the oldest write (pinned staging memory stays bounded; writes overlap compute).
+WRITE_BACKLOG_BYTES = 1 << 30

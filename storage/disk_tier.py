@@ -26,9 +26,11 @@ resident blocks, reads the others in concurrent batches and offers them to the c
 whose units are the store's blocks reads exactly what it asks for.
 
 Appended rows wait in host memory until they fill a chunk, which is then written: to a local store
-on background threads (chunk files written directly, once, so that writes overlap the caller's
-compute, and flushed to the device there if the store is to be persisted; :meth:`flush` waits for
-them and writes the array metadata), elsewhere through zarr.  Only
+on background threads (chunk files written directly, once, from the pieces the rows came in, so
+that writes overlap the caller's compute, and flushed to the device there if the store is to be
+persisted; at most WRITE_BACKLOG_BYTES queued; :meth:`flush` waits for them and writes the array
+metadata), elsewhere through zarr.  Rows appended from a CUDA device are copied into pinned memory
+without a host sync (:mod:`.pending_rows`): the writer waits for the copy, not the caller.  Only
 a writable store is written; a committed artifact is never modified, so rows appended to a reopened
 store stay in memory and are metered as tier ``cpu``.
 """
@@ -50,15 +52,20 @@ from zarr.storage import FsspecStore, LocalStore
 from .block_pool import BlockPool
 from .chunk_files import ChunkFiles
 from .checked_store import CheckedStore, Ledger, slice_key
-from .checksums import CorruptChunkError, crc32c_hex
-from .defaults import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_BLOCKS
+from .checksums import CorruptChunkError, crc32c_parts_hex
+from .defaults import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_BLOCKS, WRITE_BACKLOG_BYTES
 from .meter import ByteMeter, Counters, process_disk_read_bytes
-from .rows import DTYPES_BY_NAME, dtype_name, from_raw_numpy, pack, raw_numpy_dtype, to_raw_numpy
+from .pending_rows import PendingRows, Piece, Segments, stage
+from .rows import DTYPES_BY_NAME, dtype_name, from_raw_numpy, pack, raw_numpy_dtype
 from .tier import TierLayout, check_append
 
 FORMAT = "rcengine-kv"
 VERSION = 2
 READS_VERSIONS = (1, 2)
+# Chunk files named ``L{layer}/c.{head group}.{chunk}.0.0``: one folder per layer, not two per chunk
+# (zarr's default "/" separator made 2,048 folders of a 32K-token 8B-shaped store, each created and
+# flushed at the commit).  Stores keep their encoding in their metadata; older ones still open.
+CHUNK_KEYS = {"name": "default", "separator": "."}
 # A gather reads the blocks it misses in concurrent batches of at most this many bytes.
 READ_BATCH_BYTES = 64 << 20
 
@@ -99,7 +106,8 @@ class DiskTier:
         self.meter = meter if meter is not None else ByteMeter()
         self.read_only = read_only
         self._raw = raw_numpy_dtype(layout.dtype)
-        self._block_bytes = block_tokens * layout.row_bytes
+        self._row_bytes = layout.row_bytes
+        self._block_bytes = block_tokens * self._row_bytes
         self._block_is_file = self.chunk_tokens == block_tokens and self.chunk_heads == 1  # format 1
         self._group = zarr.open_group(store, mode="r" if read_only else "r+")
         # Every chunk is written, zeros too, so that every stored chunk has a checksum.
@@ -107,13 +115,13 @@ class DiskTier:
         self._pos_arrays = [self._group[f"P{i}"] for i in range(layout.num_layers)]
         d, h = layout.head_dim, layout.num_kv_heads
         self._flushed_chunks = [0] * layout.num_layers  # whole chunks held by the store
-        self._pending = [np.zeros((h, 0, 2, d), self._raw) for _ in range(layout.num_layers)]
-        self._positions: list[np.ndarray] = [np.zeros(0, np.int64) for _ in range(layout.num_layers)]
+        self._pending = [PendingRows(h, d, self._raw) for _ in range(layout.num_layers)]  # rows past the whole chunks
+        self._positions: list[list[np.ndarray]] = [[] for _ in range(layout.num_layers)]  # parts, joined when read
         self._positions_written = [0] * layout.num_layers
         inner = store._store
         # A local store's chunk files are read and written directly (chunk_files.py).
         self._files = ChunkFiles(Path(inner.root), store.ledger, durable=durable) if isinstance(inner, LocalStore) else None
-        self._writes: list[Future] = []
+        self._writes: list[tuple[Future, int]] = []  # background chunk writes and their bytes, oldest first
         self._chunk_keys: dict[tuple[int, int, int], str] = {}
         for layer, arr in enumerate(self._arrays):
             self._load_tail(layer, int(arr.attrs.get("rows", 0)))
@@ -163,7 +171,7 @@ class DiskTier:
             group.create_array(
                 f"L{layer}", shape=(layout.num_kv_heads, 0, 2, layout.head_dim), dtype=raw,
                 chunks=(heads, chunk_tokens, 2, layout.head_dim), compressors=None, fill_value=0,
-                attributes={"rows": 0},
+                attributes={"rows": 0}, chunk_key_encoding=CHUNK_KEYS,
             )
             group.create_array(f"P{layer}", shape=(0,), dtype=np.int64, chunks=(16384,), compressors=None, fill_value=0)
         return cls(store, layout, block_tokens, cache_bytes, compute_device, meter, read_only=False,
@@ -202,65 +210,80 @@ class DiskTier:
         full = rows // s
         self._flushed_chunks[layer] = full
         if rows > full * s:
-            self._pending[layer] = np.ascontiguousarray(self._arrays[layer][:, full * s : rows])
-        self._positions[layer] = np.asarray(self._pos_arrays[layer][:rows], dtype=np.int64)
+            self._pending[layer].add(Piece(np.ascontiguousarray(self._arrays[layer][:, full * s : rows])))
+        self._positions[layer] = [np.asarray(self._pos_arrays[layer][:rows], dtype=np.int64)]
         self._positions_written[layer] = rows
 
     # -- writing ------------------------------------------------------------------------------
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor) -> None:
+        """Rows from any device.  From a CUDA device they are copied to host memory asynchronously
+        (no host sync: a prefill keeps launching while they are copied and written)."""
         check_append(self.layout, layer, keys, values, positions)
         n, b = self.num_rows(layer), self.block_tokens
         if n % b:  # the last block, cached while partly filled, gains rows
             self.cache.discard_blocks(layer, n // b, n // b + 1)
-        self._pending[layer] = np.concatenate([self._pending[layer], to_raw_numpy(pack(keys, values))], axis=1)
-        self._positions[layer] = np.concatenate([self._positions[layer], positions.detach().cpu().numpy().astype(np.int64)])
+        self._pending[layer].add(stage(pack(keys, values)))
+        self._positions[layer].append(positions.detach().cpu().numpy().astype(np.int64))
         if not self.read_only:
             self._write_full_chunks(layer)
 
     def _write_full_chunks(self, layer: int) -> None:
         s = self.chunk_tokens
-        full = self._pending[layer].shape[1] // s
+        full = self._pending[layer].rows // s
         if full == 0:
             return
         first = self._flushed_chunks[layer]
-        rows, self._pending[layer] = self._pending[layer][:, : full * s], np.ascontiguousarray(self._pending[layer][:, full * s :])
+        pieces = self._pending[layer].take(full * s)
         if self._files is not None:  # background writes, straight to the chunk files
-            self._writes.append(self._files.submit(self._write_chunks, layer, first, rows))
+            nbytes = sum(p.data.nbytes for p in pieces)
+            self._throttle(nbytes)
+            self._writes.append((self._files.submit(self._write_chunks, layer, first, pieces), nbytes))
         else:
+            rows = np.concatenate([p.wait() for p in pieces], axis=1)
             arr = self._arrays[layer]
             stop = (first + full) * s
             if arr.shape[1] < stop:
                 arr.resize((arr.shape[0], stop, *arr.shape[2:]))
             arr[:, first * s : stop] = rows
-            self._record_block_checksums(layer, first * s, rows)
+            self._record_block_checksums(layer, first * s, Segments([Piece(rows)]), rows.shape[1])
         self._flushed_chunks[layer] += full
 
-    def _write_chunks(self, layer: int, first: int, rows: np.ndarray) -> None:
-        """Write whole chunks ``rows: (Hkv, chunks chunk_tokens, 2, d)`` from chunk ``first`` on as
-        files (what zarr writes for an uncompressed chunk: its raw little-endian bytes, C order),
-        with a checksum of each file and of each (head, block) byte range in it."""
-        s, hc = self.chunk_tokens, self.chunk_heads
-        for j in range(rows.shape[1] // s):
-            for h0 in range(0, rows.shape[0], hc):
-                part = np.ascontiguousarray(rows[h0 : h0 + hc, j * s : (j + 1) * s])
-                self._files.write(self._chunk_key(layer, h0 // hc, first + j), part.tobytes())
-        self._record_block_checksums(layer, first * s, rows)
+    def _throttle(self, nbytes: int) -> None:
+        """Wait for the oldest background writes while more than WRITE_BACKLOG_BYTES would be queued."""
+        queued = sum(n for _, n in self._writes)
+        while self._writes and queued + nbytes > WRITE_BACKLOG_BYTES:
+            done, n = self._writes.pop(0)
+            done.result()  # re-raises a failed write here
+            queued -= n
 
-    def _record_block_checksums(self, layer: int, start: int, rows: np.ndarray) -> None:
-        """Checksums of the (head, block) byte ranges of rows ``start..`` (whole blocks only)."""
+    def _write_chunks(self, layer: int, first: int, pieces: list[Piece]) -> None:
+        """Write whole chunks from chunk ``first`` on, from ``pieces`` (``(Hkv, r, 2, d)`` each, whole
+        chunks in all), as files (what zarr writes for an uncompressed chunk: its raw little-endian
+        bytes, C order), with a checksum of each file and of each (head, block) byte range in it."""
+        s, hc, h = self.chunk_tokens, self.chunk_heads, self.layout.num_kv_heads
+        rows = Segments(pieces)  # waits for the copies from the device
+        for j in range(sum(p.rows for p in pieces) // s):
+            for h0 in range(0, h, hc):
+                parts = [x for head in range(h0, h0 + hc) for x in rows.head_slices(head, j * s, (j + 1) * s)]
+                self._files.write(self._chunk_key(layer, h0 // hc, first + j), parts)
+        self._record_block_checksums(layer, first * s, rows, sum(p.rows for p in pieces))
+
+    def _record_block_checksums(self, layer: int, start: int, rows: Segments, count: int) -> None:
+        """Checksums of the (head, block) byte ranges of rows ``start..start + count`` (whole
+        blocks only; ``start`` is a block boundary), held by ``rows`` from row 0."""
         if self._block_is_file:
             return  # a block is a whole file, checksummed as such
-        b, ledger = self.block_tokens, self.store.ledger
-        for j in range(rows.shape[1] // b):
-            block = start // b + j
-            for head in range(rows.shape[0]):
+        b, checksums = self.block_tokens, self.store.ledger.checksums
+        for lo in range(0, count - count % b, b):
+            block = (start + lo) // b
+            for head in range(self.layout.num_kv_heads):
                 key, offset = self._block_location(layer, head, block)
-                ledger.checksums[slice_key(key, offset)] = crc32c_hex(rows[head, j * b : (j + 1) * b].tobytes())
+                checksums[slice_key(key, offset)] = crc32c_parts_hex(rows.head_slices(head, lo, lo + b))
 
     def _wait_for_writes(self) -> None:
         writes, self._writes = self._writes, []
-        for w in writes:
+        for w, _ in writes:
             w.result()  # re-raises a failed write here
 
     def flush(self) -> None:
@@ -273,12 +296,13 @@ class DiskTier:
         s = self.chunk_tokens
         for layer, arr in enumerate(self._arrays):
             start = self._flushed_chunks[layer] * s
-            rows = start + self._pending[layer].shape[1]
+            rows = start + self._pending[layer].rows
             if arr.shape[1] != rows:
                 arr.resize((arr.shape[0], rows, *arr.shape[2:]))
             if rows > start:
-                arr[:, start:rows] = self._pending[layer]
-                self._record_block_checksums(layer, start, self._pending[layer])
+                pending = self._pending[layer].array()
+                arr[:, start:rows] = pending
+                self._record_block_checksums(layer, start, Segments([Piece(pending)]), rows - start)
             if int(arr.attrs.get("rows", -1)) != rows:
                 arr.attrs["rows"] = rows
             pos = self._pos_arrays[layer]
@@ -286,21 +310,24 @@ class DiskTier:
             if pos.shape[0] != rows:
                 pos.resize((rows,))
             if rows > written:
-                pos[written:rows] = self._positions[layer][written:rows]
+                pos[written:rows] = self.positions(layer)[written:rows]
             self._positions_written[layer] = rows
 
     # -- reading ------------------------------------------------------------------------------
 
     def num_rows(self, layer: int) -> int:
-        return self._flushed_chunks[layer] * self.chunk_tokens + self._pending[layer].shape[1]
+        return self._flushed_chunks[layer] * self.chunk_tokens + self._pending[layer].rows
 
     def positions(self, layer: int) -> np.ndarray:
-        return self._positions[layer]
+        parts = self._positions[layer]
+        if len(parts) != 1:
+            self._positions[layer] = parts = [np.concatenate(parts) if parts else np.zeros(0, np.int64)]
+        return parts[0]
 
     def _block_location(self, layer: int, head: int, block: int) -> tuple[str, int]:
         """The chunk file holding block ``block`` of ``head``, and the block's byte offset in it."""
         s, hc, b = self.chunk_tokens, self.chunk_heads, self.block_tokens
-        return self._chunk_key(layer, head // hc, block * b // s), ((head % hc) * s + block * b % s) * self.layout.row_bytes
+        return self._chunk_key(layer, head // hc, block * b // s), ((head % hc) * s + block * b % s) * self._row_bytes
 
     def _chunk_key(self, layer: int, head_group: int, chunk: int) -> str:
         key = self._chunk_keys.get((layer, head_group, chunk))
@@ -349,7 +376,7 @@ class DiskTier:
     def _memory_block(self, layer: int, head: int, block: int, dest: np.ndarray) -> None:
         """A block past the store's whole chunks, from the rows held in memory (zeros past the last)."""
         b, stored = self.block_tokens, self._flushed_chunks[layer] * self.chunk_tokens
-        rows = self._pending[layer][head, block * b - stored : (block + 1) * b - stored]
+        rows = self._pending[layer].array()[head, block * b - stored : (block + 1) * b - stored]
         dest[: rows.shape[0]] = rows
         dest[rows.shape[0] :] = 0
 
@@ -406,7 +433,7 @@ class DiskTier:
         rest = ~in_store
         if rest.any():
             heads = np.broadcast_to(np.arange(h)[:, None], (h, k))
-            out[rest] = self._pending[layer][heads[rest], ids_np[rest] - stored]
+            out[rest] = self._pending[layer].array()[heads[rest], ids_np[rest] - stored]
         disk_after = process_disk_read_bytes()
         store_rows = int(in_store.sum())
 

@@ -102,23 +102,27 @@ class Engine:
                                                durable=writer is not None)
             else:
                 tier = self._memory_tier(meter)
-            t0 = time.perf_counter()
+            clock = PhaseClock()
             with torch.no_grad():
-                cache, last_logits = self._run_prefill(ids, self._state(cfg, tier, meter))
-            prefill_ms = 1e3 * (time.perf_counter() - t0)
+                cache, last_logits = self._run_prefill(ids, self._state(cfg, tier, meter), clock)
+            prefill_ms = sum(clock.ms.values())
             if writer is not None:
                 persist(cache.state, ids, writer, self.lm.fingerprint(), dtype_name(self.lm.dtype))
+                clock.lap("persist")
                 if isinstance(tier, DiskTier):  # read from the committed store from now on
                     tier.close()
                     art = Artifact.open(store)
                     cache.state.tier = DiskTier.open(art.kv_location, cfg.cache_bytes, self.lm.device, meter, art.kv_checksums)
+                    clock.lap("reopen")
         except BaseException:
             if writer is not None:
                 writer.abort()
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
             raise
-        return Document(self, cache, len(ids), last_logits, prefill_ms, store=str(store) if store else None, scratch=scratch)
+        doc = Document(self, cache, len(ids), last_logits, prefill_ms, store=str(store) if store else None, scratch=scratch)
+        doc.prefill_phases_ms = dict(clock.ms)
+        return doc
 
     def adopt(self, ids: list[int], keys_values: Sequence[tuple[torch.Tensor, torch.Tensor]], last_logits: torch.Tensor) -> Document:
         """A document from keys and values this model already computed for ``ids`` (for example a
@@ -208,7 +212,7 @@ class Engine:
             index = KeyIndex(cfg.index, layers, heads, dim, meter)
         return KVState(cfg, layers, heads, dim, self.lm.dtype, self.lm.device, tier, meter, index)
 
-    def _run_prefill(self, ids: list[int], state: KVState) -> tuple[RCCache, torch.Tensor]:
+    def _run_prefill(self, ids: list[int], state: KVState, clock: "PhaseClock") -> tuple[RCCache, torch.Tensor]:
         cache = RCCache(state)
         if isinstance(state.tier, DiskTier) and not state.tier.read_only:
             cache.stream_mid(len(ids))  # the store's writes overlap the next chunks' compute
@@ -219,8 +223,25 @@ class Engine:
                 logits = prefill_chunk(self.lm.model, x[:, start : start + chunk], cache, start)
                 cache.offload_ready()
                 advance(min(chunk, len(ids) - start))
+        clock.lap("forward")
         with progress("offloading, selection state and summaries", state.num_layers, "layers", self.show_progress) as advance:
             cache.finalize_prefill(progress=lambda _layer: advance(1))
+        clock.lap("finalize")
         if isinstance(state.tier, DiskTier) and not state.tier.read_only:
             state.tier.flush()
+            clock.lap("flush")
         return cache, logits
+
+
+class PhaseClock:
+    """Wall time of a prefill's phases, in ms by name (host time: queued device work shows up in
+    the phase that first waits for it)."""
+
+    def __init__(self) -> None:
+        self.ms: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.ms[name] = self.ms.get(name, 0.0) + 1e3 * (now - self._t)
+        self._t = now

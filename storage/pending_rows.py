@@ -1,0 +1,110 @@
+"""Rows appended to the disk tier that no whole chunk holds yet, kept as the pieces they came in.
+
+A piece is ``(Hkv, m, 2, d)`` raw rows in host memory.  Rows appended from a CUDA device are copied
+into pinned memory asynchronously (:func:`stage`): the caller goes on launching work, and whoever
+reads the piece first (a background writer, usually) waits for the copy's event.  Pieces are never
+concatenated to be written: a chunk file is written from per-head slices of the pieces it spans
+(``os.writev``), and checksums are extended across them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .rows import raw_numpy_dtype, to_raw_numpy
+
+_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+
+
+@dataclass
+class Piece:
+    """``data: (Hkv, m, 2, d)`` raw rows; ``ready``: the event of their copy from the device (None
+    once they are in host memory); ``owner``: the pinned tensor ``data`` views (kept alive)."""
+
+    data: np.ndarray
+    ready: torch.cuda.Event | None = None
+    owner: torch.Tensor | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.data.shape[1]
+
+    def wait(self) -> np.ndarray:
+        if self.ready is not None:
+            self.ready.synchronize()  # releases the GIL while it waits
+            self.ready = None
+        return self.data
+
+    def split(self, n: int) -> tuple["Piece", "Piece"]:
+        """The first ``n`` rows and the rest, both views of this piece (same event and owner)."""
+        return (Piece(self.data[:, :n], self.ready, self.owner), Piece(self.data[:, n:], self.ready, self.owner))
+
+
+def stage(rows: torch.Tensor) -> Piece:
+    """``rows: (Hkv, m, 2, d)`` (any device) -> a host piece.  From a CUDA device the copy goes into
+    pinned memory without waiting for it (its event is recorded on the current stream); from the
+    CPU it is the rows' own memory."""
+    if rows.device.type != "cuda":
+        return Piece(to_raw_numpy(rows.contiguous()))
+    int_dt = _INT_VIEW[rows.element_size()]
+    host = torch.empty(rows.shape, dtype=int_dt, pin_memory=True)
+    host.copy_(rows.view(int_dt), non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return Piece(host.numpy().view(raw_numpy_dtype(rows.dtype)), ready, host)
+
+
+class PendingRows:
+    """The pieces of one layer, oldest first."""
+
+    def __init__(self, heads: int, dim: int, raw: np.dtype) -> None:
+        self.pieces: list[Piece] = []
+        self.rows = 0
+        self._empty = np.zeros((heads, 0, 2, dim), raw)
+
+    def add(self, piece: Piece) -> None:
+        if piece.rows:
+            self.pieces.append(piece)
+            self.rows += piece.rows
+
+    def take(self, n: int) -> list[Piece]:
+        """Remove and return the pieces of the first ``n`` rows (the last one split if it must be)."""
+        if n > self.rows:
+            raise ValueError(f"cannot take {n} of {self.rows} pending rows")
+        out, need = [], n
+        while need:
+            p = self.pieces.pop(0)
+            if p.rows > need:
+                p, rest = p.split(need)
+                self.pieces.insert(0, rest)
+            out.append(p)
+            need -= p.rows
+        self.rows -= n
+        return out
+
+    def array(self) -> np.ndarray:
+        """Every pending row as one ``(Hkv, rows, 2, d)`` array (the pieces are joined once)."""
+        if not self.pieces:
+            return self._empty
+        if len(self.pieces) > 1:
+            self.pieces = [Piece(np.concatenate([p.wait() for p in self.pieces], axis=1))]
+        return self.pieces[0].wait()
+
+
+class Segments:
+    """Rows ``0..n`` of a run of pieces, addressed by row: per-head byte ranges without copies."""
+
+    def __init__(self, pieces: list[Piece]) -> None:
+        self.parts = [(p.wait(), start) for p, start in zip(pieces, np.cumsum([0] + [p.rows for p in pieces[:-1]]).tolist(), strict=True)]
+
+    def head_slices(self, head: int, lo: int, hi: int) -> list[np.ndarray]:
+        """Head ``head``'s rows ``lo..hi``: contiguous ``(r, 2, d)`` slices, in order."""
+        out = []
+        for data, start in self.parts:
+            a, z = max(lo, start), min(hi, start + data.shape[1])
+            if a < z:
+                out.append(data[head, a - start : z - start])
+        return out
