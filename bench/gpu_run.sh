@@ -8,8 +8,9 @@
 #   bash bench/gpu_run.sh tests decode [ARGS]   # both, tests first
 #   bash bench/gpu_run.sh disk [ARGS...]        # bench/disk_decode.py on the 8B shape ($OUT/disk_decode.json, disk.log)
 #   bash bench/gpu_run.sh calibrate [ARGS...]   # bench/calibrate_time.py on the 8B shape ($OUT/calibrate_time.json, calibrate.log)
+#   bash bench/gpu_run.sh prefill [ARGS...]     # bench/prefill_writes.py on the 8B shape ($OUT/prefill_writes.json, prefill.log)
 #
-# TESTS_S, DECODE_S, DISK_S and CALIBRATE_S (seconds) bound the parts; PYTEST_ARGS picks tests (default:
+# TESTS_S, DECODE_S, DISK_S, CALIBRATE_S and PREFILL_S (seconds) bound the parts; PYTEST_ARGS picks tests (default:
 # all; the whole suite took 517 s on the H200, and no longer fits one 600 s command: TESTS_PART=1 or 2
 # runs the first or second half of the test files, so that two calls cover it; PYTEST_ARGS then
 # holds options only, e.g. TESTS_PART=2 PYTEST_ARGS="--timeout=120" bash bench/gpu_run.sh tests).  With pytest-timeout among the wheels
@@ -48,4 +49,9 @@ if [ "${1:-}" = calibrate ]; then
   shift
   timeout "${CALIBRATE_S:-540}" python3 -m rcengine.bench.calibrate_time --synthetic 8b --out "$OUT" "$@" > "$OUT/calibrate.log" 2>&1
   echo "calibrate exit $?"; tail -n 45 "$OUT/calibrate.log" | cut -c1-300
+fi
+if [ "${1:-}" = prefill ]; then
+  shift
+  timeout "${PREFILL_S:-540}" python3 -m rcengine.bench.prefill_writes --synthetic 8b --scratch /tmp --out "$OUT" "$@" > "$OUT/prefill.log" 2>&1
+  echo "prefill exit $?"; tail -n 12 "$OUT/prefill.log" | cut -c1-700
 fi

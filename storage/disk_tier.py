@@ -38,7 +38,10 @@ store stay in memory and are metered as tier ``cpu``.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +79,32 @@ def open_store(location: str | Path, read_only: bool):  # noqa: ANN201 (a zarr S
     if "://" in loc and not loc.startswith("file://"):
         return FsspecStore.from_url(loc, read_only=read_only)
     return LocalStore(loc.removeprefix("file://"), read_only=read_only)
+
+
+@dataclass
+class WriteStats:
+    """Where a store's writing time went, in seconds: ``waited`` by the appending thread (for the
+    backlog, or for every write at a flush); summed over the writer threads, ``copy`` waiting for
+    rows still being copied from the device, ``io`` in writes and fsyncs, ``checksums`` in
+    block checksums.  ``bytes``: chunk bytes written."""
+
+    waited: float = 0.0
+    copy: float = 0.0
+    io: float = 0.0
+    checksums: float = 0.0
+    bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def add(self, **seconds: float) -> None:
+        with self._lock:
+            for name, value in seconds.items():
+                setattr(self, name, getattr(self, name) + value)
+
+    def as_dict(self) -> dict[str, float]:
+        return {"waited_ms": 1e3 * self.waited, "copy_ms": 1e3 * self.copy, "io_ms": 1e3 * self.io,
+                "checksums_ms": 1e3 * self.checksums, "bytes": self.bytes}
 
 
 class DiskTier:
@@ -122,6 +151,7 @@ class DiskTier:
         # A local store's chunk files are read and written directly (chunk_files.py).
         self._files = ChunkFiles(Path(inner.root), store.ledger, durable=durable) if isinstance(inner, LocalStore) else None
         self._writes: list[tuple[Future, int]] = []  # background chunk writes and their bytes, oldest first
+        self.write_stats = WriteStats()
         self._chunk_keys: dict[tuple[int, int, int], str] = {}
         for layer, arr in enumerate(self._arrays):
             self._load_tail(layer, int(arr.attrs.get("rows", 0)))
@@ -252,22 +282,29 @@ class DiskTier:
     def _throttle(self, nbytes: int) -> None:
         """Wait for the oldest background writes while more than WRITE_BACKLOG_BYTES would be queued."""
         queued = sum(n for _, n in self._writes)
+        t0 = time.perf_counter()
         while self._writes and queued + nbytes > WRITE_BACKLOG_BYTES:
             done, n = self._writes.pop(0)
             done.result()  # re-raises a failed write here
             queued -= n
+        self.write_stats.add(waited=time.perf_counter() - t0)
 
     def _write_chunks(self, layer: int, first: int, pieces: list[Piece]) -> None:
         """Write whole chunks from chunk ``first`` on, from ``pieces`` (``(Hkv, r, 2, d)`` each, whole
         chunks in all), as files (what zarr writes for an uncompressed chunk: its raw little-endian
         bytes, C order), with a checksum of each file and of each (head, block) byte range in it."""
         s, hc, h = self.chunk_tokens, self.chunk_heads, self.layout.num_kv_heads
+        t0 = time.perf_counter()
         rows = Segments(pieces)  # waits for the copies from the device
+        t1 = time.perf_counter()
         for j in range(sum(p.rows for p in pieces) // s):
             for h0 in range(0, h, hc):
                 parts = [x for head in range(h0, h0 + hc) for x in rows.head_slices(head, j * s, (j + 1) * s)]
                 self._files.write(self._chunk_key(layer, h0 // hc, first + j), parts)
+        t2 = time.perf_counter()
         self._record_block_checksums(layer, first * s, rows, sum(p.rows for p in pieces))
+        self.write_stats.add(copy=t1 - t0, io=t2 - t1, checksums=time.perf_counter() - t2,
+                             bytes=sum(p.data.nbytes for p in pieces))
 
     def _record_block_checksums(self, layer: int, start: int, rows: Segments, count: int) -> None:
         """Checksums of the (head, block) byte ranges of rows ``start..start + count`` (whole
@@ -283,8 +320,10 @@ class DiskTier:
 
     def _wait_for_writes(self) -> None:
         writes, self._writes = self._writes, []
+        t0 = time.perf_counter()
         for w, _ in writes:
             w.result()  # re-raises a failed write here
+        self.write_stats.add(waited=time.perf_counter() - t0)
 
     def flush(self) -> None:
         """Write everything appended so far, the last partial chunks and the positions included, so

@@ -106,6 +106,7 @@ class Engine:
             with torch.no_grad():
                 cache, last_logits = self._run_prefill(ids, self._state(cfg, tier, meter), clock)
             prefill_ms = sum(clock.ms.values())
+            writes = tier.write_stats.as_dict() if isinstance(tier, DiskTier) else {}
             if writer is not None:
                 persist(cache.state, ids, writer, self.lm.fingerprint(), dtype_name(self.lm.dtype))
                 clock.lap("persist")
@@ -122,6 +123,7 @@ class Engine:
             raise
         doc = Document(self, cache, len(ids), last_logits, prefill_ms, store=str(store) if store else None, scratch=scratch)
         doc.prefill_phases_ms = dict(clock.ms)
+        doc.prefill_writes = writes
         return doc
 
     def adopt(self, ids: list[int], keys_values: Sequence[tuple[torch.Tensor, torch.Tensor]], last_logits: torch.Tensor) -> Document:
