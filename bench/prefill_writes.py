@@ -4,8 +4,10 @@ store, and to disk with parts of the writing taken out, in turn, in one process.
 Variants (each ``--repeats`` times, in turn, after a short warm-up prefill):
 
 - ``host``: the host tier (no store);
-- ``disk``: a scratch disk store, as ``rcengine generate --offload disk`` writes it;
-- ``disk-no-block-checksums``: without the per-(head, block) checksums (chunk files still checksummed);
+- ``disk``: a scratch disk store, as ``rcengine generate --offload disk`` writes it (checksums
+  computed on the GPU);
+- ``disk-host-checksums``: every checksum computed on the host, by the writer threads;
+- ``disk-no-block-checksums``: no per-(head, block) checksums (chunk files checksummed on the host);
 - ``disk-no-checksums``: without any checksum;
 - ``disk-no-writes``: rows staged and checksummed, no file written;
 - ``disk-staging-only``: rows copied to host memory, nothing else.
@@ -63,9 +65,10 @@ def _staging_only(self, layer, first, pieces) -> None:  # noqa: ANN001
 
 VARIANTS: dict[str, list[tuple[object, str, object]]] = {
     "disk": [],
-    "disk-no-block-checksums": [(disk_tier.DiskTier, "_record_block_checksums", lambda *a: None)],
-    "disk-no-checksums": [(disk_tier.DiskTier, "_record_block_checksums", lambda *a: None),
-                           (chunk_files, "crc32c_parts_hex", lambda parts: "00000000")],
+    "disk-host-checksums": [(disk_tier, "DEVICE_CHECKSUMS", ())],
+    "disk-no-block-checksums": [(disk_tier, "DEVICE_CHECKSUMS", ()), (disk_tier.DiskTier, "_record_block_checksums", lambda *a: None)],
+    "disk-no-checksums": [(disk_tier, "DEVICE_CHECKSUMS", ()), (disk_tier.DiskTier, "_record_block_checksums", lambda *a: None),
+                          (chunk_files, "crc32c_parts_hex", lambda parts: "00000000")],
     "disk-no-writes": [(chunk_files.ChunkFiles, "write", _no_write)],
     "disk-staging-only": [(disk_tier.DiskTier, "_write_chunks", _staging_only)],
 }

@@ -44,9 +44,9 @@ class ChunkFiles:
     def submit(self, fn, *args) -> Future:  # noqa: ANN001 (a background write)
         return self.pool().submit(fn, *args)
 
-    def write(self, key: str, parts: list[np.ndarray]) -> None:
+    def write(self, key: str, parts: list[np.ndarray], checksum: str | None = None) -> None:
         """One whole chunk file: the C-contiguous arrays ``parts`` end to end (``writev``, no copy),
-        and its checksum."""
+        and its checksum (``checksum``, computed elsewhere, or here)."""
         path = self.root / key
         if path.parent not in self._dirs:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +60,7 @@ class ChunkFiles:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        self.ledger.checksums[key] = crc32c_parts_hex(parts)
+        self.ledger.checksums[key] = checksum if checksum is not None else crc32c_parts_hex(parts)
 
     def read_into(self, places: list[tuple[str, int]], dests: list[np.ndarray], whole_files: bool) -> list[int]:
         """Byte ranges at ``places`` ((key, offset) pairs), each as long as its destination (a

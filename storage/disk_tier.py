@@ -56,6 +56,7 @@ from .block_pool import BlockPool
 from .chunk_files import ChunkFiles
 from .checked_store import CheckedStore, Ledger, slice_key
 from .checksums import CorruptChunkError, crc32c_parts_hex
+from .device_checksums import DeviceChecksums
 from .defaults import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_BLOCKS, WRITE_BACKLOG_BYTES
 from .meter import ByteMeter, Counters, process_disk_read_bytes
 from .pending_rows import PendingRows, Piece, Segments, stage
@@ -69,6 +70,9 @@ READS_VERSIONS = (1, 2)
 # (zarr's default "/" separator made 2,048 folders of a 32K-token 8B-shaped store, each created and
 # flushed at the commit).  Stores keep their encoding in their metadata; older ones still open.
 CHUNK_KEYS = {"name": "default", "separator": "."}
+# Device types on which the rows a prefill appends get their checksums computed where they are
+# (device_checksums.py): on the host, CRC holds the GIL the prefill's own Python needs.
+DEVICE_CHECKSUMS = ("cuda",)
 # A gather reads the blocks it misses in concurrent batches of at most this many bytes.
 READ_BATCH_BYTES = 64 << 20
 
@@ -122,6 +126,7 @@ class DiskTier:
         chunk_tokens: int | None = None,
         chunk_heads: int | None = None,
         durable: bool = False,
+        carry: "DiskTier | None" = None,
     ) -> None:
         self.store = store
         self.layout = layout
@@ -152,9 +157,15 @@ class DiskTier:
         self._files = ChunkFiles(Path(inner.root), store.ledger, durable=durable) if isinstance(inner, LocalStore) else None
         self._writes: list[tuple[Future, int]] = []  # background chunk writes and their bytes, oldest first
         self.write_stats = WriteStats()
+        self._device_checks: DeviceChecksums | None = None
         self._chunk_keys: dict[tuple[int, int, int], str] = {}
-        for layer, arr in enumerate(self._arrays):
-            self._load_tail(layer, int(arr.attrs.get("rows", 0)))
+        if carry is not None:  # the rows the writer of this store holds in memory: not read back
+            self._flushed_chunks, self._pending = list(carry._flushed_chunks), carry._pending
+            self._positions, self._positions_written = carry._positions, list(carry._positions_written)
+            self._chunk_keys = carry._chunk_keys
+        else:
+            for layer, arr in enumerate(self._arrays):
+                self._load_tail(layer, int(arr.attrs.get("rows", 0)))
 
     # -- construction -------------------------------------------------------------------------
 
@@ -215,9 +226,12 @@ class DiskTier:
         compute_device: torch.device | str = "cpu",
         meter: ByteMeter | None = None,
         checksums: dict[str, str] | None = None,
+        carry: "DiskTier | None" = None,
     ) -> "DiskTier":
         """Reopen a store read-only.  With ``checksums`` (from an artifact's manifest) every object
-        read must match its checksum; without, nothing can be verified."""
+        read must match its checksum; without, nothing can be verified.  ``carry``: the tier that
+        wrote this store (flushed, then moved here by a commit), whose positions and last partial
+        chunks are taken over instead of read back."""
         ledger = Ledger(checksums=dict(checksums or {}), strict=checksums is not None, location=str(location))
         store = CheckedStore(open_store(location, read_only=True), ledger)
         try:
@@ -232,7 +246,10 @@ class DiskTier:
         layout = TierLayout(attrs["num_layers"], attrs["num_kv_heads"], attrs["head_dim"], DTYPES_BY_NAME[attrs["dtype"]])
         b = attrs["block_tokens"]
         chunk_tokens, chunk_heads = attrs.get("chunk_tokens", b), attrs.get("chunk_heads", 1)  # version 1: a chunk per block and head
-        return cls(store, layout, b, cache_bytes, compute_device, meter, read_only=True, chunk_tokens=chunk_tokens, chunk_heads=chunk_heads)
+        if carry is not None and (carry.layout, carry.block_tokens, carry.chunk_tokens, carry.chunk_heads) != (layout, b, chunk_tokens, chunk_heads):
+            raise ValueError(f"the store at {location} is not the one the carried tier wrote")
+        return cls(store, layout, b, cache_bytes, compute_device, meter, read_only=True, chunk_tokens=chunk_tokens,
+                   chunk_heads=chunk_heads, carry=carry)
 
     def _load_tail(self, layer: int, rows: int) -> None:
         """On open: whole chunks stay in the store; the last, partial chunk is read into memory."""
@@ -253,10 +270,24 @@ class DiskTier:
         n, b = self.num_rows(layer), self.block_tokens
         if n % b:  # the last block, cached while partly filled, gains rows
             self.cache.discard_blocks(layer, n // b, n // b + 1)
-        self._pending[layer].add(stage(pack(keys, values)))
+        m, s = keys.shape[1], self.chunk_tokens
+        if (keys.device.type in DEVICE_CHECKSUMS and self._files is not None and not self.read_only
+                and m and m % s == 0 and n % s == 0):  # whole chunk files: checksummed on the device
+            if self._device_checks is None or self._device_checks.device != keys.device:
+                self._device_checks = DeviceChecksums(self._block_bytes, self.chunk_heads * s // b, keys.device)
+            piece = stage(pack(keys, values), self._device_checks, b, s, self.chunk_heads)
+        else:
+            piece = stage(pack(keys, values))
+        self._pending[layer].add(piece)
         self._positions[layer].append(positions.detach().cpu().numpy().astype(np.int64))
         if not self.read_only:
             self._write_full_chunks(layer)
+
+    @property
+    def append_unit(self) -> int:
+        """Rows per append that let the tier write whole chunk files as they come (checksummed on
+        the device): a prefill streaming its rows appends multiples of this (RCCache)."""
+        return self.chunk_tokens
 
     def _write_full_chunks(self, layer: int) -> None:
         s = self.chunk_tokens
@@ -297,6 +328,10 @@ class DiskTier:
         t0 = time.perf_counter()
         rows = Segments(pieces)  # waits for the copies from the device
         t1 = time.perf_counter()
+        if all(p.block_crcs is not None for p in pieces):  # checksummed on the device
+            self._write_checked_chunks(layer, first, pieces)
+            self.write_stats.add(copy=t1 - t0, io=time.perf_counter() - t1, bytes=sum(p.data.nbytes for p in pieces))
+            return
         for j in range(sum(p.rows for p in pieces) // s):
             for h0 in range(0, h, hc):
                 parts = [x for head in range(h0, h0 + hc) for x in rows.head_slices(head, j * s, (j + 1) * s)]
@@ -305,6 +340,25 @@ class DiskTier:
         self._record_block_checksums(layer, first * s, rows, sum(p.rows for p in pieces))
         self.write_stats.add(copy=t1 - t0, io=t2 - t1, checksums=time.perf_counter() - t2,
                              bytes=sum(p.data.nbytes for p in pieces))
+
+    def _write_checked_chunks(self, layer: int, first: int, pieces: list[Piece]) -> None:
+        """Whole chunk files from pieces of whole chunk files that bring their checksums."""
+        s, hc, b = self.chunk_tokens, self.chunk_heads, self.block_tokens
+        checksums = self.store.ledger.checksums
+        # A file's blocks, in file order (head, then block), are ranges at the same offsets in
+        # every file: their ledger names are the file's key and these suffixes.
+        suffixes = [slice_key("", ((i // (s // b)) * s + (i % (s // b)) * b) * self._row_bytes) for i in range(hc * s // b)]
+        chunk = first
+        for p in pieces:
+            for j in range(p.rows // s):
+                for g in range(self.layout.num_kv_heads // hc):
+                    key = self._chunk_key(layer, g, chunk + j)
+                    self._files.write(key, [p.data[head, j * s : (j + 1) * s] for head in range(g * hc, (g + 1) * hc)],
+                                      checksum=f"{int(p.file_crcs[j, g]):08x}")
+                    if not self._block_is_file:
+                        crcs = p.block_crcs[g * hc : (g + 1) * hc, j * s // b : (j + 1) * s // b].reshape(-1).tolist()
+                        checksums.update(zip([key + x for x in suffixes], [f"{c:08x}" for c in crcs], strict=True))
+            chunk += p.rows // s
 
     def _record_block_checksums(self, layer: int, start: int, rows: Segments, count: int) -> None:
         """Checksums of the (head, block) byte ranges of rows ``start..start + count`` (whole
@@ -332,25 +386,33 @@ class DiskTier:
         if self.read_only:
             raise PermissionError("this KV store was opened read-only; rows appended to it stay in memory")
         self._wait_for_writes()
-        s = self.chunk_tokens
-        for layer, arr in enumerate(self._arrays):
-            start = self._flushed_chunks[layer] * s
-            rows = start + self._pending[layer].rows
-            if arr.shape[1] != rows:
-                arr.resize((arr.shape[0], rows, *arr.shape[2:]))
-            if rows > start:
-                pending = self._pending[layer].array()
-                arr[:, start:rows] = pending
-                self._record_block_checksums(layer, start, Segments([Piece(pending)]), rows - start)
-            if int(arr.attrs.get("rows", -1)) != rows:
-                arr.attrs["rows"] = rows
-            pos = self._pos_arrays[layer]
-            written = self._positions_written[layer]
-            if pos.shape[0] != rows:
-                pos.resize((rows,))
-            if rows > written:
-                pos[written:rows] = self.positions(layer)[written:rows]
-            self._positions_written[layer] = rows
+        layers = range(self.layout.num_layers)
+        if self._files is not None:  # a local store: every layer's few small writes at once
+            for done in [self._files.submit(self._flush_layer, layer) for layer in layers]:
+                done.result()
+        else:
+            for layer in layers:
+                self._flush_layer(layer)
+
+    def _flush_layer(self, layer: int) -> None:
+        s, arr = self.chunk_tokens, self._arrays[layer]
+        start = self._flushed_chunks[layer] * s
+        rows = start + self._pending[layer].rows
+        if arr.shape[1] != rows:
+            arr.resize((arr.shape[0], rows, *arr.shape[2:]))
+        if rows > start:
+            pending = self._pending[layer].array()
+            arr[:, start:rows] = pending
+            self._record_block_checksums(layer, start, Segments([Piece(pending)]), rows - start)
+        if int(arr.attrs.get("rows", -1)) != rows:
+            arr.attrs["rows"] = rows
+        pos = self._pos_arrays[layer]
+        written = self._positions_written[layer]
+        if pos.shape[0] != rows:
+            pos.resize((rows,))
+        if rows > written:
+            pos[written:rows] = self.positions(layer)[written:rows]
+        self._positions_written[layer] = rows
 
     # -- reading ------------------------------------------------------------------------------
 

@@ -475,3 +475,68 @@ def test_background_writes_stay_within_the_backlog(tmp_path, gen, monkeypatch):
     for layer, ref in enumerate(refs):
         k, v = reopened.gather(layer, torch.arange(ref.shape[1]).repeat(3, 1))
         assert torch.equal(_bits(k), _bits(ref[:, :, 0])) and torch.equal(_bits(v), _bits(ref[:, :, 1]))
+
+
+@pytest.mark.parametrize("sizes", [(1, 2, 5, 7), (512, 3), (32768, 1), (64, 16)])
+def test_device_checksums_equal_crc32c(sizes):
+    """Block and file CRC-32C computed with tensor operations equal the host library's."""
+    import google_crc32c
+
+    from rcengine.storage.device_checksums import DeviceChecksums
+
+    n, k = sizes[0], sizes[1]
+    data = np.random.default_rng(n + k).integers(0, 256, size=(3, k, n), dtype=np.uint8)
+    checks = DeviceChecksums(n, k, _compute_device())
+    linear = checks.linear(torch.from_numpy(data).to(checks.device))
+    blocks, files = checks.blocks(linear).cpu().numpy(), checks.files(linear).cpu().numpy()
+    assert [[int(c) for c in row] for row in blocks] == [[google_crc32c.value(data[i, j].tobytes()) for j in range(k)] for i in range(3)]
+    assert [int(c) for c in files] == [google_crc32c.value(data[i].tobytes()) for i in range(3)]
+
+
+def test_chunks_checksummed_on_the_device_match_the_host(tmp_path, gen, monkeypatch):
+    """Appends of whole chunk files are checksummed where the rows are (here the CPU, as on a GPU):
+    every file's and block's checksum equals the host's for the same rows, and the store reads back
+    verified."""
+    import rcengine.storage.disk_tier as disk_tier
+
+    sizes = (CHUNK, 2 * CHUNK, 37, 27, CHUNK, 5)  # whole chunks, then not aligned, then whole again
+    rows = _fill(DiskTier.create(tmp_path / "host.zarr", LAYOUT, block_tokens=BLOCK, chunk_tokens=CHUNK), gen, sizes)
+    stores = {}
+    for name, on_device in (("host", ()), ("device", ("cpu",))):
+        monkeypatch.setattr(disk_tier, "DEVICE_CHECKSUMS", on_device)
+        tier = DiskTier.create(tmp_path / f"{name}.kv", LAYOUT, block_tokens=BLOCK, chunk_tokens=CHUNK)
+        for layer, ref in enumerate(rows):
+            start = 0
+            for n in sizes:
+                part = ref[:, start : start + n]
+                tier.append(layer, part[:, :, 0], part[:, :, 1], torch.arange(start, start + n))
+                start += n
+        tier.flush()
+        stores[name] = tier
+    assert stores["device"]._device_checks is not None and stores["host"]._device_checks is None
+    assert stores["device"].checksums == stores["host"].checksums
+    reopened = DiskTier.open(tmp_path / "device.kv", checksums=stores["device"].checksums)
+    for layer, ref in enumerate(rows):
+        k, v = reopened.gather(layer, torch.arange(ref.shape[1]).repeat(3, 1))
+        assert torch.equal(_bits(k), _bits(ref[:, :, 0])) and torch.equal(_bits(v), _bits(ref[:, :, 1]))
+
+
+def test_a_committed_store_opened_with_its_writers_rows_reads_as_reopened(tmp_path, gen):
+    """Opening the store a tier just wrote, carrying over that tier's positions and partial chunks,
+    reads exactly what a plain reopen (which reads them back) reads."""
+    tier = _make("disk", tmp_path, ByteMeter())
+    refs = _fill(tier, gen)
+    tier.flush()
+    checksums = tier.checksums
+    tier.close()
+    carried = DiskTier.open(tmp_path / "kv.zarr", checksums=checksums, carry=tier)
+    plain = DiskTier.open(tmp_path / "kv.zarr", checksums=checksums)
+    for layer, ref in enumerate(refs):
+        assert carried.num_rows(layer) == plain.num_rows(layer) == ref.shape[1]
+        assert np.array_equal(carried.positions(layer), plain.positions(layer))
+        ids = torch.arange(ref.shape[1]).repeat(3, 1)
+        for a, b in zip(carried.gather(layer, ids), plain.gather(layer, ids), strict=True):
+            assert torch.equal(_bits(a), _bits(b))
+    other = DiskTier.create(tmp_path / "other.zarr", LAYOUT, block_tokens=BLOCK, chunk_tokens=2 * CHUNK)
+    with pytest.raises(ValueError, match="not the one"):
+        DiskTier.open(tmp_path / "kv.zarr", checksums=checksums, carry=other)

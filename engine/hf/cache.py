@@ -116,13 +116,17 @@ class RCCache(Cache):
         compute instead of following the whole forward; :meth:`finalize_prefill` then writes none."""
         self._stream = (total, self._mid_span(total).start)
 
-    def offload_ready(self) -> None:
+    def offload_ready(self, last: bool = False) -> None:
         """Between prefill chunks: append every layer's rows that are final and belong to the
-        mid-region (past the sink, before the tail) and were not written yet."""
+        mid-region (past the sink, before the tail) and were not written yet, in multiples of the
+        tier's ``append_unit`` (whole chunk files of a disk store) unless ``last``."""
         if self._stream is None:
             return
         total, start = self._stream
         stop = min(self.prefill[0].n, self._mid_span(total).stop)
+        if not last:
+            unit = getattr(self.state.tier, "append_unit", 1)
+            stop = start + (stop - start) // unit * unit
         if stop <= start:
             return
         positions = torch.arange(start, stop)
@@ -146,7 +150,7 @@ class RCCache(Cache):
         mid = self._mid_span(n)
         sink, tail = mid.start, n - mid.stop
         positions = torch.arange(n)
-        self.offload_ready()
+        self.offload_ready(last=True)
         streamed = self._stream is not None  # the mid rows are in the tier already
         if streamed and self._stream[1] != mid.stop:
             raise RuntimeError(f"streamed rows up to {self._stream[1]}, the mid-region ends at {mid.stop}")

@@ -108,12 +108,13 @@ class Engine:
             prefill_ms = sum(clock.ms.values())
             writes = tier.write_stats.as_dict() if isinstance(tier, DiskTier) else {}
             if writer is not None:
-                persist(cache.state, ids, writer, self.lm.fingerprint(), dtype_name(self.lm.dtype))
-                clock.lap("persist")
+                persist(cache.state, ids, writer, self.lm.fingerprint(), dtype_name(self.lm.dtype), lap=clock.lap)
+                clock.lap("commit")
                 if isinstance(tier, DiskTier):  # read from the committed store from now on
                     tier.close()
                     art = Artifact.open(store)
-                    cache.state.tier = DiskTier.open(art.kv_location, cfg.cache_bytes, self.lm.device, meter, art.kv_checksums)
+                    cache.state.tier = DiskTier.open(art.kv_location, cfg.cache_bytes, self.lm.device, meter, art.kv_checksums,
+                                                     carry=tier)
                     clock.lap("reopen")
         except BaseException:
             if writer is not None:

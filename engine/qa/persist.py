@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -16,7 +17,8 @@ from ..rule.feature_maps import feature_map_from_tensors, feature_map_tensors
 from ..rule.summary import Summary
 
 
-def persist(state: KVState, doc_ids: list[int], writer: ArtifactWriter, fingerprint: dict[str, Any], dtype_name: str) -> None:
+def persist(state: KVState, doc_ids: list[int], writer: ArtifactWriter, fingerprint: dict[str, Any], dtype_name: str,
+            lap: Callable[[str], None] | None = None) -> None:
     """Write everything a reopened document needs; commit makes it visible (atomically).
 
     The rows are written once: a prefill to disk has already written them into the artifact's
@@ -58,6 +60,8 @@ def persist(state: KVState, doc_ids: list[int], writer: ArtifactWriter, fingerpr
                         sink=cfg.sink, tail=cfg.tail, block_tokens=cfg.block_tokens,
                         estimator=asdict(cfg.estimator), index=asdict(cfg.index),
                         selection={"selector": cfg.selector, "block": state.selectors[0].block})
+    if lap is not None:
+        lap("persist")
     doc.commit(doc_ids, meta, fingerprint, checksums)
 
 

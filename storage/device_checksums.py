@@ -1,0 +1,135 @@
+"""CRC-32C of a store's blocks and chunk files, computed on the device that holds the rows.
+
+A prefill to disk writes every byte once and checksums it twice (each (head, block) byte range,
+and each chunk file).  On the host that took the writer threads 1.5 s of GIL-holding CRC per 4.2
+GB, which stalled the prefill's own Python (bench/prefill_writes.py, bench/RESULTS.md).  On the
+GPU it is a few table lookups per byte, done where the rows already are.
+
+CRC-32C (reflected, polynomial 0x82F63B78, initial and final XOR 0xFFFFFFFF) is affine in the
+message bits.  For messages of a fixed length ``n``::
+
+    crc(M) = XOR_i T[i][M[i]]  ^  K_n,    T[i][b] = F^(n-1-i)(t0[b]),    K_n = F^n(0xFFFFFFFF) ^ 0xFFFFFFFF
+
+where ``t0`` is the byte table and ``F(x) = t0[x & 0xFF] ^ (x >> 8)`` feeds a zero byte.  The
+linear part is a 32 x 8n bit matrix times the message's bits, mod 2: one float32 matrix product
+(counts of at most 8n < 2^24 are exact) and a parity, instead of a table lookup per byte (which
+measured 0.8 s of GPU time per 4.2 GB, against about 0.1 s expected for this).  A chunk file is
+``k`` blocks end to end; its linear part is ``XOR_j F^((k-1-j) n)(L_j)`` of the blocks' linear
+parts ``L_j``, each shift a 32x32 bit matrix applied as four byte tables.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+POLY = 0x82F63B78
+MASK = 0xFFFFFFFF
+# At most this many bytes of float32 bits per matrix product.
+LINEAR_BATCH_BYTES = 64 << 20
+
+
+def _byte_table() -> np.ndarray:
+    t = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        t = np.where(t & 1, (t >> 1) ^ np.uint32(POLY), t >> 1).astype(np.uint32)
+    return t
+
+
+T0 = _byte_table()
+
+
+def _zero_bytes(x: np.ndarray, n: int) -> np.ndarray:
+    """F^n(x), elementwise (n zero bytes fed to registers ``x``)."""
+    x = x.astype(np.uint32, copy=True)
+    for _ in range(n):
+        x = T0[x & 0xFF] ^ (x >> 8)
+    return x
+
+
+def _apply(images: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """The linear map with basis images ``images: (32,)`` applied to ``x`` (any shape, uint32)."""
+    bits = (x[..., None] >> np.arange(32, dtype=np.uint32)) & 1
+    return np.bitwise_xor.reduce(np.where(bits.astype(bool), images, np.uint32(0)), axis=-1).astype(np.uint32)
+
+
+@lru_cache(maxsize=8)
+def _block_tables(n: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """Per-position byte tables ``(n, 256)``, the constant ``K_n``, and the basis images of the
+    shift by ``n`` zero bytes ``(32,)``."""
+    tables = np.empty((n, 256), np.uint32)
+    cur = T0.copy()
+    tables[n - 1] = cur
+    for i in range(n - 2, -1, -1):
+        cur = T0[cur & 0xFF] ^ (cur >> 8)
+        tables[i] = cur
+    k_n = int(_zero_bytes(np.array([MASK], np.uint32), n)[0]) ^ MASK
+    shift = _zero_bytes(np.uint32(1) << np.arange(32, dtype=np.uint32), n)
+    return tables, k_n, shift
+
+
+@lru_cache(maxsize=8)
+def _file_tables(n: int, k: int) -> tuple[np.ndarray, int]:
+    """Byte tables ``(k, 4, 256)`` of the shifts by ``(k-1-j) n`` bytes (block ``j`` of a file of
+    ``k`` blocks of ``n`` bytes), and the file's constant ``K_{kn}``."""
+    _, _, shift = _block_tables(n)
+    images = np.uint32(1) << np.arange(32, dtype=np.uint32)  # the identity
+    powers = []
+    for _ in range(k):
+        powers.append(images)
+        images = _apply(shift, images)
+    byte_values = np.arange(256, dtype=np.uint32)[None, :] << (8 * np.arange(4, dtype=np.uint32))[:, None]  # (4, 256)
+    tabs = np.stack([_apply(p, byte_values) for p in reversed(powers)])  # block j shifted by (k-1-j) blocks
+    k_file = int(_apply(powers[-1], _apply(shift, np.array([MASK], np.uint32)))[0]) ^ MASK  # F^(kn)(init) ^ final
+    return tabs, k_file
+
+
+class DeviceChecksums:
+    """CRC-32C of blocks of ``block_bytes`` bytes, and of files of ``file_blocks`` such blocks end to
+    end, computed on ``device`` with tensor operations (no host sync)."""
+
+    def __init__(self, block_bytes: int, file_blocks: int, device: torch.device | str) -> None:
+        self.block_bytes, self.file_blocks = block_bytes, file_blocks
+        self.device = torch.device(device)
+        tables, k_n, _ = _block_tables(block_bytes)
+        # Row 8 i + j: the linear part of a message whose only set bit is bit j of byte i.
+        images = tables[:, 1 << np.arange(8)]  # (n, 8) uint32
+        bits = (images[..., None] >> np.arange(32, dtype=np.uint32)) & 1
+        self._matrix = torch.from_numpy(bits.reshape(block_bytes * 8, 32).astype(np.float32)).to(self.device)
+        self._shifts = torch.arange(8, dtype=torch.uint8, device=self.device)
+        self._bit_values = torch.ones(32, dtype=torch.int64, device=self.device) << torch.arange(32, device=self.device)
+        self._k_block = k_n
+        file_tabs, self._k_file = _file_tables(block_bytes, file_blocks)
+        self._file_tables = torch.from_numpy(file_tabs.astype(np.int64)).to(self.device)  # (k, 4, 256)
+
+    def linear(self, blocks: torch.Tensor) -> torch.Tensor:
+        """``blocks: (..., block_bytes)`` uint8 -> their linear parts ``(...)`` int64 in 0..2^32-1."""
+        lead = blocks.shape[:-1]
+        x = blocks.reshape(-1, self.block_bytes)
+        step = max(1, LINEAR_BATCH_BYTES // (32 * self.block_bytes))  # blocks per product (their bits in float32)
+        out = []
+        for i in range(0, x.shape[0], step):
+            bits = ((x[i : i + step, :, None] >> self._shifts) & 1).reshape(-1, 8 * self.block_bytes).to(torch.float32)
+            parity = (bits @ self._matrix).round().to(torch.int64) & 1  # (blocks, 32)
+            out.append((parity * self._bit_values).sum(-1))
+        return (torch.cat(out) if len(out) > 1 else out[0]).reshape(lead)
+
+    def blocks(self, linear: torch.Tensor) -> torch.Tensor:
+        """Block CRCs from their linear parts (any shape, int64)."""
+        return linear ^ self._k_block
+
+    def files(self, linear: torch.Tensor) -> torch.Tensor:
+        """``linear: (..., file_blocks)`` linear parts of each file's blocks, in file order -> the
+        files' CRCs ``(...)`` int64."""
+        tabs = self._file_tables  # (k, 4, 256)
+        k = torch.arange(self.file_blocks, device=linear.device)
+        acc = torch.zeros(linear.shape, dtype=torch.int64, device=linear.device)
+        for byte in range(4):
+            acc ^= tabs[k, byte, (linear >> (8 * byte)) & 0xFF]
+        while acc.shape[-1] > 1:
+            half = acc.shape[-1] // 2
+            odd = acc[..., 2 * half :]
+            acc = torch.cat([acc[..., :half] ^ acc[..., half : 2 * half], odd], dim=-1) if odd.shape[-1] else acc[..., :half] ^ acc[..., half:]
+        return acc[..., 0] ^ self._k_file
