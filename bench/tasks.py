@@ -10,6 +10,16 @@ split by a hash) and in their haystack text (the caller gives each split its own
 
 A context is built to a target length in tokens of the given tokenizer; the needle's depth (0 =
 start, 1 = end) is recorded.
+
+Variety (``TaskGenerator(..., variety=...)``; without it every example has RULER's phrasing, made-up
+word keys and the caller's haystack, as the default model was trained and measured): each example
+draws a needle phrasing (:data:`PHRASINGS`: RULER's own and paraphrases of it), key and value
+shapes (made-up words, hyphenated word pairs, 7-digit numbers, uuids), a haystack source (the
+caller's text, RULER's repeated noise sentences, numbered lists, or generated records) and, for
+variable tracking, 1-2 chains of 2-5 hops.  :data:`TRAIN_VARIETY` and :data:`EVAL_VARIETY` share
+their phrasings and sources (the eval split differs in its key words and text);
+:data:`HELDOUT_VARIETY` has phrasings and a haystack source that training never sees.  The draw is
+recorded on the example (``TaskExample.case``), so that accuracy can be reported per case.
 """
 
 from __future__ import annotations
@@ -19,7 +29,8 @@ import hashlib
 import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 SPLITS = ("train", "dev", "eval")
@@ -39,10 +50,93 @@ class TaskExample:
     answers: tuple[str, ...]
     depth: float | None  # where the (first) needle sits in the context, 0..1
     seed: int
+    case: dict[str, str] = field(default_factory=dict)  # what a variety drew: phrasing, key, value, haystack, ...
 
     @property
     def prompt(self) -> str:
         return self.context + self.question
+
+
+@dataclass(frozen=True, slots=True)
+class Phrasing:
+    """A needle sentence and its questions.  ``{kind}``: number, word or uuid (``{kinds}`` its
+    plural); ``{key}`` / ``{keys}``; ``{value}``.  ``ask_one`` asks for one value of one key,
+    ``ask_all`` for every value of ``{keys}``; each ends with its answer prefix."""
+
+    needle: str
+    ask_one: str
+    ask_all: str
+
+
+PHRASINGS = {
+    "ruler": Phrasing(  # RULER's own (niah.py)
+        "One of the special magic {kinds} for {key} is: {value}.",
+        "What is the special magic {kind} for {key} mentioned in the provided text?\n"
+        "Answer: The special magic {kind} for {key} mentioned in the provided text is",
+        "What are all the special magic {kinds} for {keys} mentioned in the provided text?\n"
+        "Answer: The special magic {kinds} for {keys} mentioned in the provided text are"),
+    "ruler-plain": Phrasing(
+        "A special magic {kind} for {key} is {value}.",
+        "What is the special magic {kind} for {key}?\nAnswer: The special magic {kind} for {key} is",
+        "What are the special magic {kinds} for {keys}?\nAnswer: The special magic {kinds} for {keys} are"),
+    "remember": Phrasing(
+        "Remember this: the {kind} that goes with {key} is {value}.",
+        "Which {kind} goes with {key}?\nAnswer: The {kind} that goes with {key} is",
+        "Which {kinds} go with {keys}?\nAnswer: The {kinds} that go with {keys} are"),
+    "record": Phrasing(
+        "Note for {key}: its secret {kind} is {value}.",
+        "What is the secret {kind} of {key}?\nAnswer: The secret {kind} of {key} is",
+        "What are the secret {kinds} of {keys}?\nAnswer: The secret {kinds} of {keys} are"),
+    "arrow": Phrasing(
+        "[{key} -> {value}]",
+        "In the text above, which {kind} does {key} point to?\nAnswer: {key} points to",
+        "In the text above, which {kinds} do {keys} point to?\nAnswer: {keys} point to"),
+    # held out: never in training
+    "hidden": Phrasing(
+        "Hidden in this text, the {kind} for {key} is {value}.",
+        "Find the {kind} hidden for {key}.\nAnswer: The hidden {kind} for {key} is",
+        "Find every {kind} hidden for {keys}.\nAnswer: The hidden {kinds} for {keys} are"),
+    "passkey": Phrasing(
+        "The pass {kind} of {key} is {value}. Keep it safe.",
+        "What is the pass {kind} of {key}?\nAnswer: The pass {kind} of {key} is",
+        "What are the pass {kinds} of {keys}?\nAnswer: The pass {kinds} of {keys} are"),
+    "colon": Phrasing(
+        "{key}: {value} (a {kind} to recall later)",
+        "Recall the {kind} listed for {key}.\nAnswer: The {kind} listed for {key} is",
+        "Recall the {kinds} listed for {keys}.\nAnswer: The {kinds} listed for {keys} are"),
+}
+KEY_SHAPES = ("word", "pair", "number", "uuid")
+VALUE_SHAPES = ("number", "word", "uuid")
+# RULER's noise haystack (niah.py, type_haystack="noise"): these sentences, repeated.
+NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+@dataclass(frozen=True, slots=True)
+class Variety:
+    """What the examples of a generator draw from (uniformly).  ``haystacks`` name the sources:
+    ``text`` (the caller's), ``noise``, ``list`` and ``records`` (built in)."""
+
+    phrasings: tuple[str, ...]
+    keys: tuple[str, ...] = KEY_SHAPES
+    values: tuple[str, ...] = VALUE_SHAPES
+    haystacks: tuple[str, ...] = ("text", "noise", "list")
+    vt_chains: tuple[int, int] = (1, 2)
+    vt_hops: tuple[int, int] = (2, 5)
+
+    def __post_init__(self) -> None:
+        unknown = [p for p in self.phrasings if p not in PHRASINGS] + [k for k in self.keys if k not in KEY_SHAPES] + [
+            v for v in self.values if v not in VALUE_SHAPES] + [h for h in self.haystacks if h not in HAYSTACKS]
+        if unknown or not (self.phrasings and self.keys and self.values and self.haystacks):
+            raise ValueError(f"a variety needs phrasings, key and value shapes and haystacks from the known ones; unknown: {unknown}")
+
+
+HAYSTACKS = ("text", "noise", "list", "records")
+TRAIN_PHRASINGS = ("ruler", "ruler-plain", "remember", "record", "arrow")
+HELDOUT_PHRASINGS = ("hidden", "passkey", "colon")
+TRAIN_VARIETY = Variety(TRAIN_PHRASINGS)
+EVAL_VARIETY = Variety(TRAIN_PHRASINGS)
+# Phrasings, and a haystack source (generated records), that training never sees.
+HELDOUT_VARIETY = Variety(HELDOUT_PHRASINGS, haystacks=("text", "records"))
 
 
 def split_of(word: str) -> str:
@@ -73,12 +167,15 @@ class TaskGenerator:
     """Builds examples of a split.  ``haystack(rng, n_chars) -> str`` returns natural text of the
     split; ``count_tokens(text) -> int`` measures lengths."""
 
-    def __init__(self, split: str, haystack: Callable[[random.Random, int], str], count_tokens: Callable[[str], int]) -> None:
+    def __init__(self, split: str, haystack: Callable[[random.Random, int], str], count_tokens: Callable[[str], int],
+                 variety: Variety | None = None) -> None:
         if split not in SPLITS:
             raise ValueError(f"split {split!r} is unknown: use one of {', '.join(SPLITS)}")
         self.split = split
+        self.text_haystack = haystack
         self.haystack = haystack
         self.count_tokens = count_tokens
+        self.variety = variety
 
     def example(self, task: str, length: int, seed: int, depth: float | None = None) -> TaskExample:
         """An example of about ``length`` tokens (context + question)."""
@@ -86,7 +183,40 @@ class TaskGenerator:
             raise ValueError(f"task {task!r} is unknown: use one of {', '.join(TASKS)}")
         rng = random.Random(f"{self.split}/{task}/{length}/{seed}")
         build = getattr(self, "_" + task)
-        return build(rng, length, seed, depth)
+        self._case = {}
+        self.haystack = self.text_haystack
+        if self.variety is not None and task not in ("common_words", "frequent_words"):
+            source = rng.choice(self.variety.haystacks)
+            self._case["haystack"] = source
+            self.haystack = {"text": self.text_haystack, "noise": _noise_haystack, "list": self._list_haystack,
+                             "records": self._records_haystack}[source]
+        ex = build(rng, length, seed, depth)
+        return TaskExample(ex.task, ex.split, ex.context, ex.question, ex.answers, ex.depth, ex.seed, dict(self._case))
+
+    # -- built-in haystack sources (variety) ----------------------------------------------------
+
+    def _list_haystack(self, rng: random.Random, n_chars: int) -> str:
+        """A numbered stock list: items, colours and counts (English words only, so that no made-up
+        key or value can occur in it)."""
+        parts, size, i = [], 0, rng.randrange(1, 500)
+        while size < n_chars:
+            line = f"{i}. {rng.choice(_ITEMS)} {rng.choice(_ITEMS)}, {rng.choice(_COLOURS)}, {rng.randint(1, 999)} in stock. "
+            parts.append(line)
+            size += len(line)
+            i += 1
+        return "".join(parts)[:n_chars]
+
+    def _records_haystack(self, rng: random.Random, n_chars: int) -> str:
+        """Generated records of made-up towns (the held-out source: never in training)."""
+        months = ("January", "March", "May", "July", "September", "November")
+        parts, size = [], 0
+        while size < n_chars:
+            town = rng.choice(_TOWN_HEADS) + rng.choice(_TOWN_TAILS)
+            line = (f"Record {rng.randint(1000, 99999)}: the town of {town} was founded in {rng.choice(months)} "
+                    f"{rng.randint(1100, 1999)} and has {rng.randint(200, 90000):,} inhabitants. ")
+            parts.append(line)
+            size += len(line)
+        return "".join(parts)[:n_chars]
 
     # -- context assembly ---------------------------------------------------------------------
 
@@ -125,29 +255,52 @@ class TaskGenerator:
     def _number(self, rng: random.Random) -> str:
         return str(rng.randint(1_000_000, 9_999_999))
 
+    def _shaped(self, rng: random.Random, shape: str) -> str:
+        """A key or value of ``shape``: a made-up word, a hyphenated pair of them, a 7-digit
+        number or a uuid."""
+        if shape == "word":
+            return make_word(rng, self.split)
+        if shape == "pair":
+            return f"{make_word(rng, self.split, 2)}-{make_word(rng, self.split, 2)}"
+        if shape == "number":
+            return self._number(rng)
+        return str(uuid.UUID(int=rng.getrandbits(128), version=4))
+
     def _needles(self, rng, length, seed, depth, task, kind="number", keys=1, values=1, asked=1):  # noqa: ANN001, ANN202
+        phrasing, key_shape, value_shape = PHRASINGS["ruler"], "word", kind
+        if self.variety is not None:
+            name, key_shape = rng.choice(self.variety.phrasings), rng.choice(self.variety.keys)
+            value_shape = kind if task == "niah_single_word" else rng.choice(self.variety.values)
+            phrasing = PHRASINGS[name]
+            self._case.update(phrasing=name, key=key_shape, value=value_shape)
+        kind = value_shape
         names = []
         while len(names) < keys:
-            w = make_word(rng, self.split)
+            w = self._shaped(rng, key_shape)
             if w not in names:
                 names.append(w)
-        table = {k: [self._number(rng) if kind == "number" else make_word(rng, self.split, 2) for _ in range(values)] for k in names}
-        inserts = [f"One of the special magic {kind}s for {k} is: {v}." for k in names for v in table[k]]
+        table = {k: [] for k in names}
+        taken = set(names)
+        for k in names:
+            while len(table[k]) < values:
+                v = self._number(rng) if kind == "number" and self.variety is None else (
+                    make_word(rng, self.split, 2) if kind == "word" else self._shaped(rng, kind))
+                if v not in taken:  # every value (and key) appears once
+                    table[k].append(v)
+                    taken.add(v)
+        slots = {"kind": kind, "kinds": kind + "s"}
+        inserts = [(k, phrasing.needle.format(key=k, value=v, **slots)) for k in names for v in table[k]]
         rng.shuffle(inserts)
         ask = names[:asked]
-        if asked > 1:
-            q_keys = ", ".join(ask[:-1]) + f" and {ask[-1]}"
-            question = (f"What are all the special magic {kind}s for {q_keys} mentioned in the provided text?\n"
-                        f"Answer: The special magic {kind}s for {q_keys} mentioned in the provided text are")
-        elif values > 1:
-            question = (f"What are all the special magic {kind}s for {ask[0]} mentioned in the provided text?\n"
-                        f"Answer: The special magic {kind}s for {ask[0]} mentioned in the provided text are")
+        if asked > 1 or values > 1:
+            q_keys = ", ".join(ask[:-1]) + f" and {ask[-1]}" if asked > 1 else ask[0]
+            question = phrasing.ask_all.format(keys=q_keys, **slots)
         else:
-            question = (f"What is the special magic {kind} for {ask[0]} mentioned in the provided text?\n"
-                        f"Answer: The special magic {kind} for {ask[0]} mentioned in the provided text is")
+            question = phrasing.ask_one.format(key=ask[0], **slots)
         # The first insert is one of the asked key's needles (its depth is the one recorded).
-        first = next(i for i, s in enumerate(inserts) if f" for {ask[0]} is:" in s)
+        first = next(i for i, (k, _) in enumerate(inserts) if k == ask[0])
         inserts.insert(0, inserts.pop(first))
+        inserts = [text for _, text in inserts]
         context, d = self._fill(rng, length, inserts, question, self._depths(rng, len(inserts), depth))
         answers = tuple(v for k in ask for v in table[k])
         return TaskExample(task, self.split, context, "\n" + question, answers, d, seed)
@@ -168,18 +321,32 @@ class TaskGenerator:
         return self._needles(rng, length, seed, depth, "niah_multiquery", keys=4, asked=2)
 
     def _variable_tracking(self, rng, length, seed, depth):  # noqa: ANN001, ANN202
-        value = str(rng.randint(10_000, 99_999))
-        names = []
-        while len(names) < 5:
+        """RULER's vt: ``VAR X = value`` then hops ``VAR Y = VAR X``; 1 chain of 4 hops (5
+        variables), or with a variety 1-2 chains (the others distractors with their own values) of
+        2-5 hops.  The answer: every variable of the first chain."""
+        chains, hops = 1, 4
+        if self.variety is not None:
+            chains, hops = rng.randint(*self.variety.vt_chains), rng.randint(*self.variety.vt_hops)
+            self._case.update(chains=str(chains), hops=str(hops))
+        values, names = [], []
+        while len(values) < chains:
+            v = str(rng.randint(10_000, 99_999))
+            if v not in values:
+                values.append(v)
+        while len(names) < chains * (hops + 1):
             w = make_word(rng, self.split, 2).upper()
             if w not in names:
                 names.append(w)
-        inserts = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, 5)]
+        groups = [names[c * (hops + 1) : (c + 1) * (hops + 1)] for c in range(chains)]
+        per_chain = [[f"VAR {g[0]} = {v}."] + [f"VAR {g[i]} = VAR {g[i - 1]}." for i in range(1, hops + 1)] for g, v in zip(groups, values, strict=True)]
+        value, n = values[0], hops + 1
         question = (f"Find all variables that are assigned the value {value} in the text above.\n"
-                    f"Answer: According to the chain(s) of variable assignment in the text above, 5 variables are assigned the value {value}, they are:")
-        depths = sorted(self._depths(rng, 5, depth))
-        context, d = self._fill(rng, length, inserts, question, depths)
-        return TaskExample("variable_tracking", self.split, context, "\n" + question, tuple(names), d, seed)
+                    f"Answer: According to the chain(s) of variable assignment in the text above, {n} variables are assigned the value {value}, they are:")
+        # Each chain in order of depth; the chains interleave.
+        depths = [sorted(self._depths(rng, n, depth if c == 0 else None)) for c in range(chains)]
+        inserts = [s for chain in per_chain for s in chain]
+        context, d = self._fill(rng, length, inserts, question, [x for ds in depths for x in ds])
+        return TaskExample("variable_tracking", self.split, context, "\n" + question, tuple(groups[0]), d, seed)
 
     def _common_words(self, rng, length, seed, depth):  # noqa: ANN001, ANN202
         """A numbered word list: 10 words appear 30 times each, the rest 3 times (RULER's cwe)."""
@@ -228,6 +395,17 @@ class TaskGenerator:
         question = f"Answer the question based on the given documents. Question: Which city is the capital of {place}?\nAnswer:"
         context, d = self._fill(rng, length, inserts, question, self._depths(rng, len(inserts), depth))
         return TaskExample("qa_facts", self.split, context, "\n" + question, (city,), d, seed)
+
+
+_ITEMS = ("anchor", "basket", "candle", "drawer", "engine", "feather", "garden", "helmet", "ink", "jacket", "kettle", "ladder",
+          "mirror", "needle", "orchard", "pencil", "quilt", "ribbon", "saddle", "tunnel", "umbrella", "violin", "wagon", "yarn")
+_COLOURS = ("red", "green", "blue", "grey", "amber", "white", "black", "violet")
+_TOWN_HEADS = ("Ash", "Brook", "Clay", "Elm", "Fair", "Green", "High", "Mill", "North", "Oak", "Red", "Stone", "West", "Wood")
+_TOWN_TAILS = ("bridge", "bury", "field", "ford", "gate", "ham", "haven", "ley", "mouth", "stead", "ton", "wick")
+
+
+def _noise_haystack(rng: random.Random, n_chars: int) -> str:
+    return (NOISE * (n_chars // len(NOISE) + 1))[:n_chars]
 
 
 def corpus_haystack(documents: Sequence[str]) -> Callable[[random.Random, int], str]:

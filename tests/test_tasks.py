@@ -65,3 +65,82 @@ def test_bad_arguments():
         TaskGenerator("eval", corpus_haystack(TEXT), count).example("summarise", 100, 0)
     with pytest.raises(ValueError, match="haystack"):
         corpus_haystack([])
+
+
+NEEDLES = ("niah_single_number", "niah_single_word", "niah_multikey", "niah_multivalue", "niah_multiquery")
+SHAPES = {
+    "word": r"[a-z]+", "pair": r"[a-z]+-[a-z]+", "number": r"\d{7}",
+    "uuid": r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}",
+}
+
+
+@pytest.mark.parametrize("variety", ["train", "eval", "heldout"])
+@pytest.mark.parametrize("task", NEEDLES)
+def test_varied_needles_are_answerable_and_shaped(variety, task):
+    """With a variety, each needle example draws a phrasing, key and value shapes and a haystack
+    source from it: the question is its phrasing's, each answer sits in the context in its needle,
+    and keys and values have their shapes."""
+    import re
+
+    from rcengine.bench.tasks import EVAL_VARIETY, HELDOUT_VARIETY, PHRASINGS, TRAIN_VARIETY
+
+    chosen = {"train": TRAIN_VARIETY, "eval": EVAL_VARIETY, "heldout": HELDOUT_VARIETY}[variety]
+    gen = TaskGenerator("train" if variety == "train" else "eval", corpus_haystack(TEXT), count, variety=chosen)
+    seen = set()
+    for seed in range(24):
+        ex = gen.example(task, 1200, seed)
+        case = ex.case
+        assert case["phrasing"] in chosen.phrasings and case["haystack"] in chosen.haystacks and case["key"] in chosen.keys
+        seen.add((case["phrasing"], case["key"], case["value"], case["haystack"]))
+        assert gen.example(task, 1200, seed) == ex
+        phrasing = PHRASINGS[case["phrasing"]]
+        answer_prefix = (phrasing.ask_all if "multi" in task and task != "niah_multikey" else phrasing.ask_one).split("\n")[1]
+        head = answer_prefix.split("{")[0]
+        assert ex.question.split("\n")[2].startswith(head)
+        kind = case["value"]
+        for value in ex.answers:
+            assert re.fullmatch(SHAPES["word" if kind == "word" else kind], value), (kind, value)
+            needle_re = re.escape(phrasing.needle).replace(r"\{key\}", r"(?P<key>[^\s\[\]:]+)").replace(r"\{value\}", re.escape(value))
+            needle_re = needle_re.replace(r"\{kind\}", kind).replace(r"\{kinds\}", kind + "s")
+            found = re.search(needle_re, ex.context)
+            assert found, (case, value)
+            assert re.fullmatch(SHAPES[case["key"]], found.group("key")), (case, found.group("key"))
+            assert ex.context.count(value) == 1
+        assert 0.8 * 1200 <= count(ex.prompt) <= 1.05 * 1200
+    assert len(seen) > 12  # the draws vary
+
+
+def test_heldout_phrasings_and_source_are_never_trained():
+    from rcengine.bench.tasks import HELDOUT_VARIETY, PHRASINGS, TRAIN_VARIETY, Variety
+
+    assert not set(HELDOUT_VARIETY.phrasings) & set(TRAIN_VARIETY.phrasings)
+    assert set(HELDOUT_VARIETY.haystacks) - set(TRAIN_VARIETY.haystacks) == {"records"}
+    gen = TaskGenerator("train", corpus_haystack(TEXT), count, variety=TRAIN_VARIETY)
+    heldout_starts = [PHRASINGS[p].needle.split("{")[0] for p in HELDOUT_VARIETY.phrasings]
+    for seed in range(30):
+        ex = gen.example("niah_multikey", 800, seed)
+        assert not any(start and start in ex.context for start in heldout_starts)
+        assert "Record " not in ex.context
+    with pytest.raises(ValueError, match="unknown"):
+        Variety(("ruler", "made-up"))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_varied_variable_tracking_answers_follow_the_chains(seed):
+    """1-2 chains of 2-5 hops: following the assignments in the context from the asked value
+    reaches exactly the answer's variables."""
+    import re
+
+    from rcengine.bench.tasks import TRAIN_VARIETY
+
+    ex = TaskGenerator("train", corpus_haystack(TEXT), count, variety=TRAIN_VARIETY).example("variable_tracking", 1500, seed)
+    value = re.search(r"assigned the value (\d+)", ex.question).group(1)
+    direct = dict(re.findall(r"VAR ([A-Z]+) = (\d+)\.", ex.context))
+    links = dict(re.findall(r"VAR ([A-Z]+) = VAR ([A-Z]+)\.", ex.context))
+    assert len(direct) == int(ex.case["chains"]) and len(links) == int(ex.case["chains"]) * int(ex.case["hops"])
+
+    def resolve(name: str) -> str:
+        return direct[name] if name in direct else resolve(links[name])
+
+    assert {name for name in [*direct, *links] if resolve(name) == value} == set(ex.answers)
+    assert len(ex.answers) == int(ex.case["hops"]) + 1 and f"{len(ex.answers)} variables" in ex.question

@@ -59,6 +59,9 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--n-single", type=int, default=50)
     parser.add_argument("--split", default="eval")
+    parser.add_argument("--variety", choices=["none", "eval", "heldout"], default="none",
+                        help="RULER's one form (none), the eval split's varied phrasings, shapes and sources, or the held-out ones "
+                             "(phrasings and a haystack source no training saw; bench/tasks.py)")
     parser.add_argument("--tasks", default=",".join(tasks.TASKS))
     parser.add_argument("--skip-bpb", action="store_true")
     out_dir = Path(os.environ.get("OUT", "bench/out"))
@@ -69,27 +72,31 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype, attn_implementation="sdpa").to(device).eval()
     tok = AutoTokenizer.from_pretrained(args.model)
     data = Data(args.data)
-    gen = data.generator(args.split)
+    variety = {"none": None, "eval": tasks.EVAL_VARIETY, "heldout": tasks.HELDOUT_VARIETY}[args.variety]
+    gen = data.generator(args.split, variety)
     rows = []
     t0 = time.time()
     for length in [int(x) for x in args.lengths.split(",")]:
         for task in args.tasks.split(","):
             single = task.startswith("niah_single") and length in (4096, 16384)
             n = args.n_single if single else args.n
-            scores, depths = [], []
+            scores, depths, cases = [], [], []
             for seed in range(n):
                 ex = gen.example(task, length - 64, seed)
                 pred = answer(model, tok, ex.prompt, device)
                 scores.append(tasks.score(pred, ex.answers, task))
                 depths.append(ex.depth)
-            rows.append({"task": task, "length": length, "n": n, "accuracy": sum(scores) / n, "scores": scores, "depths": depths})
+                cases.append(ex.case)
+            rows.append({"task": task, "length": length, "n": n, "accuracy": sum(scores) / n, "scores": scores, "depths": depths,
+                         "cases": cases})
             print(f"{length:>6} {task:<20} n={n:<3} accuracy {sum(scores) / n:.3f}  ({time.time() - t0:.0f} s)", flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"rows": rows}, indent=1))  # partial results survive a time-out
     bpb = None if args.skip_bpb else bits_per_byte(model, tok, data, device)
     print(f"bits per byte on held-out text: {bpb}")
     meta = {"date": date.today().isoformat(), "machine": f"{platform.node()} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else 'cpu'})",
-            "model": str(args.model), "split": args.split, "attention": "dense (transformers SDPA)", "dtype": str(dtype)}
+            "model": str(args.model), "split": args.split, "variety": args.variety, "attention": "dense (transformers SDPA)",
+            "dtype": str(dtype)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "bits_per_byte": bpb, "rows": rows}, indent=1))
 

@@ -61,8 +61,8 @@ class Data:
 
         return fn
 
-    def generator(self, split: str) -> "tasks.TaskGenerator":
-        return tasks.TaskGenerator(split, self.haystack(split), self.count)
+    def generator(self, split: str, variety: "tasks.Variety | None" = None) -> "tasks.TaskGenerator":
+        return tasks.TaskGenerator(split, self.haystack(split), self.count, variety)
 
     def task_row(self, gen: "tasks.TaskGenerator", task: str, seq: int, seed: int) -> tuple[list[int], list[float]]:
         length = seq - 64
@@ -82,14 +82,14 @@ class Data:
 
 
 class Rows(torch.utils.data.IterableDataset):
-    def __init__(self, folder: Path, seq: int, seed: int) -> None:
-        self.folder, self.seq, self.seed = folder, seq, seed
+    def __init__(self, folder: Path, seq: int, seed: int, variety: bool = False) -> None:
+        self.folder, self.seq, self.seed, self.variety = folder, seq, seed, variety
 
     def __iter__(self):  # noqa: ANN204
         info = torch.utils.data.get_worker_info()
         wid = info.id if info else 0
         data = Data(self.folder)
-        gen = data.generator("train")
+        gen = data.generator("train", tasks.TRAIN_VARIETY if self.variety else None)
         rng = random.Random(self.seed * 1000 + wid)
         names, weights = list(TASK_WEIGHTS), list(TASK_WEIGHTS.values())
         while True:
@@ -118,6 +118,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model and short phases, for a smoke test")
+    parser.add_argument("--variety", action="store_true",
+                        help="task examples draw phrasings, key and value shapes, haystack sources and chain shapes "
+                             "(bench/tasks.py TRAIN_VARIETY) instead of RULER's one form")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -138,13 +141,13 @@ def main() -> None:
     total = sum(s for _, s in phases)
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "train_log.jsonl", "a")
-    log.write(json.dumps({"event": "start", "params": params, "phases": phases, "init": str(args.init), "lr": args.lr,
+    log.write(json.dumps({"event": "start", "params": params, "phases": phases, "init": str(args.init), "lr": args.lr, "variety": args.variety,
                           "tokens_per_step": args.tokens_per_step, "device": str(dev)}) + "\n")
     start, step, tokens = time.time(), 0, 0
     done = 0.0
     for seq, seconds in phases:
         batch = max(1, args.tokens_per_step // seq)
-        loader = torch.utils.data.DataLoader(Rows(args.data, seq, args.seed + seq), batch_size=batch, num_workers=args.workers,
+        loader = torch.utils.data.DataLoader(Rows(args.data, seq, args.seed + seq, args.variety), batch_size=batch, num_workers=args.workers,
                                              pin_memory=dev.type == "cuda", prefetch_factor=4 if args.workers else None)
         phase_start = time.time()
         for ids, weights in loader:
