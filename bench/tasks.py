@@ -227,7 +227,7 @@ class TaskGenerator:
         text = self.haystack(rng, max(budget, 1) * 8)  # more than enough: tokens are < 8 characters
         for _ in range(3):  # trim to the token budget by proportion, refining
             n = self.count_tokens(text)
-            if n <= budget:
+            if n <= budget or n == 0:  # (no room at all: the inserts alone exceed the length)
                 break
             text = text[: max(0, int(len(text) * budget / n * 0.995))]
         cuts = []

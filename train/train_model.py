@@ -17,6 +17,7 @@ import importlib.util
 import json
 import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -64,9 +65,10 @@ class Data:
     def generator(self, split: str, variety: "tasks.Variety | None" = None) -> "tasks.TaskGenerator":
         return tasks.TaskGenerator(split, self.haystack(split), self.count, variety)
 
-    def task_row(self, gen: "tasks.TaskGenerator", task: str, seq: int, seed: int) -> tuple[list[int], list[float]]:
+    def task_row(self, gen: "tasks.TaskGenerator", task: str, seq: int, seed: int) -> tuple[list[int], list[float]] | None:
+        """A task example's tokens and loss weights, or None if its needles alone do not fit ``seq``."""
         length = seq - 64
-        while True:  # the answer must fit: shorten the context until it does
+        while length > 0:  # the answer must fit: shorten the context until it does
             ex = gen.example(task, length, seed)
             prompt = [self.bos] + self.tok.encode(ex.prompt).ids
             answer = self.tok.encode(" " + ", ".join(ex.answers) + ".").ids + [self.eos]
@@ -74,6 +76,7 @@ class Data:
             if over <= 0:
                 return prompt + answer, [1.0] * len(prompt) + [ANSWER_WEIGHT] * len(answer)
             length -= over + 32
+        return None
 
     def text_row(self, rng: random.Random, seq: int) -> tuple[list[int], list[float]]:
         arr = self.tokens["train"]
@@ -93,10 +96,8 @@ class Rows(torch.utils.data.IterableDataset):
         rng = random.Random(self.seed * 1000 + wid)
         names, weights = list(TASK_WEIGHTS), list(TASK_WEIGHTS.values())
         while True:
-            if rng.random() < TASK_SHARE:
-                ids, w = data.task_row(gen, rng.choices(names, weights)[0], self.seq, rng.randrange(1 << 30))
-            else:
-                ids, w = data.text_row(rng, self.seq)
+            row = data.task_row(gen, rng.choices(names, weights)[0], self.seq, rng.randrange(1 << 30)) if rng.random() < TASK_SHARE else None
+            ids, w = row if row is not None else data.text_row(rng, self.seq)
             pad = self.seq - len(ids)
             yield torch.tensor(ids + [data.pad] * pad), torch.tensor(w + [0.0] * pad)
 
@@ -105,6 +106,21 @@ def lr_at(progress: float, peak: float, warmup: float = 0.03) -> float:
     if progress < warmup:
         return peak * progress / warmup
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (progress - warmup) / (1 - warmup)))))
+
+
+def _save_checkpoint(folder: Path, model: LlamaForCausalLM, opt: torch.optim.Optimizer, state: dict) -> None:
+    """Model (float32), optimizer state and where the run stands, written to a temporary folder and
+    renamed into place (a checkpoint is whole or absent)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")
+    (tmp / "state.json").write_text(json.dumps(state))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
 
 
 def main() -> None:
@@ -118,6 +134,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model and short phases, for a smoke test")
+    parser.add_argument("--shape", default="", help="model shape overrides, e.g. hidden_size=384,num_hidden_layers=10,rope_theta=2e6")
+    parser.add_argument("--stop-after", type=float, default=None,
+                        help="train at most this many seconds in this command, then save OUT/checkpoint and exit "
+                             "(the GPU machine allows 10 minutes a command); continue with --resume OUT/checkpoint")
+    parser.add_argument("--resume", type=Path, default=None, help="continue a stopped run from its checkpoint folder (same --phases)")
     parser.add_argument("--variety", action="store_true",
                         help="task examples draw phrasings, key and value shapes, haystack sources and chain shapes "
                              "(bench/tasks.py TRAIN_VARIETY) instead of RULER's one form")
@@ -126,8 +147,15 @@ def main() -> None:
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
     data = Data(args.data)
-    shape = dict(MODEL, num_hidden_layers=2, hidden_size=128, intermediate_size=256) if args.tiny else MODEL
-    if args.init:
+    shape = dict(MODEL, num_hidden_layers=2, hidden_size=128, intermediate_size=256) if args.tiny else dict(MODEL)
+    for item in filter(None, args.shape.split(",")):
+        name, value = item.split("=")
+        if name not in MODEL:
+            parser.error(f"--shape: {name} is not one of {', '.join(MODEL)}")
+        shape[name] = type(MODEL[name])(float(value))
+    if args.resume:
+        model = LlamaForCausalLM.from_pretrained(args.resume / "model", dtype=torch.float32, attn_implementation="sdpa")
+    elif args.init:
         model = LlamaForCausalLM.from_pretrained(args.init, dtype=torch.float32, attn_implementation="sdpa")
     else:
         cfg = LlamaConfig(vocab_size=data.tok.get_vocab_size(), bos_token_id=data.bos, eos_token_id=data.eos, pad_token_id=data.pad,
@@ -141,19 +169,41 @@ def main() -> None:
     total = sum(s for _, s in phases)
     args.out.mkdir(parents=True, exist_ok=True)
     log = open(args.out / "train_log.jsonl", "a")
-    log.write(json.dumps({"event": "start", "params": params, "phases": phases, "init": str(args.init), "lr": args.lr, "variety": args.variety,
-                          "tokens_per_step": args.tokens_per_step, "device": str(dev)}) + "\n")
-    start, step, tokens = time.time(), 0, 0
-    done = 0.0
-    for seq, seconds in phases:
+    # Where a stopped run stands: phases done, seconds into the current one, steps, tokens, seconds.
+    run = {"phase": 0, "phase_elapsed": 0.0, "step": 0, "tokens": 0, "seconds": 0.0, "phases": phases}
+    if args.resume:
+        run = json.loads((args.resume / "state.json").read_text())
+        if [tuple(p) for p in run["phases"]] != phases:
+            parser.error(f"--phases must be the stopped run's: {run['phases']}")
+        opt.load_state_dict(torch.load(args.resume / "optimizer.pt", map_location=dev, weights_only=True))
+    log.write(json.dumps({"event": "resume" if args.resume else "start", "params": params, "phases": phases, "init": str(args.init),
+                          "lr": args.lr, "variety": args.variety, "shape": shape, "tokens_per_step": args.tokens_per_step,
+                          "device": str(dev), "at": {k: run[k] for k in ("phase", "phase_elapsed", "step")}}) + "\n")
+    start = time.time() - run["seconds"]
+    command_start, step, tokens = time.time(), run["step"], run["tokens"]
+    done = sum(s for _, s in phases[: run["phase"]])
+    for index, (seq, seconds) in enumerate(phases):
+        if index < run["phase"]:
+            continue
+        already = run["phase_elapsed"] if index == run["phase"] else 0.0
         batch = max(1, args.tokens_per_step // seq)
-        loader = torch.utils.data.DataLoader(Rows(args.data, seq, args.seed + seq, args.variety), batch_size=batch, num_workers=args.workers,
+        rows = Rows(args.data, seq, args.seed + seq + 7919 * int(already), args.variety)  # a resumed phase draws new rows
+        loader = torch.utils.data.DataLoader(rows, batch_size=batch, num_workers=args.workers,
                                              pin_memory=dev.type == "cuda", prefetch_factor=4 if args.workers else None)
-        phase_start = time.time()
+        phase_start = time.time() - already
         for ids, weights in loader:
             elapsed = time.time() - phase_start
             if elapsed >= seconds:
                 break
+            if args.stop_after is not None and time.time() - command_start >= args.stop_after:
+                _save_checkpoint(args.out / "checkpoint", model, opt, {
+                    "phase": index, "phase_elapsed": elapsed, "step": step, "tokens": tokens,
+                    "seconds": time.time() - start, "phases": phases})
+                log.write(json.dumps({"event": "stop", "phase": index, "phase_elapsed": round(elapsed, 1), "steps": step,
+                                      "tokens": tokens, "seconds": round(time.time() - start, 1)}) + "\n")
+                log.close()
+                print(f"stopped after {args.stop_after} s: continue with --resume {args.out / 'checkpoint'}")
+                return
             for group in opt.param_groups:
                 group["lr"] = lr_at((done + elapsed) / total, args.lr)
             ids, weights = ids.to(dev, non_blocking=True), weights.to(dev, non_blocking=True)
