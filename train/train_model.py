@@ -228,7 +228,8 @@ def main() -> None:
         done += seconds
         del loader
     model.eval()
-    model.to(torch.bfloat16).save_pretrained(args.out / "model", safe_serialization=True)
+    # bf16 shards of at most 16 MiB: a GPU command can bring each back (issue 14)
+    model.to(torch.bfloat16).save_pretrained(args.out / "model", safe_serialization=True, max_shard_size=16 << 20)
     fast = PreTrainedTokenizerFast(tokenizer_object=data.tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(args.out / "model")
     log.write(json.dumps({"event": "end", "steps": step, "tokens": tokens, "seconds": round(time.time() - start, 1)}) + "\n")
