@@ -139,6 +139,9 @@ def main() -> None:
                         help="train at most this many seconds in this command, then save OUT/checkpoint and exit "
                              "(the GPU machine allows 10 minutes a command); continue with --resume OUT/checkpoint")
     parser.add_argument("--resume", type=Path, default=None, help="continue a stopped run from its checkpoint folder (same --phases)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="where --stop-after saves the checkpoint (default OUT/checkpoint; keep it out of a GPU run's $OUT, "
+                             "whose files come back: the optimizer state alone is twice the float32 model)")
     parser.add_argument("--variety", action="store_true",
                         help="task examples draw phrasings, key and value shapes, haystack sources and chain shapes "
                              "(bench/tasks.py TRAIN_VARIETY) instead of RULER's one form")
@@ -196,13 +199,14 @@ def main() -> None:
             if elapsed >= seconds:
                 break
             if args.stop_after is not None and time.time() - command_start >= args.stop_after:
-                _save_checkpoint(args.out / "checkpoint", model, opt, {
+                checkpoint = args.checkpoint or args.out / "checkpoint"
+                _save_checkpoint(checkpoint, model, opt, {
                     "phase": index, "phase_elapsed": elapsed, "step": step, "tokens": tokens,
                     "seconds": time.time() - start, "phases": phases})
                 log.write(json.dumps({"event": "stop", "phase": index, "phase_elapsed": round(elapsed, 1), "steps": step,
                                       "tokens": tokens, "seconds": round(time.time() - start, 1)}) + "\n")
                 log.close()
-                print(f"stopped after {args.stop_after} s: continue with --resume {args.out / 'checkpoint'}")
+                print(f"stopped after {args.stop_after} s: continue with --resume {checkpoint}")
                 return
             for group in opt.param_groups:
                 group["lr"] = lr_at((done + elapsed) / total, args.lr)
