@@ -6,6 +6,7 @@ Variants (each ``--repeats`` times, in turn, after a short warm-up prefill):
 - ``host``: the host tier (no store);
 - ``disk``: a scratch disk store, as ``rcengine generate --offload disk`` writes it (checksums
   computed on the GPU);
+- ``disk-kernel-checksums``: the GPU's checksums by one Triton kernel per piece (storage/crc_kernel.py);
 - ``disk-host-checksums``: every checksum computed on the host, by the writer threads;
 - ``disk-no-block-checksums``: no per-(head, block) checksums (chunk files checksummed on the host);
 - ``disk-no-checksums``: without any checksum;
@@ -39,7 +40,7 @@ import torch
 
 from ..engine.config import EngineConfig
 from ..engine.qa.engine import Engine
-from ..storage import chunk_files, disk_tier
+from ..storage import chunk_files, device_checksums, disk_tier
 from ..storage.pending_rows import Segments
 
 
@@ -65,6 +66,7 @@ def _staging_only(self, layer, first, pieces) -> None:  # noqa: ANN001
 
 VARIANTS: dict[str, list[tuple[object, str, object]]] = {
     "disk": [],
+    "disk-kernel-checksums": [(device_checksums, "KERNEL", True)],
     "disk-host-checksums": [(disk_tier, "DEVICE_CHECKSUMS", ())],
     "disk-no-block-checksums": [(disk_tier, "DEVICE_CHECKSUMS", ()), (disk_tier.DiskTier, "_record_block_checksums", lambda *a: None)],
     "disk-no-checksums": [(disk_tier, "DEVICE_CHECKSUMS", ()), (disk_tier.DiskTier, "_record_block_checksums", lambda *a: None),

@@ -28,8 +28,13 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from . import crc_kernel
+
 POLY = 0x82F63B78
 MASK = 0xFFFFFFFF
+# Compute the linear parts with the Triton kernel of crc_kernel.py where it can run (CUDA), instead
+# of tensor operations.  Off until bench/prefill_writes.py measures it faster on the GPU machine.
+KERNEL = False
 
 
 def _byte_table() -> np.ndarray:
@@ -104,6 +109,8 @@ class DeviceChecksums:
     def linear(self, blocks: torch.Tensor) -> torch.Tensor:
         """``blocks: (..., block_bytes)`` uint8 -> their linear parts ``(...)`` int64 in 0..2^32-1."""
         lead = blocks.shape[:-1]
+        if KERNEL and crc_kernel.available(blocks.device):
+            return (crc_kernel.linear(blocks.reshape(-1, self.block_bytes).contiguous(), self._tables).to(torch.int64) & MASK).reshape(lead)
         v = torch.take(self._tables, self._offsets + blocks.reshape(-1, self.block_bytes).to(torch.int64))
         while v.shape[1] > 1:  # XOR of every lookup, halving
             half = v.shape[1] // 2

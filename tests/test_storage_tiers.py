@@ -540,3 +540,25 @@ def test_a_committed_store_opened_with_its_writers_rows_reads_as_reopened(tmp_pa
     other = DiskTier.create(tmp_path / "other.zarr", LAYOUT, block_tokens=BLOCK, chunk_tokens=2 * CHUNK)
     with pytest.raises(ValueError, match="not the one"):
         DiskTier.open(tmp_path / "kv.zarr", checksums=checksums, carry=other)
+
+
+@pytest.mark.parametrize("sizes", [(1, 2, 5, 7), (512, 3), (32768, 1), (3000, 4)])
+def test_the_checksum_kernel_equals_crc32c(sizes, monkeypatch):
+    """The Triton kernel's block and file CRC-32C equal the host library's (CUDA, or Triton's
+    interpreter on the CPU)."""
+    import google_crc32c
+
+    from rcengine.storage import crc_kernel, device_checksums
+    from rcengine.storage.device_checksums import DeviceChecksums
+
+    device = _compute_device()
+    if not crc_kernel.available(device):
+        pytest.skip("needs CUDA, or Triton's interpreter on the CPU")
+    monkeypatch.setattr(device_checksums, "KERNEL", True)
+    n, k = sizes[0], sizes[1]
+    data = np.random.default_rng(n + k).integers(0, 256, size=(3, k, n), dtype=np.uint8)
+    checks = DeviceChecksums(n, k, device)
+    linear = checks.linear(torch.from_numpy(data).to(device))
+    blocks, files = checks.blocks(linear).cpu().numpy(), checks.files(linear).cpu().numpy()
+    assert [[int(c) for c in row] for row in blocks] == [[google_crc32c.value(data[i, j].tobytes()) for j in range(k)] for i in range(3)]
+    assert [int(c) for c in files] == [google_crc32c.value(data[i].tobytes()) for i in range(3)]
