@@ -35,6 +35,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +161,10 @@ class ArtifactWriter:
         data = safetensors.torch.save({k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()})
         self.put_bytes(f"{name}.safetensors", data)
 
-    def commit(self, fingerprint: dict[str, Any], meta: dict[str, Any], kv_checksums: dict[str, str]) -> None:
-        """Write the manifest and make the artifact visible."""
+    def commit(self, fingerprint: dict[str, Any], meta: dict[str, Any], kv_checksums: dict[str, str],
+               lap: Callable[[str], None] | None = None) -> None:
+        """Write the manifest and make the artifact visible; ``lap(name)`` after each part (timing)."""
+        lap = lap or (lambda _name: None)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -171,7 +174,10 @@ class ArtifactWriter:
             "files": self._files,
             "kv_checksums": kv_checksums,
         }
-        text = json.dumps(manifest, indent=1, sort_keys=True)
+        # Compact: the block checksums make most of it (131K of them for a 32K-token 8B-shaped store:
+        # 0.11 s indented, 0.06 s compact, on the CPU dev machine).
+        text = json.dumps(manifest, separators=(",", ":"), sort_keys=True)
+        lap("commit: manifest")
         if not self.local:
             with self.fs.open(f"{self.root}/{MANIFEST}", "w") as f:
                 f.write(text)
@@ -179,6 +185,7 @@ class ArtifactWriter:
             return
         root, final = Path(self.root), Path(self.final)
         _fsync_tree(root)
+        lap("commit: fsync")
         part = root / f"{MANIFEST}.part"
         with open(part, "w") as f:
             f.write(text)
@@ -196,6 +203,7 @@ class ArtifactWriter:
             shutil.rmtree(old, ignore_errors=True)
         self._done = True
         self._unlock()
+        lap("commit: rename")
 
     def _unlock(self) -> None:
         if self._lock_fd is None:

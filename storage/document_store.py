@@ -20,6 +20,7 @@ It knows tensor names and files, not models.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -102,12 +103,16 @@ class DocumentWriter:
     def put_index(self, layer: int, head: int, data: bytes) -> None:
         self.writer.put_bytes(index_file(layer, head), data)
 
-    def commit(self, doc_ids: list[int], meta: DocumentMeta, fingerprint: dict[str, Any], kv_checksums: dict[str, str]) -> None:
+    def commit(self, doc_ids: list[int], meta: DocumentMeta, fingerprint: dict[str, Any], kv_checksums: dict[str, str],
+               lap: Callable[[str], None] | None = None) -> None:
+        """Write the tensors' files, then commit the artifact; ``lap(name)`` after each part (timing)."""
         self.writer.put_tensors("anchors", {"doc_ids": torch.tensor(doc_ids, dtype=torch.int64), **self._anchors})
         self.writer.put_tensors("summaries", self._summaries)
         if self._selection:
             self.writer.put_tensors("selection", self._selection)
-        self.writer.commit(fingerprint, meta.as_dict(), kv_checksums)
+        if lap is not None:
+            lap("commit: tensor files")
+        self.writer.commit(fingerprint, meta.as_dict(), kv_checksums, lap=lap)
 
 
 class DocumentReader:

@@ -53,7 +53,7 @@ class Document:
         self.tokens = tokens
         self.last_logits = last_logits
         self.prefill_ms = prefill_ms
-        self.prefill_phases_ms: dict[str, float] = {}  # forward, finalize, flush, persist, commit, reopen (Engine.prefill)
+        self.prefill_phases_ms: dict[str, float] = {}  # forward, finalize, flush, persist, commit: ..., reopen (Engine.prefill)
         self.prefill_writes: dict[str, float] = {}  # a prefill to disk: where its writes' time went (WriteStats)
         self.store = store
         self.runner = StepRunner(cache.state, rc_forward(engine.lm.model, cache), engine.config.graphs)

@@ -109,7 +109,6 @@ class Engine:
             writes = tier.write_stats.as_dict() if isinstance(tier, DiskTier) else {}
             if writer is not None:
                 persist(cache.state, ids, writer, self.lm.fingerprint(), dtype_name(self.lm.dtype), lap=clock.lap)
-                clock.lap("commit")
                 if isinstance(tier, DiskTier):  # read from the committed store from now on
                     tier.close()
                     art = Artifact.open(store)

@@ -62,7 +62,7 @@ def persist(state: KVState, doc_ids: list[int], writer: ArtifactWriter, fingerpr
                         selection={"selector": cfg.selector, "block": state.selectors[0].block})
     if lap is not None:
         lap("persist")
-    doc.commit(doc_ids, meta, fingerprint, checksums)
+    doc.commit(doc_ids, meta, fingerprint, checksums, lap=lap)
 
 
 def restore(state: KVState, reader: DocumentReader, streamed_keys: bool) -> None:
