@@ -7,6 +7,8 @@ Variants (each ``--repeats`` times, in turn, after a short warm-up prefill):
 - ``disk``: a scratch disk store, as ``rcengine generate --offload disk`` writes it (checksums
   computed on the GPU);
 - ``disk-kernel-checksums``: the GPU's checksums by one Triton kernel per piece (storage/crc_kernel.py);
+- ``disk-side-stream``: the GPU's checksums and copies on a stream of their own (storage/pending_rows.py),
+  and ``disk-kernel-side-stream`` both;
 - ``disk-host-checksums``: every checksum computed on the host, by the writer threads;
 - ``disk-no-block-checksums``: no per-(head, block) checksums (chunk files checksummed on the host);
 - ``disk-no-checksums``: without any checksum;
@@ -40,7 +42,7 @@ import torch
 
 from ..engine.config import EngineConfig
 from ..engine.qa.engine import Engine
-from ..storage import chunk_files, device_checksums, disk_tier
+from ..storage import chunk_files, device_checksums, disk_tier, pending_rows
 from ..storage.pending_rows import Segments
 
 
@@ -67,6 +69,8 @@ def _staging_only(self, layer, first, pieces) -> None:  # noqa: ANN001
 VARIANTS: dict[str, list[tuple[object, str, object]]] = {
     "disk": [],
     "disk-kernel-checksums": [(device_checksums, "KERNEL", True)],
+    "disk-side-stream": [(pending_rows, "SIDE_STREAM", True)],
+    "disk-kernel-side-stream": [(device_checksums, "KERNEL", True), (pending_rows, "SIDE_STREAM", True)],
     "disk-host-checksums": [(disk_tier, "DEVICE_CHECKSUMS", ())],
     "disk-no-block-checksums": [(disk_tier, "DEVICE_CHECKSUMS", ()), (disk_tier.DiskTier, "_record_block_checksums", lambda *a: None)],
     "disk-no-checksums": [(disk_tier, "DEVICE_CHECKSUMS", ()), (disk_tier.DiskTier, "_record_block_checksums", lambda *a: None),

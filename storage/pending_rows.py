@@ -19,6 +19,11 @@ from .device_checksums import DeviceChecksums
 from .rows import raw_numpy_dtype, to_raw_numpy
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
+# Stage rows from a CUDA device (checksums and copies) on a stream of their own, which waits for
+# the rows and nothing else, so that the checksums may overlap the caller's next kernels.  Off
+# until bench/prefill_writes.py (variant disk-side-stream) measures it on the GPU machine.
+SIDE_STREAM = False
+_SIDE: dict[torch.device, "torch.cuda.Stream"] = {}
 
 
 @dataclass
@@ -68,6 +73,18 @@ def stage(rows: torch.Tensor, checks: DeviceChecksums | None = None, block_rows:
     With ``checks`` (``m`` a multiple of ``file_rows``), the checksums of its (head, block) byte
     ranges of ``block_rows`` rows and of its chunk files (``file_rows`` rows of ``file_heads``
     heads each) are computed on the rows' device and copied with them."""
+    if rows.device.type == "cuda" and SIDE_STREAM:
+        side = _SIDE.get(rows.device)
+        if side is None:
+            side = _SIDE[rows.device] = torch.cuda.Stream(rows.device)
+        side.wait_stream(torch.cuda.current_stream(rows.device))
+        rows.record_stream(side)  # the caller's stream may free it: not before the side stream is done
+        with torch.cuda.stream(side):
+            return _stage(rows, checks, block_rows, file_rows, file_heads)
+    return _stage(rows, checks, block_rows, file_rows, file_heads)
+
+
+def _stage(rows: torch.Tensor, checks: DeviceChecksums | None, block_rows: int, file_rows: int, file_heads: int) -> Piece:
     crcs = None
     if checks is not None:
         h, m = rows.shape[:2]

@@ -562,3 +562,25 @@ def test_the_checksum_kernel_equals_crc32c(sizes, monkeypatch):
     blocks, files = checks.blocks(linear).cpu().numpy(), checks.files(linear).cpu().numpy()
     assert [[int(c) for c in row] for row in blocks] == [[google_crc32c.value(data[i, j].tobytes()) for j in range(k)] for i in range(3)]
     assert [int(c) for c in files] == [google_crc32c.value(data[i].tobytes()) for i in range(3)]
+
+
+@pytest.mark.parametrize("side_stream", [False, True])
+def test_rows_staged_from_cuda_bring_the_host_paths_checksums(side_stream, monkeypatch):
+    """Rows staged from a CUDA device (on the caller's stream or a side stream) arrive bit for bit,
+    with the same block and file checksums as the same rows staged from the CPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from rcengine.storage import pending_rows
+    from rcengine.storage.device_checksums import DeviceChecksums
+    from rcengine.storage.pending_rows import stage
+    from rcengine.storage.rows import pack
+
+    monkeypatch.setattr(pending_rows, "SIDE_STREAM", side_stream)
+    g = torch.Generator().manual_seed(7)
+    k, v = (torch.randn(4, 4 * CHUNK, 8, generator=g).to(torch.bfloat16) for _ in range(2))
+    block_bytes = BLOCK * 2 * 8 * 2
+    ref = stage(pack(k, v), DeviceChecksums(block_bytes, 2 * CHUNK // BLOCK, "cpu"), BLOCK, CHUNK, 2)
+    cuda_checks = DeviceChecksums(block_bytes, 2 * CHUNK // BLOCK, "cuda")
+    got = stage(pack(k.cuda(), v.cuda()), cuda_checks, BLOCK, CHUNK, 2)
+    assert np.array_equal(got.wait(), ref.data)
+    assert np.array_equal(got.block_crcs, ref.block_crcs) and np.array_equal(got.file_crcs, ref.file_crcs)
