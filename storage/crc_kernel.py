@@ -10,25 +10,11 @@ then it is not the default (``device_checksums.KERNEL``).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:  # Triton ships with CUDA builds of torch; the CPU path never needs it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the machine
-    triton = None
+from .triton_support import available, tl, triton  # noqa: F401 (available: this module's API)
 
 BYTES_PER_STEP = 1024  # bytes of a block each program step reads
-
-
-def available(device: torch.device) -> bool:
-    """Whether the kernel can run for tensors on ``device`` (CUDA with Triton, or Triton's CPU
-    interpreter when ``TRITON_INTERPRET=1``)."""
-    if triton is None:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 if triton is not None:

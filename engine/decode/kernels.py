@@ -21,29 +21,16 @@ two (``tests/test_gpu.py``; on the CPU through Triton's interpreter when it is i
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
-try:  # Triton ships with CUDA builds of torch; the CPU path never needs it.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the machine
-    triton = None
+from ...storage.triton_support import available, tl, triton  # noqa: F401 (available: this module's API)
 
 # Drop the completion below this fraction of the summary's total mass (as rule.attention does).
 from ..rule.attention import RESIDUAL_DROP_FRACTION
 
 BLOCK_N = 32  # tokens per inner step of a program
 MAX_SLICES = 1024  # slices of the mid tokens per (position, KV head): one block of rows each at 1 % and 128K, so that every program's PCIe reads are in flight at once
-
-
-def available(device: torch.device) -> bool:
-    """Whether the kernels can run for tensors on ``device`` (CUDA with Triton, or Triton's CPU
-    interpreter when ``TRITON_INTERPRET=1``)."""
-    if triton is None:
-        return False
-    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
 if triton is not None:
