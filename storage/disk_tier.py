@@ -30,7 +30,9 @@ on background threads (chunk files written directly, once, from the pieces the r
 that writes overlap the caller's compute, and flushed to the device there if the store is to be
 persisted; at most WRITE_BACKLOG_BYTES queued; :meth:`flush` waits for them and writes the array
 metadata), elsewhere through zarr.  Rows appended from a CUDA device are copied into pinned memory
-without a host sync (:mod:`.pending_rows`): the writer waits for the copy, not the caller.  Only
+without a host sync (:mod:`.pending_rows`): the writer waits for the copy, not the caller; appends
+of whole chunk files (a prefill's, :attr:`append_unit`) bring their checksums, computed on the
+device (:mod:`.device_checksums`), so that the writers hold no GIL for CRC.  Only
 a writable store is written; a committed artifact is never modified, so rows appended to a reopened
 store stay in memory and are metered as tier ``cpu``.
 """
