@@ -325,42 +325,32 @@ class DiskTier:
     def _write_chunks(self, layer: int, first: int, pieces: list[Piece]) -> None:
         """Write whole chunks from chunk ``first`` on, from ``pieces`` (``(Hkv, r, 2, d)`` each, whole
         chunks in all), as files (what zarr writes for an uncompressed chunk: its raw little-endian
-        bytes, C order), with a checksum of each file and of each (head, block) byte range in it."""
-        s, hc, h = self.chunk_tokens, self.chunk_heads, self.layout.num_kv_heads
+        bytes, C order), with a checksum of each file and of each (head, block) byte range in it:
+        the pieces' own (computed on the device) where every piece brings them, else computed here."""
+        s, hc, b, h = self.chunk_tokens, self.chunk_heads, self.block_tokens, self.layout.num_kv_heads
+        count, nbytes = sum(p.rows for p in pieces), sum(p.data.nbytes for p in pieces)
         t0 = time.perf_counter()
         rows = Segments(pieces)  # waits for the copies from the device
         t1 = time.perf_counter()
-        if all(p.block_crcs is not None for p in pieces):  # checksummed on the device
-            self._write_checked_chunks(layer, first, pieces)
-            self.write_stats.add(copy=t1 - t0, io=time.perf_counter() - t1, bytes=sum(p.data.nbytes for p in pieces))
-            return
-        for j in range(sum(p.rows for p in pieces) // s):
-            for h0 in range(0, h, hc):
-                parts = [x for head in range(h0, h0 + hc) for x in rows.head_slices(head, j * s, (j + 1) * s)]
-                self._files.write(self._chunk_key(layer, h0 // hc, first + j), parts)
+        checked = all(p.block_crcs is not None for p in pieces)
+        if checked:  # (chunks, head groups) file and (Hkv, blocks) block checksums, in order
+            file_crcs = np.concatenate([p.file_crcs for p in pieces]).tolist()
+            block_crcs = np.concatenate([p.block_crcs for p in pieces], axis=1)
+            # A file's blocks, in file order (head, then block), are ranges at the same offsets in
+            # every file: their ledger names are the file's key and these suffixes.
+            suffixes = [slice_key("", ((i // (s // b)) * s + (i % (s // b)) * b) * self._row_bytes) for i in range(hc * s // b)]
+        for j in range(count // s):
+            for g in range(h // hc):
+                key = self._chunk_key(layer, g, first + j)
+                parts = [x for head in range(g * hc, (g + 1) * hc) for x in rows.head_slices(head, j * s, (j + 1) * s)]
+                self._files.write(key, parts, checksum=f"{file_crcs[j][g]:08x}" if checked else None)
+                if checked and not self._block_is_file:
+                    crcs = block_crcs[g * hc : (g + 1) * hc, j * s // b : (j + 1) * s // b].reshape(-1).tolist()
+                    self.store.ledger.checksums.update(zip([key + x for x in suffixes], [f"{c:08x}" for c in crcs], strict=True))
         t2 = time.perf_counter()
-        self._record_block_checksums(layer, first * s, rows, sum(p.rows for p in pieces))
-        self.write_stats.add(copy=t1 - t0, io=t2 - t1, checksums=time.perf_counter() - t2,
-                             bytes=sum(p.data.nbytes for p in pieces))
-
-    def _write_checked_chunks(self, layer: int, first: int, pieces: list[Piece]) -> None:
-        """Whole chunk files from pieces of whole chunk files that bring their checksums."""
-        s, hc, b = self.chunk_tokens, self.chunk_heads, self.block_tokens
-        checksums = self.store.ledger.checksums
-        # A file's blocks, in file order (head, then block), are ranges at the same offsets in
-        # every file: their ledger names are the file's key and these suffixes.
-        suffixes = [slice_key("", ((i // (s // b)) * s + (i % (s // b)) * b) * self._row_bytes) for i in range(hc * s // b)]
-        chunk = first
-        for p in pieces:
-            for j in range(p.rows // s):
-                for g in range(self.layout.num_kv_heads // hc):
-                    key = self._chunk_key(layer, g, chunk + j)
-                    self._files.write(key, [p.data[head, j * s : (j + 1) * s] for head in range(g * hc, (g + 1) * hc)],
-                                      checksum=f"{int(p.file_crcs[j, g]):08x}")
-                    if not self._block_is_file:
-                        crcs = p.block_crcs[g * hc : (g + 1) * hc, j * s // b : (j + 1) * s // b].reshape(-1).tolist()
-                        checksums.update(zip([key + x for x in suffixes], [f"{c:08x}" for c in crcs], strict=True))
-            chunk += p.rows // s
+        if not checked:
+            self._record_block_checksums(layer, first * s, rows, count)
+        self.write_stats.add(copy=t1 - t0, io=t2 - t1, checksums=time.perf_counter() - t2, bytes=nbytes)
 
     def _record_block_checksums(self, layer: int, start: int, rows: Segments, count: int) -> None:
         """Checksums of the (head, block) byte ranges of rows ``start..start + count`` (whole
