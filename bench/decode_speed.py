@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -90,64 +91,67 @@ def main() -> None:
     lengths = [2048, 4096] if args.quick else [int(x) for x in args.lengths.split(",")]
     rounds = 3 if args.quick else args.rounds
     work = Path(tempfile.mkdtemp(prefix="rc-decode-speed-"))
-    model_path = args.model or bench_model(work)
-    from transformers.utils import logging as hf_logging
+    try:  # the stores (hundreds of MB at 32K) go with the run
+        model_path = args.model or bench_model(work)
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    base = Engine.load(model_path, EngineConfig(offload="cpu"), show_progress=True)
-    vocab = base.lm.model.config.vocab_size
-    rows, memory = [], None
-    for n in lengths:
-        ids = torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist()
-        t0 = time.perf_counter()
-        stock_step, stock_kv = stock_decoder(base.lm.model, ids, 1024)
-        stock_prefill_s = time.perf_counter() - t0
-        base.lm.model.set_attn_implementation("rcengine")
-        store = work / f"doc-{n}"
-        t0 = time.perf_counter()
-        base.prefill(ids, store=store).close()
-        rc_prefill_s = time.perf_counter() - t0
-        docs = {}
-        for tier, method, budget, selector in VARIANTS:
-            eng = Engine(base.lm, EngineConfig(method=method, budget=budget, selector=selector), show_progress=False)
-            docs[(tier, method, budget, selector)] = eng.open(store, offload=tier)
-        seconds = {key: [] for key in [("stock", "-", 0.0, "-"), *docs]}
-        bytes_per_token = {key: [] for key in docs}
-        question = [ids[-1]]
-        sampling = SamplingConfig(max_new_tokens=args.tokens_per_round + 1)
-        with progress(f"decoding at {n} tokens", rounds, "rounds") as advance:
-            for _ in range(rounds):
-                sync()
-                t0 = time.perf_counter()
-                for _ in range(args.tokens_per_round):
-                    stock_step()
-                sync()
-                seconds[("stock", "-", 0.0, "-")].append((time.perf_counter() - t0) / args.tokens_per_round)
-                for key, doc in docs.items():
-                    answer = doc.ask(question, sampling)
-                    steps = answer.stats["decode_steps"]
-                    seconds[key].append(answer.stats["timings_ms"]["decode_per_token"] / 1e3)
-                    bytes_per_token[key].append(answer.stats["bytes"]["logical"] / answer.stats["queries"])
-                    assert steps == args.tokens_per_round
-                advance(1)
-        stock_ms = 1e3 * statistics.median(seconds[("stock", "-", 0.0, "-")])
-        for key, values in seconds.items():
-            tier, method, budget, selector = key
-            ms = 1e3 * statistics.median(values)
-            doc = docs.get(key)
-            name = "stock transformers" if tier == "stock" else f"{method} {budget:g}" + (f" {selector}" if method == "rc" else "")
-            row = {"tokens": n, "variant": name, "tier": tier,
-                   "ms_per_token": ms, "vs_stock": ms / stock_ms,
-                   "bytes_per_token": statistics.median(bytes_per_token[key]) if key in bytes_per_token else None,
-                   "kv_bytes_resident": stock_kv if doc is None else _resident(doc)}
-            if tier == "stock":
-                row["prefill_s"] = stock_prefill_s
-            elif method == "dense":
-                row["prefill_s"] = rc_prefill_s
-            rows.append(row)
-        for doc in docs.values():
-            doc.close()
-    memory = _memory_check(model_path, work / f"doc-{lengths[0]}", work / f"doc-{lengths[-1]}", args.cache_mb << 20)
+        hf_logging.disable_progress_bar()
+        base = Engine.load(model_path, EngineConfig(offload="cpu"), show_progress=True)
+        vocab = base.lm.model.config.vocab_size
+        rows, memory = [], None
+        for n in lengths:
+            ids = torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+            t0 = time.perf_counter()
+            stock_step, stock_kv = stock_decoder(base.lm.model, ids, 1024)
+            stock_prefill_s = time.perf_counter() - t0
+            base.lm.model.set_attn_implementation("rcengine")
+            store = work / f"doc-{n}"
+            t0 = time.perf_counter()
+            base.prefill(ids, store=store).close()
+            rc_prefill_s = time.perf_counter() - t0
+            docs = {}
+            for tier, method, budget, selector in VARIANTS:
+                eng = Engine(base.lm, EngineConfig(method=method, budget=budget, selector=selector), show_progress=False)
+                docs[(tier, method, budget, selector)] = eng.open(store, offload=tier)
+            seconds = {key: [] for key in [("stock", "-", 0.0, "-"), *docs]}
+            bytes_per_token = {key: [] for key in docs}
+            question = [ids[-1]]
+            sampling = SamplingConfig(max_new_tokens=args.tokens_per_round + 1)
+            with progress(f"decoding at {n} tokens", rounds, "rounds") as advance:
+                for _ in range(rounds):
+                    sync()
+                    t0 = time.perf_counter()
+                    for _ in range(args.tokens_per_round):
+                        stock_step()
+                    sync()
+                    seconds[("stock", "-", 0.0, "-")].append((time.perf_counter() - t0) / args.tokens_per_round)
+                    for key, doc in docs.items():
+                        answer = doc.ask(question, sampling)
+                        steps = answer.stats["decode_steps"]
+                        seconds[key].append(answer.stats["timings_ms"]["decode_per_token"] / 1e3)
+                        bytes_per_token[key].append(answer.stats["bytes"]["logical"] / answer.stats["queries"])
+                        assert steps == args.tokens_per_round
+                    advance(1)
+            stock_ms = 1e3 * statistics.median(seconds[("stock", "-", 0.0, "-")])
+            for key, values in seconds.items():
+                tier, method, budget, selector = key
+                ms = 1e3 * statistics.median(values)
+                doc = docs.get(key)
+                name = "stock transformers" if tier == "stock" else f"{method} {budget:g}" + (f" {selector}" if method == "rc" else "")
+                row = {"tokens": n, "variant": name, "tier": tier,
+                       "ms_per_token": ms, "vs_stock": ms / stock_ms,
+                       "bytes_per_token": statistics.median(bytes_per_token[key]) if key in bytes_per_token else None,
+                       "kv_bytes_resident": stock_kv if doc is None else _resident(doc)}
+                if tier == "stock":
+                    row["prefill_s"] = stock_prefill_s
+                elif method == "dense":
+                    row["prefill_s"] = rc_prefill_s
+                rows.append(row)
+            for doc in docs.values():
+                doc.close()
+        memory = _memory_check(model_path, work / f"doc-{lengths[0]}", work / f"doc-{lengths[-1]}", args.cache_mb << 20)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     meta = {"date": date.today().isoformat(),
             "machine": f"{platform.node()} ({os.cpu_count()} cpus, {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, torch {torch.__version__})",
             "model": str(args.model or "random bench Llama: 4 layers, hidden 256, 4 q / 2 KV heads, d 64"), "variants": [list(v) for v in VARIANTS],
