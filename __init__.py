@@ -36,8 +36,8 @@ _EXPORTS = {
     "Engine": ".engine.qa.engine",
     **dict.fromkeys(("CalibrationConfig", "calibrate"), ".engine.calibration.fit"),
     **dict.fromkeys(("LearnedMaps", "MapsError", "read_maps"), ".engine.calibration.maps_file"),
-    **dict.fromkeys(("ArtifactError", "CorruptChunkError", "IndexSpec", "ModelMismatchError", "available_tiers", "reclaim_stale",
-                     "temporaries"), ".storage"),
+    **dict.fromkeys(("ArtifactError", "CorruptChunkError", "IndexSpec", "ModelMismatchError", "NoSpaceError", "available_tiers",
+                     "reclaim_stale", "temporaries"), ".storage"),
     **dict.fromkeys(("BenchIOConfig", "run_bench_io"), ".bench.io_bench"),
     **dict.fromkeys(("overview_table", "write_report"), ".bench.io_report"),
 }
@@ -58,7 +58,7 @@ if TYPE_CHECKING:
     )
     from .engine.sampling import SamplingConfig
     from .storage import (
-        ArtifactError, CorruptChunkError, IndexSpec, ModelMismatchError, available_tiers, reclaim_stale, temporaries,
+        ArtifactError, CorruptChunkError, IndexSpec, ModelMismatchError, NoSpaceError, available_tiers, reclaim_stale, temporaries,
     )
 
 

@@ -23,7 +23,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     import rcengine
 
     return (ValueError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError, IsADirectoryError,
-            rcengine.ArtifactError, rcengine.CorruptChunkError)
+            rcengine.ArtifactError, rcengine.CorruptChunkError, rcengine.NoSpaceError)
 
 
 def one_line(e: BaseException) -> str:

@@ -13,6 +13,7 @@ from .checksums import CorruptChunkError
 from .defaults import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES
 from .index_spec import IndexSpec
 from .meter import ByteMeter, Counters
+from .space import NoSpaceError
 from .temporaries import Temporary, reclaim_stale, temporaries
 from .tier import KVTier, MemoryTier, TierLayout, device_tier, host_tier
 
@@ -34,6 +35,6 @@ def __getattr__(name: str):  # noqa: ANN202 (PEP 562: the heavy modules load on 
 __all__ = [
     "DEFAULT_BLOCK_TOKENS", "DEFAULT_CACHE_BYTES", "Artifact", "ArtifactError", "ArtifactWriter", "BlockReader", "BlockPool", "BlockPoolFull",
     "ByteMeter", "CorruptChunkError", "Counters", "DiskTier", "IndexSpec", "KVTier", "KeyIndex", "MemoryTier", "StreamedFlatIndex",
-    "ModelMismatchError", "Temporary", "TierAvailability", "TierLayout", "available_tiers", "device_tier", "fingerprint_digest", "host_tier",
+    "ModelMismatchError", "NoSpaceError", "Temporary", "TierAvailability", "TierLayout", "available_tiers", "device_tier", "fingerprint_digest", "host_tier",
     "merge_group", "reclaim_stale", "temporaries",
 ]

@@ -68,6 +68,7 @@ from .tier import TierLayout, check_append
 FORMAT = "rcengine-kv"
 VERSION = 2
 READS_VERSIONS = (1, 2)
+POSITION_CHUNK = 16384  # positions (int64) per chunk file of a layer's positions array
 # Chunk files named ``L{layer}/c.{head group}.{chunk}.0.0``: one folder per layer, not two per chunk
 # (zarr's default "/" separator made 2,048 folders of a 32K-token 8B-shaped store, each created and
 # flushed at the commit).  Stores keep their encoding in their metadata; older ones still open.
@@ -216,9 +217,17 @@ class DiskTier:
                 chunks=(heads, chunk_tokens, 2, layout.head_dim), compressors=None, fill_value=0,
                 attributes={"rows": 0}, chunk_key_encoding=CHUNK_KEYS,
             )
-            group.create_array(f"P{layer}", shape=(0,), dtype=np.int64, chunks=(16384,), compressors=None, fill_value=0)
+            group.create_array(f"P{layer}", shape=(0,), dtype=np.int64, chunks=(POSITION_CHUNK,), compressors=None, fill_value=0)
         return cls(store, layout, block_tokens, cache_bytes, compute_device, meter, read_only=False,
                    chunk_tokens=chunk_tokens, chunk_heads=heads, durable=durable)
+
+    @staticmethod
+    def bytes_for(layout: TierLayout, rows: int, block_tokens: int, chunk_tokens: int | None = None) -> int:
+        """What a store of ``rows`` rows a layer takes on disk: whole chunk files (the last one is
+        written whole) and the positions' chunks."""
+        s = chunk_tokens or block_tokens * DEFAULT_CHUNK_BLOCKS
+        row_bytes = layout.num_kv_heads * 2 * layout.head_dim * layout.dtype.itemsize
+        return layout.num_layers * (-(-rows // s) * s * row_bytes + -(-rows // POSITION_CHUNK) * POSITION_CHUNK * 8)
 
     @classmethod
     def open(

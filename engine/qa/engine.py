@@ -22,6 +22,7 @@ import torch
 from ...storage import Artifact, ArtifactWriter, ByteMeter, DiskTier, IndexSpec, KVTier, MemoryTier, TierLayout, device_tier, host_tier
 from ...storage.document_store import DocumentReader
 from ...storage.rows import dtype_name
+from ...storage.space import ensure_room, is_no_room, no_room
 from ..calibration.maps_file import MapsError, default_maps_path, read_maps
 from ..config import EngineConfig
 from ..decode.state import KVState
@@ -89,6 +90,11 @@ class Engine:
             raise ValueError(f"the document has {len(ids)} tokens; the model handles at most {self.lm.max_positions} positions")
         cfg = self.config
         meter = ByteMeter()
+        # Where the KV goes on disk, if anywhere, and about how much it takes: refused before any work if it cannot fit.
+        room = store if store is not None else (cfg.scratch_dir or tempfile.gettempdir()) if cfg.offload == "disk" else None
+        what = f"the store of {len(ids)} tokens" if store is not None else f"the scratch KV store of {len(ids)} tokens"
+        if room is not None:
+            ensure_room(room, self._store_bytes(len(ids)), what)
         writer = ArtifactWriter(store, overwrite=overwrite) if store is not None else None
         scratch = None
         try:
@@ -96,6 +102,8 @@ class Engine:
                 if writer is not None:
                     location = writer.kv_location
                 else:
+                    if cfg.scratch_dir is not None:
+                        Path(cfg.scratch_dir).mkdir(parents=True, exist_ok=True)
                     scratch = tempfile.mkdtemp(prefix="rcengine-kv-", dir=cfg.scratch_dir)
                     location = f"{scratch}/kv.zarr"
                 tier: KVTier = DiskTier.create(location, self._layout(), cfg.block_tokens, cfg.cache_bytes, self.lm.device, meter,
@@ -115,11 +123,13 @@ class Engine:
                     cache.state.tier = DiskTier.open(art.kv_location, cfg.cache_bytes, self.lm.device, meter, art.kv_checksums,
                                                      carry=tier)
                     clock.lap("reopen")
-        except BaseException:
+        except BaseException as e:
             if writer is not None:
                 writer.abort()
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
+            if room is not None and is_no_room(e):
+                raise no_room(room, self._store_bytes(len(ids)), what) from e
             raise
         doc = Document(self, cache, len(ids), last_logits, prefill_ms, store=str(store) if store else None, scratch=scratch)
         doc.prefill_phases_ms = dict(clock.ms)
@@ -195,6 +205,16 @@ class Engine:
             )
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _store_bytes(self, tokens: int) -> int:
+        """About what a store of ``tokens`` tokens takes on disk: the KV store (every token counted
+        as a mid row: the anchors' files take the rest), 2 % and 1 MiB for the other files, and the
+        faiss selector's float32 keys files."""
+        layers, heads, dim = self.lm.kv_shape
+        total = int(1.02 * DiskTier.bytes_for(self._layout(), tokens, self.config.block_tokens)) + (1 << 20)
+        if self.config.selector == "faiss":
+            total += tokens * layers * heads * dim * 4
+        return total
 
     def _layout(self) -> TierLayout:
         layers, heads, dim = self.lm.kv_shape
