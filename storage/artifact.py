@@ -241,6 +241,8 @@ class Artifact:
     @staticmethod
     def open(location: str | Path, expect_fingerprint: dict[str, Any] | None = None) -> "Artifact":
         fs, root, local = _fs(location)
+        if local and Path(root).is_file():
+            raise ArtifactError(f"{location} is a file, not a prefill artifact (a folder made by rcengine prefill or generate --store)")
         try:
             with fs.open(f"{root}/{MANIFEST}", "r") as f:
                 text = f.read()

@@ -117,6 +117,9 @@ def test_truncated_chunk_and_altered_metadata(tmp_path):
 def test_missing_or_broken_manifest(tmp_path):
     with pytest.raises(ArtifactError, match="no prefill artifact"):
         Artifact.open(tmp_path / "nothing")
+    (tmp_path / "a.txt").write_text("not a store")
+    with pytest.raises(ArtifactError, match="a.txt is a file, not a prefill artifact"):
+        Artifact.open(tmp_path / "a.txt")
     write_artifact(tmp_path / "doc")
     manifest = tmp_path / "doc" / "manifest.json"
     text = manifest.read_text()
