@@ -37,7 +37,7 @@ _EXPORTS = {
     **dict.fromkeys(("CalibrationConfig", "calibrate"), ".engine.calibration.fit"),
     **dict.fromkeys(("LearnedMaps", "MapsError", "read_maps"), ".engine.calibration.maps_file"),
     **dict.fromkeys(("ArtifactError", "CorruptChunkError", "IndexSpec", "ModelMismatchError", "NoSpaceError", "available_tiers",
-                     "reclaim_stale", "temporaries"), ".storage"),
+                     "reclaim_stale", "reclaim_stale_scratch", "stale_scratch", "temporaries"), ".storage"),
     **dict.fromkeys(("BenchIOConfig", "run_bench_io"), ".bench.io_bench"),
     **dict.fromkeys(("overview_table", "write_report"), ".bench.io_report"),
 }
@@ -58,7 +58,8 @@ if TYPE_CHECKING:
     )
     from .engine.sampling import SamplingConfig
     from .storage import (
-        ArtifactError, CorruptChunkError, IndexSpec, ModelMismatchError, NoSpaceError, available_tiers, reclaim_stale, temporaries,
+        ArtifactError, CorruptChunkError, IndexSpec, ModelMismatchError, NoSpaceError, available_tiers, reclaim_stale,
+        reclaim_stale_scratch, stale_scratch, temporaries,
     )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import platform
+import signal
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -81,6 +82,7 @@ def info(
         "device": _device(),
         "tiers": {t.name: {"available": t.available, "detail": t.detail} for t in rcengine.available_tiers()},
         "default_model": str(default) if (default / "config.json").exists() else None,
+        "scratch": [{"path": str(t.path), "bytes": t.bytes, "live": t.live} for t in rcengine.stale_scratch()],
     }
     if store is not None:
         report["store"] = _store_report(store)
@@ -98,6 +100,8 @@ def info(
     for name, tier in report["tiers"].items():
         table.add_row(f"tier {name}", ("yes: " if tier["available"] else "no: ") + tier["detail"])
     table.add_row("default model", report["default_model"] or "not in this build")
+    for t in report["scratch"]:
+        table.add_row("scratch store", f"{t['path']} ({t['bytes'] / 1e6:.1f} MB, {'in use' if t['live'] else 'stale'})")
     if store is not None:
         st = report["store"]
         table.add_row("store", st.get("error") or f"{st['path']}: {st['tokens']} tokens, model {st['model']}, {st['created']}")
@@ -110,8 +114,13 @@ def info(
 _UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
+def _terminated(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds like Ctrl-C: a prefill's temporary or scratch store is removed
+
+
 def main() -> None:
     """Console-script entry point: usage errors become one line with exit code 2."""
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         code = app(standalone_mode=False)  # an Exit raised by a command comes back as its code
     except _UsageError as e:

@@ -68,6 +68,8 @@ def generate(
     sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()))
     if store is not None:
         report_reclaimed(rcengine.reclaim_stale(store))
+    elif cfg.offload == "disk":
+        report_reclaimed(rcengine.reclaim_stale_scratch(cfg.scratch_dir))
     answer = engine.generate(text, sampling, on_text=stream(as_json), store=store)
     finish(answer, as_json)
 
@@ -100,9 +102,9 @@ def prefill(
 
 
 def report_reclaimed(reclaimed: list) -> None:
-    """One line per stale temporary folder removed beside a store."""
+    """One line per stale temporary folder removed (beside a store, or a scratch store)."""
     for t in reclaimed:
-        typer.echo(f"[removed {t.path} ({t.bytes / 1e6:.1f} MB), left by an interrupted prefill]", err=True)
+        typer.echo(f"[removed {t.path} ({t.bytes / 1e6:.1f} MB), left by an interrupted run]", err=True)
 
 
 @user_errors_exit_2

@@ -14,7 +14,7 @@ from .defaults import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES
 from .index_spec import IndexSpec
 from .meter import ByteMeter, Counters
 from .space import NoSpaceError
-from .temporaries import Temporary, reclaim_stale, temporaries
+from .temporaries import Scratch, Temporary, reclaim_stale, reclaim_stale_scratch, stale_scratch, temporaries
 from .tier import KVTier, MemoryTier, TierLayout, device_tier, host_tier
 
 if TYPE_CHECKING:
@@ -35,6 +35,6 @@ def __getattr__(name: str):  # noqa: ANN202 (PEP 562: the heavy modules load on 
 __all__ = [
     "DEFAULT_BLOCK_TOKENS", "DEFAULT_CACHE_BYTES", "Artifact", "ArtifactError", "ArtifactWriter", "BlockReader", "BlockPool", "BlockPoolFull",
     "ByteMeter", "CorruptChunkError", "Counters", "DiskTier", "IndexSpec", "KVTier", "KeyIndex", "MemoryTier", "StreamedFlatIndex",
-    "ModelMismatchError", "NoSpaceError", "Temporary", "TierAvailability", "TierLayout", "available_tiers", "device_tier", "fingerprint_digest", "host_tier",
-    "merge_group", "reclaim_stale", "temporaries",
+    "ModelMismatchError", "NoSpaceError", "Scratch", "Temporary", "TierAvailability", "TierLayout", "available_tiers", "device_tier", "fingerprint_digest", "host_tier",
+    "merge_group", "reclaim_stale", "reclaim_stale_scratch", "stale_scratch", "temporaries",
 ]

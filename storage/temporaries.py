@@ -1,14 +1,24 @@
-"""Temporary folders of artifact writers: each writer holds an exclusive lock on
-``.NAME.tmp-XXXXXXXX.lock`` (taken before the folder exists) for as long as it lives, so a folder
-whose lock is free was left by a writer that died, and can be removed safely."""
+"""Temporary folders: each writer holds an exclusive lock on ``FOLDER.lock`` (taken before the
+folder exists) for as long as it lives, so a folder whose lock is free was left by a process that
+died, and can be removed safely.
+
+- Artifact writers write ``.NAME.tmp-XXXXXXXX`` beside the store ``NAME`` (:func:`temporaries`,
+  :func:`reclaim_stale`).
+- A prefill to disk without a store writes a scratch store ``rcengine-kv-XXXXXXXX`` in its scratch
+  folder (:class:`Scratch`), removed with its document; one left by a killed process is removed by
+  the next scratch prefill in that folder (:func:`reclaim_stale_scratch`).
+"""
 
 from __future__ import annotations
 
 import fcntl
 import os
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+SCRATCH_PREFIX = "rcengine-kv-"
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +69,53 @@ def reclaim_stale(location: str | Path) -> list[Temporary]:
     -> what was removed.  Folders a live writer holds are left alone."""
     removed = []
     for tmp in temporaries(location):
+        if tmp.live:
+            continue
+        shutil.rmtree(tmp.path, ignore_errors=True)
+        lock_path(tmp.path).unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+class Scratch:
+    """A scratch folder ``PARENT/rcengine-kv-XXXXXXXX`` (PARENT made if missing; the system's
+    temporary folder if None), locked while this object lives; :meth:`remove` removes both."""
+
+    def __init__(self, parent: str | Path | None = None) -> None:
+        parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+        parent.mkdir(parents=True, exist_ok=True)
+        self._fd, lock = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=".lock", dir=parent)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)  # taken before the folder exists
+        self.path = Path(lock[: -len(".lock")])
+        try:
+            self.path.mkdir()
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        if self._fd is None:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        lock_path(self.path).unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+
+def stale_scratch(parent: str | Path | None = None) -> list[Temporary]:
+    """Scratch folders in ``parent`` (default: the system's temporary folder), live or left by a
+    process that died.  Only folders with a lock file count: the lock is what tells them apart."""
+    parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    if not parent.is_dir():
+        return []
+    found = [p for p in parent.glob(f"{SCRATCH_PREFIX}*") if p.is_dir() and lock_path(p).exists()]
+    return [Temporary(p, _size(p), _held(p)) for p in sorted(found)]
+
+
+def reclaim_stale_scratch(parent: str | Path | None = None) -> list[Temporary]:
+    """Remove the scratch folders in ``parent`` whose process died; -> what was removed."""
+    removed = []
+    for tmp in stale_scratch(parent):
         if tmp.live:
             continue
         shutil.rmtree(tmp.path, ignore_errors=True)

@@ -24,7 +24,10 @@ from rcengine.storage import (
     IndexSpec,
     KeyIndex,
     ModelMismatchError,
+    Scratch,
     TierLayout,
+    reclaim_stale_scratch,
+    stale_scratch,
     temporaries,
 )
 
@@ -288,3 +291,35 @@ def test_block_reader_verifies_each_block(tmp_path):
     assert reader.read(0) == data[:4096]  # other blocks still read
     with pytest.raises(CorruptChunkError, match="block 1 of file 'keys.f32'"):
         reader.read(1)
+
+
+_SCRATCH = textwrap.dedent(
+    """
+    import os, sys
+    from rcengine.storage import Scratch
+    s = Scratch(sys.argv[1])
+    (s.path / "kv.bin").write_bytes(b"x" * 1000)
+    print(s.path, flush=True)
+    if sys.argv[2] == "killed":
+        os._exit(0)  # no clean-up, as after SIGKILL
+    sys.stdin.read()  # alive until the test closes stdin
+    """
+)
+
+
+def test_a_killed_processes_scratch_store_is_reclaimed_and_a_live_ones_is_not(tmp_path):
+    killed = subprocess.run([sys.executable, "-c", _SCRATCH, str(tmp_path), "killed"], capture_output=True, text=True, check=True)
+    stale = Path(killed.stdout.strip())
+    live = subprocess.Popen([sys.executable, "-c", _SCRATCH, str(tmp_path), "live"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    alive = Path(live.stdout.readline().strip())
+    (tmp_path / "rcengine-kv-nolock").mkdir()  # no lock file: not known to be ours, left alone
+    mine = Scratch(tmp_path)  # this process's own
+    found = {t.path: t for t in stale_scratch(tmp_path)}
+    assert set(found) == {stale, alive, mine.path}
+    assert not found[stale].live and found[stale].bytes == 1000 and found[alive].live and found[mine.path].live
+    assert [t.path for t in reclaim_stale_scratch(tmp_path)] == [stale]
+    assert not stale.exists() and not stale.with_name(stale.name + ".lock").exists() and alive.exists() and mine.path.exists()
+    live.communicate("")  # the live process ends normally: it leaves its folder (it never removed it), now stale
+    assert [t.path for t in reclaim_stale_scratch(tmp_path)] == [alive]
+    mine.remove()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rcengine-kv-nolock"]

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -217,3 +220,28 @@ def test_disk_block_cache_size_option(model, tmp_path):
     assert none.returncode == 0, none.stderr
     default = rc(*args)
     assert json.loads(none.stdout)["text"] == json.loads(default.stdout)["text"]
+
+
+def test_a_terminated_generate_removes_its_scratch_store_and_a_killed_ones_goes_next(tmp_path):
+    """SIGTERM unwinds like Ctrl-C (exit 143, the scratch store removed); after SIGKILL the next
+    scratch prefill in that folder removes what was left, and says so."""
+    long_model = save_tiny_model(tmp_path / "llama", "llama", max_positions=4096)
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    args = [sys.executable, "-m", "rcengine.cli.app", "generate", PROMPT, "--model", str(long_model), "--offload", "disk",
+            "--max-new-tokens", "3800", "--tail", "16"]
+    for sig, code in ((signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGKILL, -signal.SIGKILL)):
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not list(scratch.glob("rcengine-kv-*/kv.zarr")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the prefill has made its scratch store
+        assert proc.poll() is None, proc.stderr.read()[-2000:]
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == code, err[-2000:]
+        assert "Traceback" not in err
+    (left,) = [p for p in scratch.iterdir() if p.is_dir()]  # the killed one's
+    out = subprocess.run([*args[:-4], "--max-new-tokens", "2"], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert f"removed {left}" in out.stderr and list(scratch.iterdir()) == []

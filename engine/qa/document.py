@@ -7,7 +7,6 @@ are dropped afterwards.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ...storage import ByteMeter, KVTier
+from ...storage.temporaries import Scratch
 from ..decode.runner import StepRunner
 from ..hf.cache import RCCache
 from ..hf.integration import rc_forward
@@ -47,7 +47,7 @@ class Document:
     """A prefilled sequence, ready to be continued or questioned."""
 
     def __init__(self, engine: "Engine", cache: RCCache, tokens: int, last_logits: torch.Tensor | None, prefill_ms: float,
-                 store: str | None, scratch: str | None) -> None:
+                 store: str | None, scratch: Scratch | None) -> None:
         self.engine = engine
         self.cache = cache
         self.tokens = tokens
@@ -158,7 +158,7 @@ class Document:
         self.close()
 
 
-def _cleanup(tier: KVTier, scratch: str | None) -> None:
+def _cleanup(tier: KVTier, scratch: Scratch | None) -> None:
     tier.close()
     if scratch is not None:
-        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.remove()

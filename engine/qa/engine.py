@@ -10,7 +10,6 @@ A document is one sequence (batch 1).
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +22,7 @@ from ...storage import Artifact, ArtifactWriter, ByteMeter, DiskTier, IndexSpec,
 from ...storage.document_store import DocumentReader
 from ...storage.rows import dtype_name
 from ...storage.space import ensure_room, is_no_room, no_room
+from ...storage.temporaries import Scratch, reclaim_stale_scratch
 from ..calibration.maps_file import MapsError, default_maps_path, read_maps
 from ..config import EngineConfig
 from ..decode.state import KVState
@@ -102,10 +102,9 @@ class Engine:
                 if writer is not None:
                     location = writer.kv_location
                 else:
-                    if cfg.scratch_dir is not None:
-                        Path(cfg.scratch_dir).mkdir(parents=True, exist_ok=True)
-                    scratch = tempfile.mkdtemp(prefix="rcengine-kv-", dir=cfg.scratch_dir)
-                    location = f"{scratch}/kv.zarr"
+                    reclaim_stale_scratch(cfg.scratch_dir)  # scratch stores of processes that were killed
+                    scratch = Scratch(cfg.scratch_dir)
+                    location = f"{scratch.path}/kv.zarr"
                 tier: KVTier = DiskTier.create(location, self._layout(), cfg.block_tokens, cfg.cache_bytes, self.lm.device, meter,
                                                durable=writer is not None)
             else:
@@ -127,7 +126,7 @@ class Engine:
             if writer is not None:
                 writer.abort()
             if scratch is not None:
-                shutil.rmtree(scratch, ignore_errors=True)
+                scratch.remove()
             if room is not None and is_no_room(e):
                 raise no_room(room, self._store_bytes(len(ids)), what) from e
             raise
