@@ -94,6 +94,12 @@ def test_bad_input_exits_2_with_one_line(model, other_model, tmp_path):
     shutil.copytree(model, broken)
     (broken / "config.json").write_text("{not json")
     _assert_one_line_error(rc("generate", "hi", "--model", str(broken)), "config.json is not valid JSON")
+    untokenized = tmp_path / "untokenized"
+    shutil.copytree(model, untokenized)
+    (untokenized / "tokenizer.json").unlink()
+    _assert_one_line_error(rc("generate", "hi", "--model", str(untokenized)), "untokenized has no tokenizer (tokenizer.json")
+    (untokenized / "tokenizer.json").write_text("{not json")
+    _assert_one_line_error(rc("generate", "hi", "--model", str(untokenized)), "untokenized does not load (")
 
 
 def test_info_shows_a_stores_interrupted_prefills(model, tmp_path):

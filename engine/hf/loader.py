@@ -12,6 +12,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from .integration import check_supported, kv_shape, use_rcengine_attention
 
+# A tokenizer needs one of these (the rest of _TOKENIZER_FILES configure it).
+_TOKENIZER_VOCABS = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
@@ -120,6 +122,9 @@ def load_model(
         raise FileNotFoundError(f"{folder} is not a model folder: it has no config.json")
     if not list(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"{folder} has no *.safetensors weights (rcengine loads no pickled weights)")
+    if not any((folder / name).exists() for name in _TOKENIZER_VOCABS):
+        raise FileNotFoundError(f"{folder} has no tokenizer ({', '.join(_TOKENIZER_VOCABS)}): copy the checkpoint's tokenizer "
+                                "files into the folder")
     try:
         json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -133,5 +138,9 @@ def load_model(
     )
     use_rcengine_attention(model)
     model.to(dev).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"the tokenizer in {folder} does not load ({first}): repair or replace its tokenizer files") from None
     return LoadedModel(model, tokenizer, folder.resolve(), dev)
