@@ -45,7 +45,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from .checksums import CorruptChunkError, crc32c_hex
-from .temporaries import Temporary, lock_path, reclaim_stale
+from .temporaries import Temporary, lock_path, reclaim_stale, remove_tree
 
 FORMAT = "rcengine-prefill"
 FORMAT_VERSION = 2  # 2: flat key indexes stored as plain block-checksummed key files
@@ -217,7 +217,7 @@ class ArtifactWriter:
         if self._done:
             return
         if self.local:
-            shutil.rmtree(self.root, ignore_errors=True)
+            remove_tree(self.root)
         self._done = True
         self._unlock()
 

@@ -125,9 +125,10 @@ class ChunkFiles:
         finally:
             os.close(fd)
 
-    def close(self) -> None:
+    def close(self, cancel: bool = False) -> None:
+        """Wait for the writes and reads in flight; ``cancel``: drop the queued ones first."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True)
+            self._pool.shutdown(wait=True, cancel_futures=cancel)
             self._pool = None
 
 

@@ -662,6 +662,16 @@ class DiskTier:
         self._wait_for_writes()
         return dict(self.store.ledger.checksums)
 
+    def abandon(self) -> None:
+        """Stop writing a store that is about to be removed (a failed or interrupted prefill):
+        queued writes are dropped and running ones end before this returns, so that no writer
+        thread recreates files in a folder being removed; their errors are not raised."""
+        self._writes = []
+        if self._files is not None:
+            self._files.close(cancel=True)
+        self.cache.clear()
+        self.store.close()
+
     def close(self) -> None:
         try:
             self._wait_for_writes()

@@ -15,6 +15,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,18 @@ class Temporary:
     path: Path
     bytes: int
     live: bool
+
+
+def remove_tree(path: str | Path, patience_s: float = 2.0) -> None:
+    """Remove a folder that a write still in flight may recreate a file in (zarr finishes an
+    operation on its own event loop after the caller was interrupted): removed again until it
+    stays gone, for at most ``patience_s``."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path) or time.monotonic() > deadline:
+            return
+        time.sleep(0.02)
 
 
 def lock_path(tmp: Path) -> Path:
@@ -71,7 +84,7 @@ def reclaim_stale(location: str | Path) -> list[Temporary]:
     for tmp in temporaries(location):
         if tmp.live:
             continue
-        shutil.rmtree(tmp.path, ignore_errors=True)
+        remove_tree(tmp.path)
         lock_path(tmp.path).unlink(missing_ok=True)
         removed.append(tmp)
     return removed
@@ -96,7 +109,7 @@ class Scratch:
     def remove(self) -> None:
         if self._fd is None:
             return
-        shutil.rmtree(self.path, ignore_errors=True)
+        remove_tree(self.path)
         lock_path(self.path).unlink(missing_ok=True)
         os.close(self._fd)
         self._fd = None
@@ -118,7 +131,7 @@ def reclaim_stale_scratch(parent: str | Path | None = None) -> list[Temporary]:
     for tmp in stale_scratch(parent):
         if tmp.live:
             continue
-        shutil.rmtree(tmp.path, ignore_errors=True)
+        remove_tree(tmp.path)
         lock_path(tmp.path).unlink(missing_ok=True)
         removed.append(tmp)
     return removed

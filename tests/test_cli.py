@@ -247,6 +247,8 @@ def test_a_terminated_generate_removes_its_scratch_store_and_a_killed_ones_goes_
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == code, err[-2000:]
         assert "Traceback" not in err
+        if sig == signal.SIGTERM:
+            assert list(scratch.iterdir()) == []  # removed, lock included
     (left,) = [p for p in scratch.iterdir() if p.is_dir()]  # the killed one's
     out = subprocess.run([*args[:-4], "--max-new-tokens", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

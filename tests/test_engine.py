@@ -392,3 +392,21 @@ def test_a_block_cache_too_small_for_a_layer_is_refused_clearly(models, tmp_path
     with pytest.raises(ValueError, match="--cache-mb"):
         doc.ask(_prompt(seed=51, n=5), SamplingConfig(max_new_tokens=2))
     doc.close()
+
+
+def test_a_closed_document_answers_nothing(models, tmp_path):
+    engine = _engine(models["llama"], offload="disk", method="rc", budget=0.1)
+    doc = engine.prefill(_prompt(), store=tmp_path / "store")
+    doc.close()
+    doc.close()  # closing twice is harmless
+    assert doc.closed
+    for call in (lambda: doc.ask([5]), lambda: doc.logits([5, 6]), lambda: doc.configure(budget=0.2), doc.continue_prompt):
+        with pytest.raises(ValueError, match=r"this document is closed .*reopen it with engine.open\("):
+            call()
+    again = engine.open(tmp_path / "store")
+    assert not again.closed and again.ask([5], SamplingConfig(max_new_tokens=1)).new_tokens == 1
+    again.close()
+    scratch = engine.prefill(_prompt())
+    scratch.close()
+    with pytest.raises(ValueError, match="this document is closed .*prefill it again"):
+        scratch.ask([5])

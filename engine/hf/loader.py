@@ -122,9 +122,6 @@ def load_model(
         raise FileNotFoundError(f"{folder} is not a model folder: it has no config.json")
     if not list(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"{folder} has no *.safetensors weights (rcengine loads no pickled weights)")
-    if not any((folder / name).exists() for name in _TOKENIZER_VOCABS):
-        raise FileNotFoundError(f"{folder} has no tokenizer ({', '.join(_TOKENIZER_VOCABS)}): copy the checkpoint's tokenizer "
-                                "files into the folder")
     try:
         json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -132,6 +129,9 @@ def load_model(
     dev = compute_device(device)
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     check_supported(config)
+    if not any((folder / name).exists() for name in _TOKENIZER_VOCABS):
+        raise FileNotFoundError(f"{folder} has no tokenizer ({', '.join(_TOKENIZER_VOCABS)}): copy the checkpoint's tokenizer "
+                                "files into the folder")
     dt = dtype if dtype is not None else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     model = AutoModelForCausalLM.from_pretrained(
         folder, local_files_only=True, use_safetensors=True, dtype=dt, trust_remote_code=trust_remote_code

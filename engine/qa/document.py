@@ -71,6 +71,7 @@ class Document:
                   selector: str | None = None, select_block: int | None = None, fused: bool | None = None) -> None:
         """Change how the next questions attend to this document: the KV and anchors are reused.
         A new ``estimator`` or ``selector`` is built once from the tier (not metered) and kept."""
+        self._check_open()
         changes = {k: v for k, v in {"method": method, "budget": budget, "estimator": estimator, "selector": selector,
                                      "select_block": select_block, "fused": fused}.items() if v is not None}
         new = replace(self.engine.config, **changes).resolved()  # validated by EngineConfig
@@ -100,6 +101,7 @@ class Document:
             st.spill_enabled = True
 
     def _tokens(self, text: str | list[int], what: str) -> list[int]:
+        self._check_open()
         ids = self.engine.tokenize(text, special=False) if isinstance(text, str) else list(text)
         if not ids:
             raise ValueError(f"the {what} is empty")
@@ -135,6 +137,7 @@ class Document:
 
     def continue_prompt(self, sampling: SamplingConfig | None = None, on_text: Callable[[str], None] | None = None) -> Answer:
         """Continue the prefilled prompt itself (what ``generate`` does); tail tokens spill."""
+        self._check_open()
         if self.last_logits is None:
             raise ValueError("a reopened document has no pending prompt to continue: ask it a question instead")
         sampling = sampling or SamplingConfig()
@@ -147,7 +150,17 @@ class Document:
         stats = answer_stats(self.state, self.meter, first_step, out.steps, out.steps, self.prefill_ms, 0.0, out.decode_s)
         return Answer(out.text, out.tokens, self.tokens, len(out.tokens), stats)
 
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def _check_open(self) -> None:
+        if self.closed:
+            where = f"reopen it with engine.open({self.store!r})" if self.store else "prefill it again"
+            raise ValueError(f"this document is closed (its tier and scratch store are released): {where}")
+
     def close(self) -> None:
+        """Release the tier (and remove a scratch store); the document answers nothing after."""
         self.runner.drop_graphs()
         self._finalizer()
 

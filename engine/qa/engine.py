@@ -96,7 +96,7 @@ class Engine:
         if room is not None:
             ensure_room(room, self._store_bytes(len(ids)), what)
         writer = ArtifactWriter(store, overwrite=overwrite) if store is not None else None
-        scratch = None
+        scratch, tier = None, None
         try:
             if cfg.offload == "disk":
                 if writer is not None:
@@ -105,8 +105,8 @@ class Engine:
                     reclaim_stale_scratch(cfg.scratch_dir)  # scratch stores of processes that were killed
                     scratch = Scratch(cfg.scratch_dir)
                     location = f"{scratch.path}/kv.zarr"
-                tier: KVTier = DiskTier.create(location, self._layout(), cfg.block_tokens, cfg.cache_bytes, self.lm.device, meter,
-                                               durable=writer is not None)
+                tier = DiskTier.create(location, self._layout(), cfg.block_tokens, cfg.cache_bytes, self.lm.device, meter,
+                                       durable=writer is not None)
             else:
                 tier = self._memory_tier(meter)
             clock = PhaseClock()
@@ -123,6 +123,8 @@ class Engine:
                                                      carry=tier)
                     clock.lap("reopen")
         except BaseException as e:
+            if isinstance(tier, DiskTier) and not tier.read_only:
+                tier.abandon()  # no writer thread may still be at work in the folders removed below
             if writer is not None:
                 writer.abort()
             if scratch is not None:

@@ -31,11 +31,15 @@ def persist(state: KVState, doc_ids: list[int], writer: ArtifactWriter, fingerpr
         checksums = tier.checksums
     else:  # the persisted form is always a Zarr store
         disk = DiskTier.create(writer.kv_location, TierLayout(layers, heads, state.head_dim, state.dtype), cfg.block_tokens)
-        for layer in range(layers):
-            k, v = state.read_mid(layer)
-            disk.append(layer, k[0], v[0], torch.from_numpy(tier.positions(layer)))
-        disk.flush()
-        checksums = disk.checksums
+        try:
+            for layer in range(layers):
+                k, v = state.read_mid(layer)
+                disk.append(layer, k[0], v[0], torch.from_numpy(tier.positions(layer)))
+            disk.flush()
+            checksums = disk.checksums
+        except BaseException:
+            disk.abandon()  # its writers stop before the writer's folder is removed
+            raise
         disk.close()
     doc = DocumentWriter(writer)
     tail_k, tail_v, tail_pos = state.tail.view()

@@ -1,11 +1,13 @@
-"""A file system without room for a store: refused before the prefill, or named when it fills up
-midway; nothing is left behind and a store being replaced survives."""
+"""A prefill to disk that cannot finish: a file system without room for the store (refused before
+the prefill, or named when it fills up midway), or an interruption while writer threads are still
+at work.  Nothing is left behind, and a store being replaced survives."""
 
 from __future__ import annotations
 
 import errno
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,8 @@ from typer.testing import CliRunner
 
 from rcengine import Engine, EngineConfig, NoSpaceError, SamplingConfig
 from rcengine.cli.app import app
-from rcengine.storage import space
+from rcengine.storage import DiskTier, space
+from rcengine.storage.chunk_files import ChunkFiles
 from rcengine.storage.space import ensure_room, free_bytes, is_no_room
 from tiny_models import save_tiny_model
 
@@ -123,3 +126,26 @@ def test_the_room_asked_for_is_what_the_store_takes(model, tmp_path):
     taken = sum(p.stat().st_size for p in store.rglob("*") if p.is_file())
     asked = engine._store_bytes(len(engine.tokenize(LONG)))
     assert taken <= asked <= 1.05 * taken + (1 << 20)  # the estimate's slack for the small files
+
+
+@pytest.mark.parametrize("persisted", [True, False])
+def test_an_interrupted_prefill_stops_its_writers_before_removing_their_folder(model, tmp_path, monkeypatch, persisted):
+    """The writer threads still have chunk files to write (each first waits 0.3 s) when the prefill
+    is interrupted; a write that ran after the folder's removal would create it again."""
+    engine = _engine(model, tmp_path)
+    write = ChunkFiles.write
+
+    def slow_write(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        time.sleep(0.3)
+        return write(self, *args, **kwargs)
+
+    def interrupted(self):  # noqa: ANN001, ANN202
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ChunkFiles, "write", slow_write)
+    monkeypatch.setattr(DiskTier, "flush", interrupted)
+    (tmp_path / "scratch").mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        engine.prefill(LONG, store=tmp_path / "store" if persisted else None)
+    time.sleep(0.6)  # any write still running would have recreated its folder by now
+    assert _leftovers(tmp_path) == ["scratch"] and _leftovers(tmp_path / "scratch") == []
