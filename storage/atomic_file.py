@@ -7,6 +7,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from .space import NoSpaceError, is_no_room
+
 
 def new_file_mode() -> int:
     """The mode open() gives a new file under this process's umask (mkstemp's files are 0600)."""
@@ -27,7 +29,10 @@ def write_atomic(path: Path, write: Callable[[Path], None], suffix: str = ".tmp"
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if is_no_room(e):
+            raise NoSpaceError(f"no room to write {path} on its file system: free some space there or choose another "
+                               "location") from e
         raise
     return path

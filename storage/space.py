@@ -45,9 +45,12 @@ def ensure_room(location: str | Path, needed: int, what: str) -> None:
 
 
 def is_no_room(error: BaseException) -> bool:
-    """Whether ``error`` (or what it was raised from) is a write refused for lack of room."""
+    """Whether ``error`` (or what it was raised from) is a write refused for lack of room; libraries
+    that do their own I/O (safetensors) say so only in their message."""
     while error is not None:
         if isinstance(error, OSError) and error.errno in _NO_ROOM:
+            return True
+        if not isinstance(error, OSError) and any(s in str(error) for s in ("No space left on device", "Disk quota exceeded")):
             return True
         error = error.__cause__ or error.__context__
     return False

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from rcengine import (
     LearnedMaps,
     MapsError,
     ModelMismatchError,
+    NoSpaceError,
     SamplingConfig,
     calibrate,
 )
@@ -198,3 +200,23 @@ def test_the_embedded_model_ships_maps_made_for_it():
     assert engine.config.estimator.maps == str(default_maps_path().resolve())
     manifest = read_maps(default_maps_path(), lm.fingerprint(), (8, 2, 2, 64)).manifest
     assert manifest["settings"]["features"] == 64 and len(manifest["per_layer"]) == 8
+
+
+def test_maps_on_a_full_file_system_say_so_and_leave_nothing(tiny, tmp_path, monkeypatch):
+    """safetensors does its own I/O and says "No space left on device" only in its message."""
+    _, _, maps = tiny
+    import rcengine.engine.calibration.maps_file as maps_file
+
+    def full(_tensors, path):  # noqa: ANN001, ANN202
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(maps_file, "save_file", full)
+    with pytest.raises(NoSpaceError, match=r"no room to write .*maps.safetensors on its file system"):
+        maps.save(tmp_path / "new" / "maps")
+    assert list((tmp_path / "new").iterdir()) == []  # the folder it made is gone, and the temporary
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(NoSpaceError):
+        maps.save(tmp_path / "kept")
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]

@@ -48,13 +48,20 @@ class LearnedMaps:
     manifest: dict[str, Any]
 
     def save(self, folder: str | Path) -> Path:
+        """Into ``folder`` (made if missing, and removed again if the first write fails there)."""
         folder = Path(folder)
+        made = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for i, p in enumerate(self.layers):
             tensors.update({f"L{i}.U": p.U, f"L{i}.tau": p.tau, f"L{i}.gamma": p.gamma})
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-        write_atomic(folder / MAPS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        try:
+            write_atomic(folder / MAPS_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        except BaseException:
+            if made and not any(folder.iterdir()):
+                folder.rmdir()
+            raise
         manifest = dict(self.manifest, format=FORMAT, kind=KIND, layers=len(self.layers),
                         sha256=hashlib.sha256((folder / MAPS_FILE).read_bytes()).hexdigest())
         write_atomic(folder / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
