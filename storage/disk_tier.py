@@ -226,7 +226,7 @@ class DiskTier:
         """What a store of ``rows`` rows a layer takes on disk: whole chunk files (the last one is
         written whole) and the positions' chunks."""
         s = chunk_tokens or block_tokens * DEFAULT_CHUNK_BLOCKS
-        row_bytes = layout.num_kv_heads * 2 * layout.head_dim * layout.dtype.itemsize
+        row_bytes = layout.num_kv_heads * layout.row_bytes
         return layout.num_layers * (-(-rows // s) * s * row_bytes + -(-rows // POSITION_CHUNK) * POSITION_CHUNK * 8)
 
     @classmethod
@@ -667,16 +667,16 @@ class DiskTier:
         queued writes are dropped and running ones end before this returns, so that no writer
         thread recreates files in a folder being removed; their errors are not raised."""
         self._writes = []
-        if self._files is not None:
-            self._files.close(cancel=True)
-        self.cache.clear()
-        self.store.close()
+        self._release(cancel=True)
 
     def close(self) -> None:
         try:
             self._wait_for_writes()
         finally:
-            if self._files is not None:
-                self._files.close()
-            self.cache.clear()
-            self.store.close()
+            self._release()
+
+    def _release(self, cancel: bool = False) -> None:
+        if self._files is not None:
+            self._files.close(cancel=cancel)
+        self.cache.clear()
+        self.store.close()

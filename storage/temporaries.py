@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,21 +74,33 @@ def temporaries(location: str | Path) -> list[Temporary]:
     parent = final.parent
     if not parent.is_dir():
         return []
-    found = [p for p in parent.glob(f".{final.name}.tmp-*") if p.is_dir()]
-    return [Temporary(p, _size(p), _held(p)) for p in sorted(found)]
+    return _described(p for p in parent.glob(f".{final.name}.tmp-*") if p.is_dir())
 
 
 def reclaim_stale(location: str | Path) -> list[Temporary]:
     """Remove the temporary folders of writers of ``location`` that died (their lock is free);
     -> what was removed.  Folders a live writer holds are left alone."""
-    removed = []
-    for tmp in temporaries(location):
-        if tmp.live:
-            continue
-        remove_tree(tmp.path)
-        lock_path(tmp.path).unlink(missing_ok=True)
-        removed.append(tmp)
+    return _remove_stale(temporaries(location))
+
+
+def _described(folders: Iterable[Path]) -> list[Temporary]:
+    return [Temporary(p, _size(p), _held(p)) for p in sorted(folders)]
+
+
+def _remove_stale(found: list[Temporary]) -> list[Temporary]:
+    removed = [t for t in found if not t.live]
+    for t in removed:
+        _remove_with_lock(t.path)
     return removed
+
+
+def _remove_with_lock(folder: Path) -> None:
+    remove_tree(folder)
+    lock_path(folder).unlink(missing_ok=True)
+
+
+def _scratch_parent(parent: str | Path | None) -> Path:
+    return Path(parent) if parent is not None else Path(tempfile.gettempdir())
 
 
 class Scratch:
@@ -95,7 +108,7 @@ class Scratch:
     temporary folder if None), locked while this object lives; :meth:`remove` removes both."""
 
     def __init__(self, parent: str | Path | None = None) -> None:
-        parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+        parent = _scratch_parent(parent)
         parent.mkdir(parents=True, exist_ok=True)
         self._fd, lock = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=".lock", dir=parent)
         fcntl.flock(self._fd, fcntl.LOCK_EX)  # taken before the folder exists
@@ -109,8 +122,7 @@ class Scratch:
     def remove(self) -> None:
         if self._fd is None:
             return
-        remove_tree(self.path)
-        lock_path(self.path).unlink(missing_ok=True)
+        _remove_with_lock(self.path)
         os.close(self._fd)
         self._fd = None
 
@@ -118,20 +130,12 @@ class Scratch:
 def stale_scratch(parent: str | Path | None = None) -> list[Temporary]:
     """Scratch folders in ``parent`` (default: the system's temporary folder), live or left by a
     process that died.  Only folders with a lock file count: the lock is what tells them apart."""
-    parent = Path(parent) if parent is not None else Path(tempfile.gettempdir())
+    parent = _scratch_parent(parent)
     if not parent.is_dir():
         return []
-    found = [p for p in parent.glob(f"{SCRATCH_PREFIX}*") if p.is_dir() and lock_path(p).exists()]
-    return [Temporary(p, _size(p), _held(p)) for p in sorted(found)]
+    return _described(p for p in parent.glob(f"{SCRATCH_PREFIX}*") if p.is_dir() and lock_path(p).exists())
 
 
 def reclaim_stale_scratch(parent: str | Path | None = None) -> list[Temporary]:
     """Remove the scratch folders in ``parent`` whose process died; -> what was removed."""
-    removed = []
-    for tmp in stale_scratch(parent):
-        if tmp.live:
-            continue
-        remove_tree(tmp.path)
-        lock_path(tmp.path).unlink(missing_ok=True)
-        removed.append(tmp)
-    return removed
+    return _remove_stale(stale_scratch(parent))
