@@ -118,7 +118,11 @@ def _items(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, U: torch.Tensor, c
     s_mid = s[..., mid]
     fmap = CentroidFeatures.fit(k_mid[None], cfg.features, cfg.kmeans_iters, cfg.seed)
     centroids = fmap.centroids[0]
-    onehot = torch.nn.functional.one_hot(fmap.assign(k_mid[None])[0], cfg.features).to(k.dtype)  # (Hkv, nm, C)
+    cluster = fmap.assign(k_mid[None])[0]  # (Hkv, nm)
+    onehot = torch.nn.functional.one_hot(cluster, cfg.features).to(k.dtype)  # (Hkv, nm, C)
+    # Per cluster, every mid token's count and value sum; the unread ones' are these less the read ones'.
+    cnt_all = onehot.sum(dim=1)  # (Hkv, C)
+    vsum_all = torch.einsum("hnc,hnd->hcd", onehot, v_mid)  # (Hkv, C, d)
     spreads = cluster_spreads(k_mid[None], fmap.centroids, U)[0]  # (Hkv, C, p+1)
     zq = query_terms(qs.permute(2, 0, 1, 3), U).permute(1, 2, 0, 3)  # (Hkv, G, Q, p+1)
     z = zq[:, :, :, None, :] * spreads[:, None, None]  # (Hkv, G, Q, C, p+1)
@@ -133,26 +137,47 @@ def _items(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, U: torch.Tensor, c
         se = s.masked_fill(~exact, -math.inf)
         m = se.amax(dim=-1)  # (Hkv, G, Q)
         pe = torch.exp(se - m[..., None])
-        unread = (~read).to(k.dtype)
+        unread = (~read).to(k.dtype)  # (Hkv, Q, nm)
         den_u = torch.exp(s_mid - m[..., None]).mul(unread[:, None]).sum(dim=-1)
-        cnt = torch.einsum("hnc,hqn->hqc", onehot, unread)
-        vsum = torch.einsum("hnc,hqn,hnd->hqcd", onehot, unread, v_mid)
+        top_cluster = cluster.gather(1, top.flatten(1)).view_as(top)  # (Hkv, Q, K)
+        cnt = cnt_all[:, None].expand(hkv, qn, -1).clone().scatter_add_(
+            -1, top_cluster, torch.full(top.shape, -1.0, device=q.device, dtype=k.dtype))
+        top_v = v_mid.gather(1, top.flatten(1)[..., None].expand(-1, -1, d)).view(*top.shape, d)  # (Hkv, Q, K, d)
+        vsum = vsum_all[:, None].expand(hkv, qn, -1, -1).clone().scatter_add_(
+            2, top_cluster[..., None].expand(-1, -1, -1, d), -top_v)  # (Hkv, Q, C, d)
         items.append(_Item(score_c - m[..., None], z, qsq, cnt, vsum, torch.matmul(pe, v[:, None]), pe.sum(dim=-1), out, den_u))
     return items
 
 
+def _stack(items: list[_Item]) -> list[_Item]:
+    """Items of one shape stacked along a new leading dimension (one batch per shape: texts too
+    short for ``queries`` calibration queries have fewer), so that a step of the fit is a few
+    large operations instead of a few per item (it was launch-bound on the GPU)."""
+    groups: dict[tuple, list[_Item]] = {}
+    for it in items:
+        groups.setdefault(tuple(it.vsum.shape), []).append(it)
+    return [_Item(*(torch.stack([getattr(it, f) for it in group]) for f in _Item.__dataclass_fields__)) for group in groups.values()]
+
+
 def _loss(item: _Item, tau: torch.Tensor, gamma: torch.Tensor, mass_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (loss per query head (Hkv, G), log estimated / true unread mass (Hkv, G, Q))."""
-    offset = gamma[..., :1] + gamma[..., 1:] * item.qsq  # (Hkv, G, Q)
-    logits = item.base + torch.einsum("hgqcp,hgp->hgqc", item.z, tau) + offset[..., None]
-    w = torch.exp(logits.clamp(max=MASS_CLAMP))  # (Hkv, G, Q, C)
-    den_u = torch.einsum("hgqc,hqc->hgq", w, item.cnt)
-    num_u = torch.einsum("hgqc,hqcd->hgqd", w, item.vsum)
+    """-> (loss per query head summed over the item's leading dimensions (Hkv, G), log estimated /
+    true unread mass (..., Hkv, G, Q)).  ``item``'s tensors may carry leading (batch) dimensions."""
+    offset = gamma[..., :1] + gamma[..., 1:] * item.qsq  # (..., Hkv, G, Q)
+    logits = item.base + torch.einsum("...hgqcp,hgp->...hgqc", item.z, tau) + offset[..., None]
+    w = torch.exp(logits.clamp(max=MASS_CLAMP))  # (..., Hkv, G, Q, C)
+    den_u = torch.einsum("...hgqc,...hqc->...hgq", w, item.cnt)
+    num_u = torch.einsum("...hgqc,...hqcd->...hgqd", w, item.vsum)
     o = (item.num_e + num_u) / (item.den_e + den_u)[..., None]
     err = torch.linalg.vector_norm(o - item.out, dim=-1) / torch.linalg.vector_norm(item.out, dim=-1).clamp_min(1e-12)
     ratio = torch.log(den_u.clamp_min(1e-30)) - torch.log(item.den_u.clamp_min(1e-30))
     mass = torch.where(ratio > 0, OVER_WEIGHT * ratio, -ratio) ** 2
-    return (err + mass_weight * mass).mean(dim=-1), ratio
+    per_head = (err + mass_weight * mass).mean(dim=-1)  # (..., Hkv, G)
+    return per_head.reshape(-1, *per_head.shape[-2:]).sum(dim=0), ratio
+
+
+def _mean_loss(batches: list[_Item], count: int, tau: torch.Tensor, gamma: torch.Tensor, mass_weight: float) -> torch.Tensor:
+    """The loss per query head ``(Hkv, G)``, averaged over all ``count`` items."""
+    return sum(_loss(b, tau, gamma, mass_weight)[0] for b in batches) / count
 
 
 def fit_layer(captures: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cfg: CalibrationConfig) -> tuple[LearnedParams, dict]:
@@ -178,24 +203,25 @@ def fit_layer(captures: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     gamma = torch.zeros(hkv, g, 2, device=dev, requires_grad=True)
     if not items:
         raise ValueError(f"the calibration texts are too short: each needs more than {cfg.sink + cfg.tail + 4 * cfg.features} tokens")
+    count, batches = len(items), _stack(items)
+    del items
     zeros = (torch.zeros_like(tau), torch.zeros_like(gamma))
     with torch.no_grad():
-        centroid_loss = sum(_loss(it, *zeros, cfg.mass_weight)[0] for it in items) / len(items)
+        centroid_loss = _mean_loss(batches, count, *zeros, cfg.mass_weight)
     opt = torch.optim.Adam([tau, gamma], lr=cfg.lr)
     for _ in range(cfg.steps):
         opt.zero_grad()
-        loss = sum(_loss(it, tau, gamma, cfg.mass_weight)[0] for it in items) / len(items)
-        loss.sum().backward()
+        _mean_loss(batches, count, tau, gamma, cfg.mass_weight).sum().backward()
         opt.step()
         with torch.no_grad():
             tau.clamp_(min=0.0)
     with torch.no_grad():
-        final = sum(_loss(it, tau, gamma, cfg.mass_weight)[0] for it in items) / len(items)
+        final = _mean_loss(batches, count, tau, gamma, cfg.mass_weight)
         worse = final > centroid_loss  # (Hkv, G)
         tau[worse] = 0.0
         gamma[worse] = 0.0
         final = torch.where(worse, centroid_loss, final)
-        ratio = torch.cat([_loss(it, tau, gamma, cfg.mass_weight)[1].flatten() for it in items])
+        ratio = torch.cat([_loss(b, tau, gamma, cfg.mass_weight)[1].flatten() for b in batches])
     report = {"loss": final.tolist(), "centroid_loss": centroid_loss.tolist(), "log_mass_ratio": float(ratio.mean()),
               "heads_kept_centroid": int(worse.sum())}
     return LearnedParams(U.cpu(), tau.detach().cpu(), gamma.detach().cpu()), report
@@ -205,7 +231,7 @@ def calibrate(lm: LoadedModel, texts: Sequence[str], cfg: CalibrationConfig, sho
               log: Callable[[str], None] | None = None) -> LearnedMaps:
     """Calibrate every layer's learned map of ``lm`` on ``texts`` -> maps (not yet saved)."""
     t0 = time.perf_counter()
-    ids = [lm.tokenizer(t)["input_ids"][: cfg.max_tokens] for t in texts]
+    ids = [lm.tokenizer(t)["input_ids"][: min(cfg.max_tokens, lm.max_positions)] for t in texts]
     ids = [x for x in ids if len(x) > cfg.sink + cfg.tail + 4 * cfg.features + 16]
     if not ids:
         raise ValueError(f"no calibration text is long enough: each needs more than {cfg.sink + cfg.tail + 4 * cfg.features + 16} tokens")
@@ -214,6 +240,8 @@ def calibrate(lm: LoadedModel, texts: Sequence[str], cfg: CalibrationConfig, sho
         for x in ids:
             per_text.append(capture_layers(lm, x))
             advance(1)
+    _sync(lm.device)
+    t_capture = time.perf_counter()
     n_layers = len(per_text[0])
     layers, reports = [], []
     with progress("fitting maps", n_layers, "layers", show_progress) as advance:
@@ -225,14 +253,25 @@ def calibrate(lm: LoadedModel, texts: Sequence[str], cfg: CalibrationConfig, sho
                 log(f"layer {layer}: loss {sum(map(sum, report['loss'])):.4f} (centroid {sum(map(sum, report['centroid_loss'])):.4f}), "
                     f"log mass ratio {report['log_mass_ratio']:+.3f}")
             advance(1)
+    _sync(lm.device)
+    t_fit = time.perf_counter()
     fp = lm.fingerprint()
     manifest = {
-        "model": {"name": fp.get("name"), "model_type": fp.get("model_type")},
+        "model": {"name": lm.name, "model_type": fp.get("model_type")},
         "model_digest": fingerprint_digest(model_identity(fp)),
         "settings": asdict(cfg),
         "texts": len(ids),
         "tokens": sum(map(len, ids)),
         "seconds": round(time.perf_counter() - t0, 1),
+        "capture_seconds": round(t_capture - t0, 2),
+        "fit_seconds_per_layer": round((t_fit - t_capture) / n_layers, 3),
+        "device": str(lm.device),
         "per_layer": reports,
     }
     return LearnedMaps(layers, manifest)
+
+
+def _sync(device: torch.device) -> None:
+    """Queued device work finished (phase timings on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
