@@ -31,6 +31,7 @@ _EXPORTS = {
     **dict.fromkeys(("METHODS", "OFFLOADS", "SELECTORS", "EngineConfig"), ".engine.config"),
     "demo_prompt": ".engine.demo",
     **dict.fromkeys(("LoadedModel", "default_model_path", "load_model"), ".engine.hf.loader"),
+    "NAMED_MODELS": ".engine.hf.models",
     "SamplingConfig": ".engine.sampling",
     **dict.fromkeys(("Answer", "Document"), ".engine.qa.document"),
     "Engine": ".engine.qa.engine",
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
     from .engine.config import METHODS, OFFLOADS, SELECTORS, EngineConfig
     from .engine.demo import demo_prompt
     from .engine.hf.loader import LoadedModel, default_model_path, load_model
+    from .engine.hf.models import NAMED_MODELS
     from .engine.qa.document import Answer, Document
     from .engine.qa.engine import Engine
     from .engine.rule import (

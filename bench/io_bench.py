@@ -223,7 +223,7 @@ def run_bench_io(lm: LoadedModel, cfg: BenchIOConfig, show_progress: bool = True
     meta = {
         "date": date.today().isoformat(),
         "machine": _machine(lm.device),
-        "model": str(lm.path), "model_fingerprint": lm.fingerprint(), "dtype": str(lm.dtype).removeprefix("torch."),
+        "model": lm.name, "model_path": str(lm.path), "model_fingerprint": lm.fingerprint(), "dtype": str(lm.dtype).removeprefix("torch."),
         "kv_shape": dict(zip(("layers", "kv_heads", "head_dim"), lm.kv_shape, strict=True)),
         "row_bytes": 2 * lm.kv_shape[2] * torch.empty(0, dtype=lm.dtype).element_size(),
         "config": asdict(cfg), "estimators": {e: asdict(spec) for e, spec in specs.items()},

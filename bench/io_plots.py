@@ -52,7 +52,7 @@ def plots(report: dict[str, Any], out: Path) -> list[Path]:
             ax.set_title(f"{title}, {length} tokens")
             ax.grid(alpha=0.3)
         axes[0].legend(fontsize=8)
-    fig.suptitle(f"bench-io: quality against bytes read ({report['meta']['model'].split('/')[-1]}, {report['meta']['date']})")
+    fig.suptitle(f"bench-io: quality against bytes read ({report['meta']['model']}, {report['meta']['date']})")
     fig.tight_layout()
     p1 = out / "quality_vs_bytes.png"
     _save(fig, p1)

@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from .errors import user_errors_exit_2
-from .options import DEVICE, MODEL, TRUST, csv, quiet_transformers
+from .options import DEVICE, MODEL, TRUST, csv, note, quiet_transformers
 
 _EXAMPLES = {"--lengths": "4096,8192", "--tasks": "niah_single_number,common_words", "--budgets": "0.005,0.01,0.02,0.04",
              "--estimators": "centroid,learned,favor", "--tiers": "cpu,disk", "--selectors": "exact,block"}
@@ -37,14 +37,14 @@ def bandwidths(values: list[str]) -> tuple[tuple[str, float], ...]:
 @user_errors_exit_2
 def bench_io(
     quick: bool = typer.Option(False, "--quick", help="A small run (one length, two tasks, two budgets): what CI runs."),
-    model: Path = MODEL,
+    model: str = MODEL,
     lengths: str = typer.Option(None, "--lengths", help="Context lengths in tokens, comma-separated (default 4096,8192,16384)."),
     tasks: str = typer.Option(None, "--tasks", help="Task names, comma-separated (default: all nine)."),
     examples: int = typer.Option(None, "--examples", min=1, help="Examples per task and length (default 2)."),
     budgets: str = typer.Option(None, "--budgets", help="Budgets as fractions, comma-separated (default 0.005,0.01,0.02,0.04)."),
     estimators: str = typer.Option(None, "--estimators", help="rc estimators, comma-separated (default centroid,learned,favor; "
                                    "learned and favor get the centroid summary's bytes)."),
-    maps: Path = typer.Option(None, "--maps", help="The learned estimator's maps (`rcengine calibrate`; default: the embedded model's)."),
+    maps: Path = typer.Option(None, "--maps", help="The learned estimator's maps (`rcengine calibrate`; default: those shipped for a named model)."),
     selectors: str = typer.Option(None, "--selectors", help="Selectors, comma-separated, exact first (default exact,block)."),
     tiers: str = typer.Option(None, "--tiers", help="Offload tiers, comma-separated (default cpu,disk)."),
     io_bandwidth: list[str] = typer.Option(None, "--io-bandwidth", help="NAME=GB/s for the modelled time (repeatable; default ssd=1.9, pcie=55)."),
@@ -90,7 +90,7 @@ def bench_io(
     from rcengine.bench.io_report import overview_table, write_report
     from rich.console import Console
 
-    lm = rcengine.load_model(model, device=device, trust_remote_code=trust_remote_code)
+    lm = rcengine.load_model(model, device=device, trust_remote_code=trust_remote_code, log=note)
     report = run_bench_io(lm, cfg)
     paths = write_report(report, out)
     Console(width=200).print(overview_table(report))

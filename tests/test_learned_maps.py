@@ -153,10 +153,45 @@ def test_calibration_never_ends_worse_than_centroids(tiny):
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_calibration_batches_match_the_loss_of_each_item(gen):
+    """The fit's fast paths against plain references: unread counts and value sums per cluster
+    (all tokens less the read ones) against a sum over the unread tokens in float64, and the loss
+    of items stacked by shape against the mean of each item's own loss."""
+    from rcengine.engine.calibration.fit import _items, _loss, _mean_loss, _stack
+    from rcengine.engine.rule.budget import retrieval_count
+
+    hkv, g, d = 2, 2, 16
+    cfg = CalibrationConfig(features=4, queries=32, sink=2, tail=8, kmeans_iters=3)
+    U, _ = torch.linalg.qr(torch.randn(hkv, d, 2, generator=gen))
+    items = []
+    for n in (240, 100):  # 32 calibration queries, then 25: two shapes
+        q, k, v = (torch.randn(h, n, d, generator=gen) for h in (hkv * g, hkv, hkv))
+        its = _items(q, k, v, U, cfg)
+        qn = min(cfg.queries, n // 4)
+        mid = slice(cfg.sink, n - qn - cfg.tail)
+        k_mid, v_mid = k[:, mid].double(), v[:, mid].double()
+        cluster = CentroidFeatures.fit(k[:, mid][None], cfg.features, cfg.kmeans_iters, cfg.seed).assign(k[:, mid][None])[0]
+        s_mid = torch.einsum("hgqd,hnd->hgqn", q[:, n - qn:].reshape(hkv, g, qn, d), k[:, mid]) * d ** -0.5
+        for it, b in zip(its, (cfg.budget / 2, cfg.budget, 2 * cfg.budget, 4 * cfg.budget), strict=True):
+            top = s_mid.amax(dim=1).topk(retrieval_count(b, k_mid.shape[1]), dim=-1).indices
+            unread = torch.ones(hkv, qn, k_mid.shape[1], dtype=torch.float64).scatter_(-1, top, 0.0)
+            onehot = torch.nn.functional.one_hot(cluster, cfg.features).double()
+            torch.testing.assert_close(it.cnt.double(), torch.einsum("hnc,hqn->hqc", onehot, unread))
+            torch.testing.assert_close(it.vsum.double(), torch.einsum("hnc,hqn,hnd->hqcd", onehot, unread, v_mid),
+                                       rtol=1e-5, atol=1e-4)
+        items += its
+    tau = torch.rand(hkv, g, 3, generator=gen)
+    gamma = torch.randn(hkv, g, 2, generator=gen) * 0.1
+    batches = _stack(items)
+    assert [b.cnt.shape[0] for b in batches] == [4, 4]
+    expected = sum(_loss(it, tau, gamma, 1.0)[0] for it in items) / len(items)
+    torch.testing.assert_close(_mean_loss(batches, len(items), tau, gamma, 1.0), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_damaged_or_foreign_maps_are_refused(tiny, tmp_path):
     lm, folder, maps = tiny
     other = load_model(save_tiny_model(tmp_path / "qwen2", "qwen2"), device="cpu")
-    with pytest.raises(ModelMismatchError, match="calibrated for model"):
+    with pytest.raises(ModelMismatchError, match="calibrated for another model"):
         Engine(other, EngineConfig(estimator=EstimatorSpec("learned", 4, maps=str(folder))))
     with pytest.raises(MapsError, match="the learned estimator needs maps"):
         Engine(lm, EngineConfig(estimator=EstimatorSpec("learned", 4)))

@@ -88,8 +88,9 @@ def read_maps(folder: str | Path, fingerprint: dict[str, Any] | None = None,
     if digest != manifest.get("sha256"):
         raise MapsError(f"{folder / MAPS_FILE} does not match its manifest's checksum (damaged): run `rcengine calibrate` again")
     if fingerprint is not None and manifest.get("model_digest") != fingerprint_digest(model_identity(fingerprint)):
-        raise ModelMismatchError(f"the maps in {folder} were calibrated for model {manifest.get('model', {}).get('name')!r}, "
-                                 f"not this one ({fingerprint.get('name')!r}): run `rcengine calibrate` for this model")
+        theirs = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+        raise ModelMismatchError(f"the maps in {folder} were calibrated for another model ({theirs.get('name')!r}), not the "
+                                 "loaded one: run `rcengine calibrate` for this model")
     tensors = load_file(str(folder / MAPS_FILE))
     layers = []
     for i in range(int(manifest["layers"])):

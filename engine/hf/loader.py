@@ -1,25 +1,27 @@
-"""Loading a Hugging Face causal LM from a local folder, weights through safetensors only."""
+"""Loading a Hugging Face causal LM from a local folder, weights through safetensors only (a GGUF
+file or a named model is first made into such a folder: ``models.py``)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .file_hashes import sha256_file
+from .gguf import converted_from
 from .integration import check_supported, kv_shape, use_rcengine_attention
+from .models import NAMED_MODELS, default_model_path, resolve_model  # noqa: F401 (default_model_path: public API)
 
 # A tokenizer needs one of these (the rest of _TOKENIZER_FILES configure it).
 _TOKENIZER_VOCABS = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+# config.json fields that record the writer, not the model.
+_CONFIG_BOOKKEEPING = ("transformers_version", "_name_or_path")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model")
-
-
-def default_model_path() -> Path:
-    """The embedded default model shipped inside the package."""
-    return Path(__file__).resolve().parents[1] / "default_model"
 
 
 @dataclass
@@ -28,11 +30,12 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     path: Path
     device: torch.device
+    name: str = ""  # what the user called it: a known name, or the folder's or file's name
+    maps: Path | None = None  # learned maps shipped for it (a named model's)
     _fingerprint: dict | None = field(default=None, repr=False)
 
-    @property
-    def name(self) -> str:
-        return self.path.name
+    def __post_init__(self) -> None:
+        self.name = self.name or self.path.name
 
     @property
     def dtype(self) -> torch.dtype:
@@ -58,32 +61,36 @@ class LoadedModel:
         return ids
 
     def fingerprint(self) -> dict:
-        """Identity of the model for persisted prefills: config, weight files (sizes and SHA-256),
-        tokenizer files.  Computed once per process (it reads every weight byte)."""
+        """Identity of the model for persisted prefills and learned maps, from its content alone
+        (not where it lies: a copy in another folder is the same model): the configuration (less
+        the fields that name the transformers release that wrote it), the weight files (sizes and
+        SHA-256, remembered per file version: ``file_hashes.py``) and tokenizer files, or for a
+        converted GGUF the source file's SHA-256 instead of both; and the dtype it computes in."""
         if self._fingerprint is None:
-            weights = {p.name: [p.stat().st_size, _sha256(p)] for p in sorted(self.path.glob("*.safetensors"))}
-            tok = hashlib.sha256()
-            for name in _TOKENIZER_FILES:
-                p = self.path / name
-                if p.exists():
-                    tok.update(name.encode() + b"\0" + p.read_bytes())
-            self._fingerprint = {
-                "name": self.name,
-                "model_type": self.model.config.model_type,
-                "config_sha256": _sha256(self.path / "config.json"),
-                "weights": weights,
-                "tokenizer_sha256": tok.hexdigest(),
-                "dtype": str(self.dtype).removeprefix("torch."),
-            }
+            fp = {"model_type": self.model.config.model_type, "config_sha256": config_digest(self.path / "config.json")}
+            source = converted_from(self.path)
+            if source is not None:
+                fp["gguf_sha256"] = source
+            else:
+                fp["weights"] = {p.name: [p.stat().st_size, sha256_file(p)] for p in sorted(self.path.glob("*.safetensors"))}
+                tok = hashlib.sha256()
+                for name in _TOKENIZER_FILES:
+                    p = self.path / name
+                    if p.exists():
+                        tok.update(name.encode() + b"\0" + p.read_bytes())
+                fp["tokenizer_sha256"] = tok.hexdigest()
+            fp["dtype"] = str(self.dtype).removeprefix("torch.")
+            self._fingerprint = fp
         return self._fingerprint
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            h.update(block)
-    return h.hexdigest()
+def config_digest(path: Path) -> str:
+    """SHA-256 of a config.json's content, canonical (sorted keys) and without the fields that
+    say which release or folder wrote it."""
+    config = json.loads(path.read_text(encoding="utf-8"))
+    for key in _CONFIG_BOOKKEEPING:
+        config.pop(key, None)
+    return hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def compute_device(device: str | torch.device | None) -> torch.device:
@@ -109,15 +116,21 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> LoadedModel:
-    """Load a local checkpoint folder (config.json, *.safetensors, tokenizer files); None loads the
-    embedded default model.  ``device`` defaults to CUDA when present; ``dtype`` to bfloat16 on
-    CUDA and float32 on the CPU."""
-    folder = Path(path) if path is not None else default_model_path()
-    if path is None and not (folder / "config.json").exists():
-        raise FileNotFoundError("this build has no embedded default model yet: pass a local model folder (--model DIR)")
+    """Load a local checkpoint folder (config.json, *.safetensors, tokenizer files), a GGUF file
+    (converted once: ``gguf.py``) or a named model (``tiny``, ``smollm2``, ``smollm2-16k``:
+    ``models.py``); None loads the embedded default model.  ``device`` defaults to CUDA when
+    present; ``dtype`` to bfloat16 on CUDA and float32 on the CPU.  ``log``: one-time work (a
+    conversion) is announced there."""
+    dev = compute_device(device)  # before a conversion, which takes a while
+    source = resolve_model(path, log)
+    folder = source.folder
     if not folder.is_dir():
-        raise FileNotFoundError(f"model folder {folder} does not exist")
+        if not folder.exists():
+            raise FileNotFoundError(f"model {path} is neither a folder, a .gguf file nor a known name "
+                                    f"({', '.join(NAMED_MODELS)})")
+        raise NotADirectoryError(f"model {path} is a file but not a .gguf file: give a checkpoint folder or a GGUF file")
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder} is not a model folder: it has no config.json")
     if not list(folder.glob("*.safetensors")):
@@ -126,7 +139,6 @@ def load_model(
         json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{folder / 'config.json'} is not valid JSON ({e}): repair or replace the model folder") from None
-    dev = compute_device(device)
     config = AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
     check_supported(config)
     if not any((folder / name).exists() for name in _TOKENIZER_VOCABS):
@@ -143,4 +155,4 @@ def load_model(
     except (OSError, ValueError, json.JSONDecodeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"the tokenizer in {folder} does not load ({first}): repair or replace its tokenizer files") from None
-    return LoadedModel(model, tokenizer, folder.resolve(), dev)
+    return LoadedModel(model, tokenizer, folder.resolve(), dev, source.name, source.maps)

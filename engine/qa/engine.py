@@ -23,12 +23,12 @@ from ...storage.document_store import DocumentReader
 from ...storage.rows import dtype_name
 from ...storage.space import ensure_room, is_no_room, no_room
 from ...storage.temporaries import Scratch, reclaim_stale_scratch
-from ..calibration.maps_file import MapsError, default_maps_path, read_maps
+from ..calibration.maps_file import MapsError, read_maps
 from ..config import EngineConfig
 from ..decode.state import KVState
 from ..hf.cache import RCCache
 from ..hf.integration import prefill_chunk
-from ..hf.loader import LoadedModel, default_model_path, load_model
+from ..hf.loader import LoadedModel, load_model
 from ..progress import progress
 from ..rule.feature_maps import EstimatorSpec
 from ..sampling import SamplingConfig
@@ -37,17 +37,17 @@ from .persist import persist, restore
 
 
 def resolve_maps(config: EngineConfig, lm: LoadedModel) -> EngineConfig:
-    """With the learned estimator: its maps folder made concrete (the embedded model's own when
-    none is given and the embedded model is loaded) and verified against the loaded model."""
+    """With the learned estimator: its maps folder made concrete (the maps shipped for a named
+    model when none is given) and verified against the loaded model."""
     spec = config.estimator
     if spec.kind != "learned":
         return config
     maps = spec.maps
     if maps is None:
-        if lm.path != default_model_path().resolve():
+        if lm.maps is None:
             raise MapsError(f"the learned estimator needs maps calibrated for {lm.name}: run `rcengine calibrate --model "
                             f"{lm.path} --out MAPS` and pass --maps MAPS")
-        maps = str(default_maps_path())
+        maps = str(lm.maps)
     layers, heads, dim = lm.kv_shape
     cfg = lm.model.config
     read_maps(maps, lm.fingerprint(), (layers, heads, cfg.num_attention_heads // heads, dim))
@@ -73,9 +73,11 @@ class Engine:
         dtype: torch.dtype | None = None,
         trust_remote_code: bool = False,
         show_progress: bool = True,
+        log: Callable[[str], None] | None = None,
     ) -> "Engine":
-        """Load a local model folder (None: the embedded default model)."""
-        return cls(load_model(model, device, dtype, trust_remote_code), config, show_progress)
+        """Load a model (see :func:`load_model`: a folder, a GGUF file or a name; None: the embedded
+        default model).  ``log``: one-time work (a GGUF converted on first use) is announced there."""
+        return cls(load_model(model, device, dtype, trust_remote_code, log), config, show_progress)
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         return list(self.lm.tokenizer(text, add_special_tokens=special)["input_ids"])
