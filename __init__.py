@@ -31,14 +31,16 @@ _EXPORTS = {
     **dict.fromkeys(("METHODS", "OFFLOADS", "SELECTORS", "EngineConfig"), ".engine.config"),
     "demo_prompt": ".engine.demo",
     **dict.fromkeys(("LoadedModel", "default_model_path", "load_model"), ".engine.hf.loader"),
-    "NAMED_MODELS": ".engine.hf.models",
+    **dict.fromkeys(("NAMED_MODELS", "model_source_file"), ".engine.hf.models"),
+    "store_health": ".storage.health",
     "SamplingConfig": ".engine.sampling",
     **dict.fromkeys(("Answer", "Document"), ".engine.qa.document"),
     "Engine": ".engine.qa.engine",
     **dict.fromkeys(("CalibrationConfig", "calibrate"), ".engine.calibration.fit"),
     **dict.fromkeys(("LearnedMaps", "MapsError", "read_maps"), ".engine.calibration.maps_file"),
-    **dict.fromkeys(("ArtifactError", "CorruptChunkError", "IndexSpec", "ModelMismatchError", "NoSpaceError", "available_tiers",
-                     "reclaim_stale", "reclaim_stale_scratch", "stale_scratch", "temporaries"), ".storage"),
+    **dict.fromkeys(("ArtifactError", "CorruptChunkError", "IndexSpec", "ModelMismatchError", "NoSpaceError", "NotAStoreError",
+                     "StoreBusyError", "StoreReplacedError", "available_tiers", "reclaim_stale", "reclaim_stale_scratch",
+                     "stale_scratch", "temporaries"), ".storage"),
     **dict.fromkeys(("BenchIOConfig", "run_bench_io"), ".bench.io_bench"),
     **dict.fromkeys(("overview_table", "write_report"), ".bench.io_report"),
 }
@@ -51,7 +53,8 @@ if TYPE_CHECKING:
     from .engine.config import METHODS, OFFLOADS, SELECTORS, EngineConfig
     from .engine.demo import demo_prompt
     from .engine.hf.loader import LoadedModel, default_model_path, load_model
-    from .engine.hf.models import NAMED_MODELS
+    from .engine.hf.models import NAMED_MODELS, model_source_file
+    from .storage.health import store_health
     from .engine.qa.document import Answer, Document
     from .engine.qa.engine import Engine
     from .engine.rule import (
@@ -60,8 +63,8 @@ if TYPE_CHECKING:
     )
     from .engine.sampling import SamplingConfig
     from .storage import (
-        ArtifactError, CorruptChunkError, IndexSpec, ModelMismatchError, NoSpaceError, available_tiers, reclaim_stale,
-        reclaim_stale_scratch, stale_scratch, temporaries,
+        ArtifactError, CorruptChunkError, IndexSpec, ModelMismatchError, NoSpaceError, NotAStoreError, StoreBusyError,
+        StoreReplacedError, available_tiers, reclaim_stale, reclaim_stale_scratch, stale_scratch, temporaries,
     )
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import typer
 
 from . import bench_io, calibrate, decode
-from .errors import EXIT_BAD_INPUT
+from .errors import EXIT_BAD_INPUT, fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -49,27 +49,38 @@ def _device() -> str:
     return "cpu"
 
 
-def _store_report(store: Path) -> dict:
-    """A persisted document's size and model, and the writers' temporary folders beside it."""
+def _store_report(store: Path, verify: bool) -> dict:
+    """A persisted document's health, size and model, and the writers' temporary folders (and old
+    stores moved aside) beside it."""
     import rcengine
-    from rcengine.storage import Artifact
 
-    out: dict = {"path": str(store)}
-    try:
-        art = Artifact.open(store)
-        out.update({"tokens": art.meta.get("tokens"), "model": art.manifest["model"]["fingerprint"].get("name"),
-                    "created": art.manifest.get("created"), "estimator": art.meta.get("estimator")})
-    except rcengine.ArtifactError as e:
-        out["error"] = str(e)
+    out = rcengine.store_health(store, verify)
     out["temporaries"] = [{"path": str(t.path), "bytes": t.bytes, "live": t.live} for t in rcengine.temporaries(store)]
+    return out
+
+
+def _models() -> dict:
+    """The named models and whether each can load here."""
+    import rcengine
+
+    out = {}
+    for name, m in rcengine.NAMED_MODELS.items():
+        try:
+            where = str(rcengine.model_source_file(name))
+        except FileNotFoundError as e:
+            where = None
+            out[name] = {"summary": m.summary, "available": False, "detail": str(e)}
+            continue
+        out[name] = {"summary": m.summary, "available": True, "detail": where, "maps": str(m.maps) if m.maps else None}
     return out
 
 
 @app.command()
 def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    store: Path = typer.Option(None, "--store", help="Also describe this persisted document and the temporary folders "
-                               "of interrupted prefills beside it (removed by the next prefill of that store)."),
+    store: Path = typer.Option(None, "--store", help="Also check this persisted document's health and list the temporary "
+                               "folders of interrupted prefills beside it (removed by the next prefill of that store)."),
+    verify: bool = typer.Option(False, "--verify", help="With --store: read every file of the store and check every checksum."),
 ) -> None:
     """Versions, compute device, storage tiers, and the embedded default model."""
     import rcengine
@@ -82,10 +93,13 @@ def info(
         "device": _device(),
         "tiers": {t.name: {"available": t.available, "detail": t.detail} for t in rcengine.available_tiers()},
         "default_model": str(default) if (default / "config.json").exists() else None,
+        "models": _models(),
         "scratch": [{"path": str(t.path), "bytes": t.bytes, "live": t.live} for t in rcengine.stale_scratch()],
     }
+    if verify and store is None:
+        fail("--verify checks a store: add --store DIR")
     if store is not None:
-        report["store"] = _store_report(store)
+        report["store"] = _store_report(store, verify)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -100,11 +114,16 @@ def info(
     for name, tier in report["tiers"].items():
         table.add_row(f"tier {name}", ("yes: " if tier["available"] else "no: ") + tier["detail"])
     table.add_row("default model", report["default_model"] or "not in this build")
+    for name, m in report["models"].items():
+        table.add_row(f"model {name}", f"{m['summary']}: " + (m["detail"] if m["available"] else f"not here ({m['detail']})"))
     for t in report["scratch"]:
         table.add_row("scratch store", f"{t['path']} ({t['bytes'] / 1e6:.1f} MB, {'in use' if t['live'] else 'stale'})")
     if store is not None:
         st = report["store"]
-        table.add_row("store", st.get("error") or f"{st['path']}: {st['tokens']} tokens, model {st['model']}, {st['created']}")
+        health = ("healthy, every checksum verified" if st["verified"] else "healthy (opens; --verify reads every checksum)") \
+            if st["healthy"] else f"NOT healthy: {st['error']}"
+        table.add_row("store", f"{st['path']}: " + (f"{st['tokens']} tokens, model {st['model']}, {st['created']}; "
+                                                      if st.get("tokens") is not None else "") + health)
         for t in st["temporaries"]:
             table.add_row("  temporary", f"{t['path']} ({t['bytes'] / 1e6:.1f} MB, {'being written' if t['live'] else 'stale'})")
     Console().print(table)

@@ -10,8 +10,9 @@ import typer
 
 from .errors import user_errors_exit_2
 from .options import (
-    AS_JSON, BUDGET, CACHE_MB, DEVICE, ESTIMATOR, FEATURES, MAPS, MAX_NEW, METHOD, MODEL, SEED, SELECTOR, SINK, STOP, TAIL, TEMPERATURE, TOP_P,
-    TRUST, EstimatorName, MethodName, OffloadName, SelectorName, cache_bytes, engine_config, note, quiet_transformers, read_text, stream,
+    AS_JSON, BUDGET, CACHE_MB, DEVICE, ESTIMATOR, FEATURES, MAPS, MAX_NEW, METHOD, MODEL, OVERWRITE, SEED, SELECTOR, SINK, STOP, TAIL,
+    TEMPERATURE, TOP_P, TRUST, WAIT, EstimatorName, MethodName, OffloadName, SelectorName, cache_bytes, check_text_file, engine_config,
+    note, quiet_transformers, read_text, stream,
 )
 
 
@@ -27,7 +28,9 @@ def generate(
     prompt_file: Path = typer.Option(None, "--prompt-file", help="Read the prompt from this file."),
     model: str = MODEL,
     offload: OffloadName = typer.Option(OffloadName.cpu, "--offload", help="Where the mid-region KV lives."),
-    store: Path = typer.Option(None, "--store", help="Persist the prefill there (a folder), to reopen with `ask`."),
+    store: Path = typer.Option(None, "--store", help="Persist the prefill there (a new or empty folder), to reopen with `ask`."),
+    overwrite: bool = OVERWRITE,
+    wait: bool = WAIT,
     method: MethodName = METHOD,
     budget: float = BUDGET,
     max_new_tokens: int = MAX_NEW,
@@ -52,25 +55,31 @@ def generate(
     if prompt is not None and prompt_file is not None:
         raise ValueError("give a prompt or --prompt-file, not both")
     if prompt_file is not None:
-        text = read_text(prompt_file)
-    elif prompt is not None:
-        if not prompt.strip():
-            raise ValueError("the prompt is empty")
-        text = prompt
-    else:
-        demo = rcengine.demo_prompt()
-        text = demo.prompt
-        typer.echo(f"[embedded demo: {len(demo.document)} characters of text, then: {demo.question.strip().splitlines()[0]}"
-                   f" (expected: {demo.answer})]", err=True)
+        check_text_file(prompt_file)
+    elif prompt is not None and not prompt.strip():
+        raise ValueError("the prompt is empty")
+    if overwrite and store is None:
+        raise ValueError("--overwrite is for --store")
+    sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()))
     quiet_transformers()
     cfg = engine_config(method, budget, offload, sink, tail, estimator, features, selector, maps, cache_mb)
     engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code, log=note)
-    sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()))
+    if prompt_file is not None:
+        text = read_text(prompt_file, engine.max_text_bytes())
+    elif prompt is not None:
+        text = prompt
+    else:
+        demo = rcengine.demo_prompt(engine.lm.name)
+        text = demo.prompt
+        if not stop and demo.stop:
+            sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, demo.stop)
+        typer.echo(f"[embedded demo: {len(demo.document)} characters of text, then: {demo.question.strip().splitlines()[0]}"
+                   f" (expected: {demo.answer})]", err=True)
     if store is not None:
         report_reclaimed(rcengine.reclaim_stale(store))
     elif cfg.offload == "disk":
         report_reclaimed(rcengine.reclaim_stale_scratch(cfg.scratch_dir))
-    answer = engine.generate(text, sampling, on_text=stream(as_json), store=store)
+    answer = engine.generate(text, sampling, on_text=stream(as_json), store=store, overwrite=overwrite, wait=wait)
     finish(answer, as_json)
 
 
@@ -84,27 +93,33 @@ def prefill(
     estimator: EstimatorName = ESTIMATOR,
     features: int = FEATURES,
     maps: Path = MAPS,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing store."),
+    overwrite: bool = OVERWRITE,
+    wait: bool = WAIT,
     device: str = DEVICE,
     trust_remote_code: bool = TRUST,
 ) -> None:
     """Prefill a document once and persist it; ask it questions later with `rcengine ask`."""
     import rcengine
 
-    text = read_text(file)
+    check_text_file(file)
     quiet_transformers()
     cfg = engine_config(MethodName.rc, 0.02, OffloadName.disk, sink, tail, estimator, features, maps=maps)
     engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code, log=note)
+    text = read_text(file, engine.max_text_bytes())
     report_reclaimed(rcengine.reclaim_stale(store))
-    doc = engine.prefill(text, store=store, overwrite=overwrite)
+    doc = engine.prefill(text, store=store, overwrite=overwrite, wait=wait)
     typer.echo(json.dumps({"store": str(store), "tokens": doc.tokens, "prefill_ms": round(doc.prefill_ms, 1)}))
     doc.close()
 
 
 def report_reclaimed(reclaimed: list) -> None:
-    """One line per stale temporary folder removed (beside a store, or a scratch store)."""
+    """One line per stale temporary folder removed (beside a store, or a scratch store), or old
+    store put back."""
     for t in reclaimed:
-        typer.echo(f"[removed {t.path} ({t.bytes / 1e6:.1f} MB), left by an interrupted run]", err=True)
+        if t.restored:
+            typer.echo(f"[put back {t.path} as the store: a replacement of it was interrupted]", err=True)
+        else:
+            typer.echo(f"[removed {t.path} ({t.bytes / 1e6:.1f} MB), left by an interrupted run]", err=True)
 
 
 @user_errors_exit_2

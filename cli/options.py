@@ -66,6 +66,8 @@ SEED = typer.Option(None, "--seed")
 STOP = typer.Option(None, "--stop", help="Stop at this string (repeatable).")
 DEVICE = typer.Option(None, "--device", help="cpu or cuda (default: cuda when present).")
 TRUST = typer.Option(False, "--trust-remote-code", help="Allow the model folder's own code to run.")
+OVERWRITE = typer.Option(False, "--overwrite", help="Replace an existing store (only an rcengine store is ever replaced).")
+WAIT = typer.Option(False, "--wait", help="Wait for another process writing the same store instead of refusing.")
 CACHE_MB = typer.Option(None, "--cache-mb", min=0, help="The disk tier's block cache, MiB of host memory the GPU reads in "
                         "place (default 512); 0 keeps no block.")
 
@@ -90,12 +92,23 @@ def cache_bytes(cache_mb: int | None) -> dict[str, int]:
     return {} if cache_mb is None else {"cache_bytes": cache_mb << 20}
 
 
-def read_text(path: Path) -> str:
+def check_text_file(path: Path) -> None:
+    """What can be said of a text file before the model loads: it exists and is no folder."""
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder, not a text file")
-    text = path.read_text(encoding="utf-8", errors="replace")
+
+
+def read_text(path: Path, limit: int) -> str:
+    """A UTF-8 text file, read up to ``limit`` bytes (what the model's positions can hold): a longer
+    one is refused without reading the rest (a pipe or device too)."""
+    check_text_file(path)
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise ValueError(f"{path} is longer than the model's positions can hold (more than {limit} bytes): give a shorter text")
+    text = data.decode("utf-8", errors="replace")
     if not text.strip():
         raise ValueError(f"{path} is empty")
     return text

@@ -6,7 +6,8 @@ rcengine stays light."""
 
 from typing import TYPE_CHECKING
 
-from .artifact import Artifact, ArtifactError, ArtifactWriter, BlockReader, ModelMismatchError, fingerprint_digest
+from .artifact import Artifact, ArtifactWriter, BlockReader, fingerprint_digest
+from .errors import ArtifactError, ModelMismatchError, NotAStoreError, StoreBusyError, StoreReplacedError
 from .availability import TierAvailability, available_tiers
 from .block_pool import BlockPool, BlockPoolFull
 from .checksums import CorruptChunkError
@@ -35,6 +36,6 @@ def __getattr__(name: str):  # noqa: ANN202 (PEP 562: the heavy modules load on 
 __all__ = [
     "DEFAULT_BLOCK_TOKENS", "DEFAULT_CACHE_BYTES", "Artifact", "ArtifactError", "ArtifactWriter", "BlockReader", "BlockPool", "BlockPoolFull",
     "ByteMeter", "CorruptChunkError", "Counters", "DiskTier", "IndexSpec", "KVTier", "KeyIndex", "MemoryTier", "StreamedFlatIndex",
-    "ModelMismatchError", "NoSpaceError", "Scratch", "Temporary", "TierAvailability", "TierLayout", "available_tiers", "device_tier", "fingerprint_digest", "host_tier",
+    "ModelMismatchError", "NoSpaceError", "NotAStoreError", "Scratch", "StoreBusyError", "StoreReplacedError", "Temporary", "TierAvailability", "TierLayout", "available_tiers", "device_tier", "fingerprint_digest", "host_tier",
     "merge_group", "reclaim_stale", "reclaim_stale_scratch", "stale_scratch", "temporaries",
 ]

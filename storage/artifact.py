@@ -4,26 +4,32 @@ Contents::
 
     manifest.json        written last: format version, model fingerprint, the caller's metadata
                          (dtype, layout, sink/tail, estimator, index, token count), a checksum of
-                         every file and of every object of the KV store
+                         every file and of every object of the KV store, and one of itself
+                         (``manifest.py``)
     kv.zarr/             the mid-region KV (see disk_tier.py)
     *.safetensors        tensors: anchors, summaries, feature maps (never pickle)
     *.bin                opaque blobs, e.g. serialised key indexes
 
-Commit is atomic on a local file system: everything is written under a temporary sibling
-(``.NAME.tmp-XXXXXXXX``, whose writer holds an exclusive lock on ``.NAME.tmp-XXXXXXXX.lock`` while it
-lives), fsynced, the manifest last, and the folder renamed into place (replacing an old artifact takes two renames;
-a process killed between them leaves none, with the old one beside it under ``.NAME.old-*``).  A
-half-written artifact never opens: it has no manifest, or carries a temporary name.  On a URL
-(object stores have no rename) files are written in place and the manifest, written last, is the
-commit point; replacing removes the old manifest first.
+A writer replaces only what it may (``ownership.py``: an absent path, an empty folder, or an
+rcengine store holding nothing but what its manifest lists, the latter with ``overwrite``), and
+holds the store's lock (``store_lock.py``) from its first check to its commit or abort: one writer
+per store.  Commit is atomic on a local file system: everything is written under a temporary
+sibling (``.NAME.tmp-XXXXXXXX``, whose writer also holds a lock on ``.NAME.tmp-XXXXXXXX.lock``),
+fsynced, the manifest last, and the folder renamed into place.  Replacing a store takes two
+renames (the old one aside to ``.NAME.old-XXXXXXXX``, the new one in) and then the old one's
+removal; a process killed between the renames leaves the old store aside, and the next writer of
+that store (or :func:`~.temporaries.reclaim_stale`) renames it back; one killed during the removal
+leaves part of it, which the next writer removes.  A half-written artifact never opens: it has no
+manifest, or carries a temporary name.  On a URL (object stores have no rename) files are written
+in place and the manifest, written last, is the commit point; replacing removes the old manifest
+first.
 
-A writer killed midway leaves its temporary folder behind; the next writer of the same store
-removes every such folder whose lock no live process holds (:func:`reclaim_stale`, listed with
-their sizes by :func:`temporaries`); it never touches one a live writer holds.
-
-Opening verifies the format version and the model fingerprint, and every file's checksum as it is
-read; KV chunks are verified as the tier reads them.  Several readers at once are safe: nothing
-is written to a committed artifact.
+Opening checks the manifest (its checksum, then every field) and, on a local file system, that
+the folder holds only folders and regular files (a FIFO or a link in a store is refused before
+anything reads it) with every listed file present; every file's checksum is verified as it is
+read, KV chunks as the tier reads them.  Several readers at once are safe: nothing is written to a
+committed artifact.  A reader whose store was replaced while it read is told so
+(:meth:`Artifact.replaced`).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
+import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -45,20 +51,15 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from .checksums import CorruptChunkError, crc32c_hex
+from .errors import ArtifactError, ModelMismatchError
+from .manifest import FORMAT, FORMAT_VERSION, KV_STORE, MANIFEST, MAX_MANIFEST_BYTES, owned_files, parse, seal
+from .ownership import check_target
+from .safe_files import check_tree, open_regular, read_regular
+from .store_lock import StoreLock
 from .temporaries import Temporary, lock_path, reclaim_stale, remove_tree
 
-FORMAT = "rcengine-prefill"
-FORMAT_VERSION = 2  # 2: flat key indexes stored as plain block-checksummed key files
-MANIFEST = "manifest.json"
-KV_STORE = "kv.zarr"
-
-
-class ArtifactError(Exception):
-    """An artifact that cannot be used; the message says what and how to fix it."""
-
-
-class ModelMismatchError(ArtifactError):
-    pass
+__all__ = ["FORMAT", "FORMAT_VERSION", "KV_STORE", "MANIFEST", "Artifact", "ArtifactError", "ArtifactWriter", "BlockReader",
+           "ModelMismatchError", "fingerprint_digest"]
 
 
 def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
@@ -66,10 +67,17 @@ def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _fs(location: str | Path) -> tuple[fsspec.AbstractFileSystem, str, bool]:
+def _fs(location: str | Path, follow_last: bool = True) -> tuple[fsspec.AbstractFileSystem, str, bool]:
+    """The file system and path of ``location``; a local path made absolute, its last component
+    resolved only if ``follow_last`` (a writer never writes through a link it was given)."""
     fs, path = fsspec.core.url_to_fs(str(location))
     local = isinstance(fs, LocalFileSystem)
-    return fs, (str(Path(path).resolve()) if local else path), local
+    if not local:
+        return fs, path, local
+    p = Path(path)
+    if follow_last or p.name in ("", ".", ".."):
+        return fs, str(p.resolve()), local
+    return fs, str(p.parent.resolve() / p.name), local
 
 
 def _join(fs: fsspec.AbstractFileSystem, root: str, name: str, local: bool) -> str:
@@ -98,44 +106,54 @@ def _fsync_dir(path: Path) -> None:
 
 class ArtifactWriter:
     """Use as a context manager: leaving it by an exception removes what was written.  On a local
-    file system it first removes stale temporaries of the same store (``reclaimed`` lists them)."""
+    file system it first takes the store's lock (``wait``: wait for another writer instead of
+    refusing; ``log`` says so), then puts back or removes what interrupted writers of the store
+    left (``reclaimed`` lists it)."""
 
-    def __init__(self, location: str | Path, overwrite: bool = False) -> None:
+    def __init__(self, location: str | Path, overwrite: bool = False, wait: bool = False,
+                 log: Callable[[str], None] | None = None) -> None:
         self.location = str(location)
-        self.fs, self.final, self.local = _fs(location)
+        self.fs, self.final, self.local = _fs(location, follow_last=False)
         self.reclaimed: list[Temporary] = []
+        self._lock: StoreLock | None = None
         self._lock_fd: int | None = None
+        self._files: dict[str, dict[str, Any]] = {}
+        self._done = False
         if self.local:
-            final = Path(self.final)
-            for ancestor in [final, *final.parents]:
-                if ancestor.exists() and not ancestor.is_dir():
-                    raise NotADirectoryError(f"cannot write a store at {location}: {ancestor} is a file, not a folder")
-        if self.fs.exists(f"{self.final}/{MANIFEST}") and not overwrite:
-            raise FileExistsError(f"a prefill artifact already exists at {location}: choose another store or overwrite it "
-                                  "(--overwrite, or overwrite=True)")
-        if self.local:
-            parent = Path(self.final).parent
-            try:
-                parent.mkdir(parents=True, exist_ok=True)
-                self.reclaimed = reclaim_stale(self.final)
-                tmp = parent / f".{Path(self.final).name}.tmp-{uuid.uuid4().hex[:8]}"
-                self._lock_fd = os.open(lock_path(tmp), os.O_RDWR | os.O_CREAT, 0o644)
-                fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # taken before the folder exists
-                tmp.mkdir()
-                self.root = str(tmp)
-            except OSError as e:
-                if self._lock_fd is not None:
-                    lock_path(tmp).unlink(missing_ok=True)
-                    os.close(self._lock_fd)
-                    self._lock_fd = None
-                raise PermissionError(f"cannot write a store at {location}: {e.strerror}") from e
+            self._open_local(overwrite, wait, log)
         else:
             self.root = self.final
             if self.fs.exists(f"{self.final}/{MANIFEST}"):
+                if not overwrite:
+                    raise FileExistsError(f"a prefill artifact already exists at {location}: choose another store or overwrite "
+                                          "it (--overwrite, or overwrite=True)")
                 self.fs.rm(f"{self.final}/{MANIFEST}")  # the old artifact stops opening first
             self.fs.makedirs(self.final, exist_ok=True)
-        self._files: dict[str, dict[str, Any]] = {}
-        self._done = False
+
+    def _open_local(self, overwrite: bool, wait: bool, log: Callable[[str], None] | None) -> None:
+        final = Path(self.final)
+        for ancestor in final.parents:
+            if ancestor.exists() and not ancestor.is_dir():
+                raise NotADirectoryError(f"cannot write a store at {self.location}: {ancestor} is a file, not a folder")
+        check_target(final, self.location)  # refused before any lock or folder is made
+        tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = StoreLock(final, wait, log)
+            self.reclaimed = reclaim_stale(final, locked=True)
+            target = check_target(final, self.location)
+            if target == "store" and not overwrite:
+                raise FileExistsError(f"a prefill artifact already exists at {self.location}: choose another store or "
+                                      "overwrite it (--overwrite, or overwrite=True)")
+            self._lock_fd = os.open(lock_path(tmp), os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)  # taken before the folder exists
+            tmp.mkdir()
+            self.root = str(tmp)
+        except BaseException as e:
+            self._release(tmp)
+            if isinstance(e, OSError) and not isinstance(e, (FileExistsError, NotADirectoryError)):
+                raise PermissionError(f"cannot write a store at {self.location}: {e.strerror or e}") from e
+            raise
 
     @property
     def kv_location(self) -> str:
@@ -162,21 +180,22 @@ class ArtifactWriter:
         self.put_bytes(f"{name}.safetensors", data)
 
     def commit(self, fingerprint: dict[str, Any], meta: dict[str, Any], kv_checksums: dict[str, str],
-               lap: Callable[[str], None] | None = None) -> None:
+               lap: Callable[[str], None] | None = None, model_name: str = "") -> None:
         """Write the manifest and make the artifact visible; ``lap(name)`` after each part (timing)."""
         lap = lap or (lambda _name: None)
         manifest = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "model": {"fingerprint": fingerprint, "digest": fingerprint_digest(fingerprint)},
+            "store_id": uuid.uuid4().hex,
+            "model": {"fingerprint": fingerprint, "digest": fingerprint_digest(fingerprint), "name": model_name},
             "meta": meta,
             "files": self._files,
             "kv_checksums": kv_checksums,
         }
         # Compact: the block checksums make most of it (131K of them for a 32K-token 8B-shaped store:
         # 0.11 s indented, 0.06 s compact, on the CPU dev machine).
-        text = json.dumps(manifest, separators=(",", ":"), sort_keys=True)
+        text = seal(manifest)
         lap("commit: manifest")
         if not self.local:
             with self.fs.open(f"{self.root}/{MANIFEST}", "w") as f:
@@ -193,25 +212,35 @@ class ArtifactWriter:
             os.fsync(f.fileno())
         os.replace(part, root / MANIFEST)
         _fsync_dir(root)
+        self._publish(root, final)
+        self._done = True
+        self._release(root)
+        lap("commit: rename")
+
+    def _publish(self, root: Path, final: Path) -> None:
+        """Move the finished folder into place, under the store's lock, checking again what it
+        replaces (a user may have put something there while the prefill ran)."""
+        target = check_target(final, self.location)
         old = None
-        if final.exists():
+        if target == "empty":
+            os.rmdir(final)  # fails, touching nothing, if a file appeared since
+        elif target == "store":
             old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)
         os.rename(root, final)
         _fsync_dir(final.parent)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        self._done = True
-        self._unlock()
-        lap("commit: rename")
+            remove_tree(old)
 
-    def _unlock(self) -> None:
-        if self._lock_fd is None:
-            return
-        if self.local and hasattr(self, "root"):
-            lock_path(Path(self.root)).unlink(missing_ok=True)
-        os.close(self._lock_fd)
-        self._lock_fd = None
+    def _release(self, tmp: Path | None = None) -> None:
+        if self._lock_fd is not None:
+            if tmp is not None:
+                lock_path(tmp).unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def abort(self) -> None:
         if self._done:
@@ -219,7 +248,7 @@ class ArtifactWriter:
         if self.local:
             remove_tree(self.root)
         self._done = True
-        self._unlock()
+        self._release(Path(self.root) if self.local else None)
 
     def __enter__(self) -> "ArtifactWriter":
         return self
@@ -232,47 +261,62 @@ class ArtifactWriter:
 class Artifact:
     """A committed artifact, opened read-only."""
 
-    def __init__(self, location: str, fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str, Any]) -> None:
+    def __init__(self, location: str, fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str, Any],
+                 identity: tuple[int, int] | None = None) -> None:
         self.location = location
         self.fs = fs
         self.root = root
         self.manifest = manifest
+        self._identity = identity  # (device, inode) of a local store's folder when it was opened
 
     @staticmethod
-    def open(location: str | Path, expect_fingerprint: dict[str, Any] | None = None) -> "Artifact":
+    def open(location: str | Path, expect_fingerprint: dict[str, Any] | None = None, expect_name: str = "") -> "Artifact":
+        """Open and check the artifact at ``location``; with ``expect_fingerprint`` (the loaded
+        model's, called ``expect_name``), one made with another model is refused."""
         fs, root, local = _fs(location)
-        if local and Path(root).is_file():
-            raise ArtifactError(f"{location} is a file, not a prefill artifact (a folder made by rcengine prefill or generate --store)")
-        try:
-            with fs.open(f"{root}/{MANIFEST}", "r") as f:
-                text = f.read()
-        except FileNotFoundError:
-            hint = ""
-            if local:
-                old = sorted(Path(root).parent.glob(f".{Path(root).name}.old-*"))
-                if old:
-                    hint = f" (a replacement was interrupted; the previous artifact is at {old[-1]}: rename it back)"
-            what = "no prefill artifact" if not fs.exists(root) else "an incomplete prefill artifact (no manifest.json)"
-            raise ArtifactError(f"{what} at {location}{hint}") from None
-        try:
-            manifest = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ArtifactError(f"the manifest of {location} is not valid JSON ({e.msg}): the artifact is corrupt") from None
-        if manifest.get("format") != FORMAT:
-            raise ArtifactError(f"{location} is not an rcengine prefill artifact")
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(
-                f"{location} has format version {manifest.get('format_version')}, this rcengine reads {FORMAT_VERSION}: re-run the prefill"
-            )
+        identity = None
+        if local:
+            folder = Path(root)
+            if folder.is_file():
+                raise ArtifactError(f"{location} is a file, not a prefill artifact (a folder made by rcengine prefill or "
+                                    "generate --store)")
+            try:
+                text = read_regular(folder / MANIFEST, MAX_MANIFEST_BYTES)
+            except FileNotFoundError:
+                raise ArtifactError(_missing_manifest(folder, location)) from None
+            except NotADirectoryError:
+                raise ArtifactError(f"no prefill artifact at {location}: a part of its path is a file") from None
+            st = os.stat(folder)
+            identity = (st.st_dev, st.st_ino)
+        else:
+            try:
+                with fs.open(f"{root}/{MANIFEST}", "rb") as f:
+                    text = f.read(MAX_MANIFEST_BYTES + 1)
+            except FileNotFoundError:
+                what = "no prefill artifact" if not fs.exists(root) else "an incomplete prefill artifact (no manifest.json)"
+                raise ArtifactError(f"{what} at {location}") from None
+        manifest = parse(text, str(location))
+        if local:
+            _check_local_files(Path(root), manifest, str(location))
         if expect_fingerprint is not None:
             theirs = manifest["model"]
             ours = fingerprint_digest(expect_fingerprint)
-            if theirs.get("digest") != ours:
+            if theirs["digest"] != ours:
                 raise ModelMismatchError(
-                    f"{location} was made with model {theirs['fingerprint'].get('name', '?')} ({theirs.get('digest')}), "
-                    f"not with the loaded model {expect_fingerprint.get('name', '?')} ({ours}): load that model or re-run the prefill"
+                    f"{location} was made with model {theirs.get('name') or '?'} ({theirs['digest']}), not with the loaded "
+                    f"model {expect_name or '?'} ({ours}): load that model or re-run the prefill"
                 )
-        return Artifact(str(location), fs, root, manifest)
+        return Artifact(str(location), fs, root, manifest, identity)
+
+    def replaced(self) -> bool:
+        """Whether the store at this location is no longer the one opened (a prefill replaced it)."""
+        if self._identity is None:
+            return False
+        try:
+            st = os.stat(self.root)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self._identity
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -292,8 +336,11 @@ class Artifact:
         if entry is None:
             raise ArtifactError(f"{self.location} has no file {name!r}")
         try:
-            with self.fs.open(f"{self.root}/{name}", "rb") as f:
-                data = f.read()
+            if isinstance(self.fs, LocalFileSystem):
+                data = read_regular(f"{self.root}/{name}", entry["bytes"])
+            else:
+                with self.fs.open(f"{self.root}/{name}", "rb") as f:
+                    data = f.read(entry["bytes"] + 1)
         except FileNotFoundError:
             raise CorruptChunkError(f"file {name!r} of {self.location} is missing") from None
         if len(data) != entry["bytes"] or crc32c_hex(data) != entry["crc32c"]:
@@ -307,7 +354,12 @@ class Artifact:
         return name in self.manifest["files"]
 
     def read_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return safetensors.torch.load(self.read_bytes(f"{name}.safetensors"))
+        data = self.read_bytes(f"{name}.safetensors")
+        try:
+            return safetensors.torch.load(data)
+        except Exception as e:  # noqa: BLE001 (safetensors raises its own error types for a bad header)
+            raise ArtifactError(f"file {name}.safetensors of {self.location} is not a valid tensor file "
+                                f"({type(e).__name__}): re-run the prefill") from None
 
     def block_reader(self, name: str) -> "BlockReader":
         """Read a file written with block checksums one verified block at a time (nothing of it is
@@ -316,6 +368,31 @@ class Artifact:
         if entry is None or "blocks" not in entry:
             raise ArtifactError(f"{self.location} has no block-checksummed file {name!r}")
         return BlockReader(self.fs, f"{self.root}/{name}", name, self.location, entry)
+
+
+def _missing_manifest(folder: Path, location: str | Path) -> str:
+    hint = ""
+    old = sorted(folder.parent.glob(f".{folder.name}.old-*")) if folder.parent.is_dir() else []
+    if old:
+        hint = (f" (a replacement was interrupted; the previous artifact is at {old[-1]}: the next prefill of this store "
+                "puts it back, or rename it back yourself)")
+    what = "no prefill artifact" if not folder.exists() else "an incomplete prefill artifact (no manifest.json)"
+    return f"{what} at {location}{hint}"
+
+
+def _check_local_files(root: Path, manifest: dict[str, Any], location: str) -> None:
+    """The folder holds only folders and regular files, and every file the manifest lists."""
+    check_tree(root, location)
+    files, kv = owned_files(manifest)
+    for rel in sorted(files - {MANIFEST}) + [f"{KV_STORE}/{k}" for k in sorted(kv)]:
+        try:
+            mode = os.lstat(root / rel).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            raise CorruptChunkError(f"{rel} of {location} is missing: the store is damaged; re-run the prefill or restore it "
+                                    "from a copy") from None
+        if not stat.S_ISREG(mode):
+            raise CorruptChunkError(f"{rel} of {location} is not a regular file: the store is damaged; re-run the prefill or "
+                                    "restore it from a copy")
 
 
 class BlockReader:
@@ -336,9 +413,16 @@ class BlockReader:
         offset = block * self.block_bytes
         want = min(self.block_bytes, self.size - offset)
         try:
-            with self.fs.open(self.path, "rb") as f:
-                f.seek(offset)
-                data = f.read(want)
+            if isinstance(self.fs, LocalFileSystem):
+                fd = open_regular(self.path)
+                try:
+                    data = os.pread(fd, want, offset)
+                finally:
+                    os.close(fd)
+            else:
+                with self.fs.open(self.path, "rb") as f:
+                    f.seek(offset)
+                    data = f.read(want)
         except FileNotFoundError:
             raise CorruptChunkError(f"file {self.name!r} of {self.location} is missing") from None
         if len(data) != want or crc32c_hex(data) != self._crcs[block]:

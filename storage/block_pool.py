@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import psutil
 import torch
 
 from .host_memory import alloc_host, device_view, zero_copy_possible
@@ -48,6 +49,10 @@ class BlockPool:
         self.capacity_bytes = capacity_bytes
         self.slot_bytes = block_tokens * layout.row_bytes
         self.capacity = capacity_bytes // self.slot_bytes
+        available = psutil.virtual_memory().available
+        if self.capacity * self.slot_bytes > available:
+            raise BlockPoolFull(f"the block cache of {capacity_bytes >> 20} MiB (--cache-mb) is more than this machine's available "
+                                f"memory ({available >> 20} MiB): choose a smaller --cache-mb")
         # The slots are allocated at first use (pinned memory is slow to allocate).
         self._slots: torch.Tensor | None = None
         self._raw: np.ndarray | None = None

@@ -51,6 +51,12 @@ class Ledger:
             )
 
 
+def _is_metadata(key: str) -> bool:
+    """A key zarr reads for metadata (v3 ``zarr.json``, v2 ``.zgroup`` and kin)."""
+    name = key.rsplit("/", 1)[-1]
+    return name == "zarr.json" or name.startswith(".z")
+
+
 class CheckedStore(WrapperStore):
     """Wraps any zarr v3 store (local folder, fsspec URL, memory)."""
 
@@ -64,8 +70,11 @@ class CheckedStore(WrapperStore):
     async def get(self, key: str, prototype: BufferPrototype, byte_range: ByteRequest | None = None) -> Buffer | None:
         buf = await self._store.get(key, prototype, byte_range)
         if buf is None:
-            if self.ledger.strict and key in self.ledger.checksums:
-                raise CorruptChunkError(f"chunk {key!r} of {self.ledger.location} is missing")
+            # A reopened artifact holds every object it will ever read: a missing chunk is damage,
+            # never zarr's fill value.  Only metadata keys zarr probes for may be absent.
+            if self.ledger.strict and (key in self.ledger.checksums or not _is_metadata(key)):
+                raise CorruptChunkError(f"chunk {key!r} of {self.ledger.location} is missing: the store is damaged; re-create "
+                                        "it (rcengine prefill) or restore it from a copy")
             return None
         raw = buf.as_numpy_array().tobytes()
         if byte_range is None:

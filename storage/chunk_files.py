@@ -16,10 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from .checked_store import Ledger, slice_key
-from .checksums import crc32c_parts_hex
+from .checksums import CorruptChunkError, crc32c_parts_hex
+from .safe_files import open_regular
 
 # Threads that read and write chunk files.
 IO_THREADS = 8
+# The longest a reader waits for one share of a read (regular files only: a file system that takes
+# longer does not answer).
+READ_TIMEOUT_S = 120
 # Buffers one ``preadv`` scatters into (or ``writev`` gathers from) at most (IOV_MAX is 1024 on Linux).
 MAX_IOV = 512
 
@@ -84,7 +88,11 @@ class ChunkFiles:
             read_share(files)
         else:
             for f in [self.pool().submit(read_share, files[t::tasks]) for t in range(tasks)]:
-                f.result()
+                try:
+                    f.result(timeout=READ_TIMEOUT_S)
+                except TimeoutError:
+                    raise CorruptChunkError(f"reading {self.ledger.location} took more than {READ_TIMEOUT_S} s: its file system "
+                                            "does not answer") from None
         self.ledger.bytes_read += sum(n for n in got if n > 0)
         self.ledger.objects_read += sum(n >= 0 for n in got)
         return got
@@ -93,8 +101,8 @@ class ChunkFiles:
         """Ranges of one file into ``dests``; a run of ranges that follow each other is one
         ``preadv`` (scattered into its destinations).  ``done(j, nbytes)`` for each."""
         try:
-            fd = os.open(self.root / key, os.O_RDONLY)
-        except FileNotFoundError:
+            fd = open_regular(self.root / key)  # a FIFO or a link in its place is refused, never waited on
+        except (FileNotFoundError, NotADirectoryError):
             return
         order = sorted(range(len(offsets)), key=offsets.__getitem__)
         try:

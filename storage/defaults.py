@@ -12,3 +12,5 @@ DEFAULT_CACHE_BYTES = 512 << 20
 # Bytes of chunk files a prefill to disk may have queued for its background writers: past this the
 # prefill waits for the oldest write (pinned staging memory stays bounded; writes overlap compute).
 WRITE_BACKLOG_BYTES = 1 << 30
+# Positions (int64) per chunk file of a layer's positions array.
+POSITION_CHUNK = 16384

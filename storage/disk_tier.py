@@ -59,16 +59,15 @@ from .chunk_files import ChunkFiles
 from .checked_store import CheckedStore, Ledger, slice_key
 from .checksums import CorruptChunkError, crc32c_parts_hex
 from .device_checksums import DeviceChecksums
-from .defaults import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_BLOCKS, WRITE_BACKLOG_BYTES
+from .errors import ArtifactError
+from .kv_metadata import FORMAT, checked_metadata
+from .defaults import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_BLOCKS, POSITION_CHUNK, WRITE_BACKLOG_BYTES
 from .meter import ByteMeter, Counters, process_disk_read_bytes
 from .pending_rows import PendingRows, Piece, Segments, stage
-from .rows import DTYPES_BY_NAME, dtype_name, from_raw_numpy, pack, raw_numpy_dtype
+from .rows import dtype_name, from_raw_numpy, pack, raw_numpy_dtype
 from .tier import TierLayout, check_append
 
-FORMAT = "rcengine-kv"
 VERSION = 2
-READS_VERSIONS = (1, 2)
-POSITION_CHUNK = 16384  # positions (int64) per chunk file of a layer's positions array
 # Chunk files named ``L{layer}/c.{head group}.{chunk}.0.0``: one folder per layer, not two per chunk
 # (zarr's default "/" separator made 2,048 folders of a 32K-token 8B-shaped store, each created and
 # flushed at the commit).  Stores keep their encoding in their metadata; older ones still open.
@@ -229,6 +228,11 @@ class DiskTier:
         row_bytes = layout.num_kv_heads * layout.row_bytes
         return layout.num_layers * (-(-rows // s) * s * row_bytes + -(-rows // POSITION_CHUNK) * POSITION_CHUNK * 8)
 
+    @staticmethod
+    def blocks_bytes(layout: TierLayout, rows: int, block_tokens: int) -> int:
+        """Bytes of every block of a store of ``rows`` rows a layer: the most a block cache can hold."""
+        return layout.num_layers * layout.num_kv_heads * -(-rows // block_tokens) * block_tokens * layout.row_bytes
+
     @classmethod
     def open(
         cls,
@@ -238,29 +242,34 @@ class DiskTier:
         meter: ByteMeter | None = None,
         checksums: dict[str, str] | None = None,
         carry: "DiskTier | None" = None,
+        layout: TierLayout | None = None,
+        rows: int | None = None,
     ) -> "DiskTier":
         """Reopen a store read-only.  With ``checksums`` (from an artifact's manifest) every object
         read must match its checksum; without, nothing can be verified.  ``carry``: the tier that
         wrote this store (flushed, then moved here by a commit), whose positions and last partial
-        chunks are taken over instead of read back."""
+        chunks are taken over instead of read back.  ``layout`` and ``rows`` (per layer), where the
+        caller knows them, are checked against the store's metadata before anything is read or
+        allocated by it (``kv_metadata.py``); the block cache is no larger than the store."""
         ledger = Ledger(checksums=dict(checksums or {}), strict=checksums is not None, location=str(location))
         store = CheckedStore(open_store(location, read_only=True), ledger)
         try:
-            attrs = zarr.open_group(store, mode="r").attrs.asdict()
+            group = zarr.open_group(store, mode="r")
         except FileNotFoundError as e:
             raise FileNotFoundError(f"no KV store at {location}") from e
-        if attrs.get("format") != FORMAT:
-            raise ValueError(f"{location} is not an rcengine KV store (format {attrs.get('format')!r})")
-        if attrs.get("version") not in READS_VERSIONS:
-            raise ValueError(f"KV store {location} has format version {attrs.get('version')}, this rcengine reads "
-                             f"{', '.join(map(str, READS_VERSIONS))}")
-        layout = TierLayout(attrs["num_layers"], attrs["num_kv_heads"], attrs["head_dim"], DTYPES_BY_NAME[attrs["dtype"]])
-        b = attrs["block_tokens"]
-        chunk_tokens, chunk_heads = attrs.get("chunk_tokens", b), attrs.get("chunk_heads", 1)  # version 1: a chunk per block and head
-        if carry is not None and (carry.layout, carry.block_tokens, carry.chunk_tokens, carry.chunk_heads) != (layout, b, chunk_tokens, chunk_heads):
+        except CorruptChunkError:
+            raise
+        except Exception as e:  # noqa: BLE001 (zarr raises many types for metadata it cannot parse)
+            raise ArtifactError(f"the KV store {location} is malformed (its metadata does not read: {type(e).__name__}): "
+                                "re-create it (rcengine prefill) or restore it from a copy") from None
+        meta = checked_metadata(group, str(location), layout, rows)
+        b, layout = meta.block_tokens, meta.layout
+        if carry is not None and (carry.layout, carry.block_tokens, carry.chunk_tokens, carry.chunk_heads) != (
+                layout, b, meta.chunk_tokens, meta.chunk_heads):
             raise ValueError(f"the store at {location} is not the one the carried tier wrote")
-        return cls(store, layout, b, cache_bytes, compute_device, meter, read_only=True, chunk_tokens=chunk_tokens,
-                   chunk_heads=chunk_heads, carry=carry)
+        cache_bytes = min(cache_bytes, cls.blocks_bytes(layout, max(meta.rows), b))  # a larger cache would never fill
+        return cls(store, layout, b, cache_bytes, compute_device, meter, read_only=True, chunk_tokens=meta.chunk_tokens,
+                   chunk_heads=meta.chunk_heads, carry=carry)
 
     def _load_tail(self, layer: int, rows: int) -> None:
         """On open: whole chunks stay in the store; the last, partial chunk is read into memory."""

@@ -28,9 +28,16 @@ import numpy as np
 import torch
 
 from .artifact import Artifact, ArtifactWriter, BlockReader
+from .errors import ArtifactError
+from .manifest import record
+from .rows import DTYPES_BY_NAME
 
 # Rows of float32 keys per verified block of a keys file (4 MiB at head dim 64).
 KEY_BLOCK_ROWS = 16384
+# Bounds on what a manifest may claim (far above any real model or document; they keep an edited
+# manifest from sizing allocations).
+MAX_TOKENS = 1 << 32
+MAX_COUNT = 1 << 12
 
 
 def keys_file(layer: int, head: int) -> str:
@@ -59,16 +66,32 @@ class DocumentMeta:
     # it existed); selection.safetensors holds what was saved
     selection: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.tokens < MAX_TOKENS or not 0 <= self.sink < MAX_TOKENS or not 1 <= self.tail < MAX_TOKENS:
+            raise ValueError(f"tokens {self.tokens}, sink {self.sink} or tail {self.tail} out of range")
+        if not (0 < self.num_layers <= MAX_COUNT and 0 < self.num_kv_heads <= MAX_COUNT and 0 < self.head_dim <= MAX_COUNT
+                and 0 < self.block_tokens <= MAX_TOKENS):
+            raise ValueError("a layout size is out of range")
+        if self.dtype not in DTYPES_BY_NAME:
+            raise ValueError(f"dtype {self.dtype!r} is unknown")
+
+    @property
+    def mid_rows(self) -> int:
+        """Rows of the mid-region per layer: past the sink, before the tail (as a prefill splits)."""
+        sink = min(self.sink, self.tokens)
+        return self.tokens - sink - min(self.tail, self.tokens - sink)
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
-    def from_dict(meta: dict[str, Any]) -> "DocumentMeta":
-        names = {f.name for f in fields(DocumentMeta)}
-        missing = names - set(meta) - {"estimator", "index", "selection"}
+    def from_dict(meta: dict[str, Any], location: str = "the store") -> "DocumentMeta":
+        """Checked: every field present (but those with defaults) with its type and range."""
+        missing = {f.name for f in fields(DocumentMeta)} - set(meta if isinstance(meta, dict) else {}) - {"estimator", "index", "selection"}
         if missing:
-            raise ValueError(f"the store's manifest lacks {', '.join(sorted(missing))}: it was not made by rcengine prefill")
-        return DocumentMeta(**{k: v for k, v in meta.items() if k in names})
+            raise ArtifactError(f"the manifest of {location} lacks {', '.join(sorted(missing))}: it was not made by rcengine "
+                                "prefill; re-run the prefill")
+        return record(DocumentMeta, meta, "meta", location)
 
 
 class DocumentWriter:
@@ -104,7 +127,7 @@ class DocumentWriter:
         self.writer.put_bytes(index_file(layer, head), data)
 
     def commit(self, doc_ids: list[int], meta: DocumentMeta, fingerprint: dict[str, Any], kv_checksums: dict[str, str],
-               lap: Callable[[str], None] | None = None) -> None:
+               lap: Callable[[str], None] | None = None, model_name: str = "") -> None:
         """Write the tensors' files, then commit the artifact; ``lap(name)`` after each part (timing)."""
         self.writer.put_tensors("anchors", {"doc_ids": torch.tensor(doc_ids, dtype=torch.int64), **self._anchors})
         self.writer.put_tensors("summaries", self._summaries)
@@ -112,7 +135,7 @@ class DocumentWriter:
             self.writer.put_tensors("selection", self._selection)
         if lap is not None:
             lap("commit: tensor files")
-        self.writer.commit(fingerprint, meta.as_dict(), kv_checksums, lap=lap)
+        self.writer.commit(fingerprint, meta.as_dict(), kv_checksums, lap=lap, model_name=model_name)
 
 
 class DocumentReader:
@@ -120,10 +143,40 @@ class DocumentReader:
 
     def __init__(self, art: Artifact) -> None:
         self.art = art
-        self.meta = DocumentMeta.from_dict(art.meta)
+        self.meta = DocumentMeta.from_dict(art.meta, art.location)
         self._anchors = art.read_tensors("anchors")
         self._summaries = art.read_tensors("summaries")
         self._selection: dict[str, torch.Tensor] | None = None
+        self._check_anchors()
+
+    @property
+    def doc_ids(self) -> torch.Tensor:
+        """``(tokens,)`` int64: the document's token ids."""
+        return self._anchors["doc_ids"]
+
+    def _check_anchors(self) -> None:
+        """The anchors agree with the manifest: the token count, the sink and tail as a prefill of
+        that many tokens splits them, the layout and dtype, every layer present."""
+        m = self.meta
+        sink = min(m.sink, m.tokens)
+        tail = m.tokens - sink - m.mid_rows
+        dtype = DTYPES_BY_NAME[m.dtype]
+        expected = {"doc_ids": ((m.tokens,), torch.int64)}
+        for layer in range(m.num_layers):
+            for name, n in (("sink", sink), ("tail", tail)):
+                for kv in "kv":
+                    expected[f"L{layer}.{name}_{kv}"] = ((1, m.num_kv_heads, n, m.head_dim), dtype)
+            expected[f"L{layer}.tail_pos"] = ((tail,), torch.int64)
+        got = {k: (tuple(v.shape), v.dtype) for k, v in self._anchors.items()}
+        for name, want in expected.items():
+            if got.get(name) != want:
+                raise ArtifactError(f"the anchors of {self.art.location} do not match its manifest ({name}: "
+                                    f"{got.get(name, 'missing')}, expected {want}): re-run the prefill")
+        if set(got) != set(expected):
+            raise ArtifactError(f"the anchors of {self.art.location} hold other layers than its manifest says: re-run the prefill")
+        positions = torch.arange(m.tokens - tail, m.tokens)
+        if any(not torch.equal(self._anchors[f"L{i}.tail_pos"], positions) for i in range(m.num_layers)):
+            raise ArtifactError(f"the tail positions of {self.art.location} do not match its token count: re-run the prefill")
 
     def anchors(self, layer: int) -> dict[str, torch.Tensor]:
         """``sink_k, sink_v, tail_k, tail_v, tail_pos`` of one layer."""

@@ -3,7 +3,11 @@ folder exists) for as long as it lives, so a folder whose lock is free was left 
 died, and can be removed safely.
 
 - Artifact writers write ``.NAME.tmp-XXXXXXXX`` beside the store ``NAME`` (:func:`temporaries`,
-  :func:`reclaim_stale`).
+  :func:`reclaim_stale`).  A writer replacing a store moves the old one aside to
+  ``.NAME.old-XXXXXXXX`` while it holds the store's lock (``store_lock.py``), and removes it once the
+  new one is in place; one left by a writer that died is put back (no store at ``NAME``: the
+  replacement never happened) or removed (the new store is in place), by the next writer of that
+  store, only if it holds nothing but an rcengine store.
 - A prefill to disk without a store writes a scratch store ``rcengine-kv-XXXXXXXX`` in its scratch
   folder (:class:`Scratch`), removed with its document; one left by a killed process is removed by
   the next scratch prefill in that folder (:func:`reclaim_stale_scratch`).
@@ -20,17 +24,21 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import StoreBusyError
+from .store_lock import StoreLock, store_lock_path
+
 SCRATCH_PREFIX = "rcengine-kv-"
 
 
 @dataclass(frozen=True, slots=True)
 class Temporary:
-    """A writer's temporary folder beside a store: its path, bytes on disk, and whether a live
-    process still writes it."""
+    """A writer's temporary folder beside a store (or an old store moved aside): its path, bytes
+    on disk, and whether a live process still writes it; ``restored``: an old store put back."""
 
     path: Path
     bytes: int
     live: bool
+    restored: bool = False
 
 
 def remove_tree(path: str | Path, patience_s: float = 2.0) -> None:
@@ -50,37 +58,88 @@ def lock_path(tmp: Path) -> Path:
 
 
 def _held(tmp: Path) -> bool:
-    """Whether a live writer holds ``tmp``'s lock (a writer takes it before creating the folder)."""
+    """Whether a live writer holds ``tmp``'s lock (a writer takes it before creating the folder;
+    no lock file: left by a writer that died, or an older rcengine)."""
+    return _held_path(lock_path(tmp))
+
+
+def _size(path: Path) -> int:
+    return sum(f.lstat().st_size for f in path.rglob("*") if not f.is_symlink() and f.is_file())
+
+
+def temporaries(location: str | Path) -> list[Temporary]:
+    """Temporary folders of writers of the store at ``location`` (a local path), live or stale,
+    and old stores moved aside by a replacement (live while a writer holds the store's lock)."""
+    final = Path(location).resolve()
+    parent = final.parent
+    if not parent.is_dir():
+        return []
+    tmps = _described(p for p in parent.glob(f".{final.name}.tmp-*") if _is_folder(p))
+    olds = sorted(p for p in parent.glob(f".{final.name}.old-*") if _is_folder(p))
+    busy = bool(olds) and _held_path(store_lock_path(final))
+    return tmps + [Temporary(p, _size(p), busy) for p in olds]
+
+
+def reclaim_stale(location: str | Path, locked: bool = False) -> list[Temporary]:
+    """Remove the temporary folders of writers of ``location`` that died (their lock is free),
+    and put back or remove old stores they moved aside (see the module docstring); -> what was
+    done.  ``locked``: the caller holds the store's lock (else it is taken here, and old stores
+    are left alone while another process holds it).  Folders a live writer holds are left alone."""
+    final = Path(location).resolve()
+    found = temporaries(final)
+    done = _remove_stale([t for t in found if ".tmp-" in t.path.name])
+    olds = [t.path for t in found if ".old-" in t.path.name]
+    if not olds:
+        return done
+    if locked:
+        return done + _settle_olds(final, olds)
     try:
-        fd = os.open(lock_path(tmp), os.O_RDWR)
+        lock = StoreLock(final)
+    except StoreBusyError:
+        return done
+    try:
+        return done + _settle_olds(final, olds)
+    finally:
+        lock.release()
+
+
+def _settle_olds(final: Path, olds: list[Path]) -> list[Temporary]:
+    """Under the store's lock: the newest old store goes back where the store is missing; the
+    others (and all, where a store is in place) are removed.  Only folders holding nothing but an
+    rcengine store are touched."""
+    from .ownership import is_own_store  # (ownership reads manifests: imported when there is work)
+
+    out = []
+    for old in sorted(olds, key=lambda p: p.stat().st_mtime, reverse=True):
+        if not is_own_store(old):
+            continue
+        size = _size(old)
+        if not os.path.lexists(final):
+            os.rename(old, final)
+            out.append(Temporary(old, size, False, restored=True))
+        else:
+            remove_tree(old)
+            out.append(Temporary(old, size, False))
+    return out
+
+
+def _is_folder(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
+
+
+def _held_path(path: Path) -> bool:
+    """Whether a live process holds an flock on ``path``."""
+    try:
+        fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
-        return False  # no lock: left by a writer that died (or an older rcengine)
+        return False
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return True
     finally:
-        os.close(fd)  # closing releases a lock we took
+        os.close(fd)
     return False
-
-
-def _size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
-
-
-def temporaries(location: str | Path) -> list[Temporary]:
-    """Temporary folders of writers of the store at ``location`` (a local path), live or stale."""
-    final = Path(location)
-    parent = final.parent
-    if not parent.is_dir():
-        return []
-    return _described(p for p in parent.glob(f".{final.name}.tmp-*") if p.is_dir())
-
-
-def reclaim_stale(location: str | Path) -> list[Temporary]:
-    """Remove the temporary folders of writers of ``location`` that died (their lock is free);
-    -> what was removed.  Folders a live writer holds are left alone."""
-    return _remove_stale(temporaries(location))
 
 
 def _described(folders: Iterable[Path]) -> list[Temporary]:

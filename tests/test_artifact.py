@@ -50,7 +50,7 @@ def write_artifact(location, seed: int = 0, overwrite: bool = False, rows: int =
         tier.flush()
         w.put_tensors("anchors", anchors)
         w.put_bytes("index-L1-H0.bin", index.serialize(1, 0))
-        w.commit(MODEL, {"tokens": rows + 8, "sink": 4, "tail": 4}, tier.checksums)
+        w.commit(MODEL, {"tokens": rows + 8, "sink": 4, "tail": 4}, tier.checksums, model_name="tiny-llama")
     return {"k": k, "v": v, "anchors": anchors}
 
 
@@ -139,9 +139,9 @@ def test_missing_or_broken_manifest(tmp_path):
 
 def test_model_mismatch_names_both(tmp_path):
     write_artifact(tmp_path / "doc")
-    other = {**MODEL, "name": "other-model", "weights": {"model.safetensors": [124, "abd"]}}
+    other = {**MODEL, "weights": {"model.safetensors": [124, "abd"]}}
     with pytest.raises(ModelMismatchError, match="tiny-llama.*other-model"):
-        Artifact.open(tmp_path / "doc", expect_fingerprint=other)
+        Artifact.open(tmp_path / "doc", expect_fingerprint=other, expect_name="other-model")
 
 
 def test_existing_artifact_is_kept_unless_overwrite(tmp_path):

@@ -161,7 +161,7 @@ def test_bench_io_runs_on_a_local_model(model, tmp_path):
     assert out.returncode == 0, out.stderr
     assert "rc-centroid@0.05" in out.stdout and "rho*" in out.stdout
     report = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert report["meta"]["model"] == str(model.resolve())
+    assert report["meta"]["model_path"] == str(model.resolve()) and report["meta"]["model"] == model.name
     assert report["meta"]["config"]["bandwidths"] == [["nvme", 3e9]]
     assert {r["tier"] for r in report["rows"]} == {"cpu", "disk"}
 
@@ -200,7 +200,7 @@ def test_calibrate_writes_maps_that_another_model_refuses(model, other_model, tm
     _assert_one_line_error(rc("calibrate", "--model", str(model), "--out", str(tmp_path / "m2")), "--text is needed")
     refused = rc("generate", PROMPT, "--model", str(other_model), "--estimator", "learned", "--maps", str(tmp_path / "maps"),
                  "--features", "4", "--max-new-tokens", "2")
-    _assert_one_line_error(refused, "calibrated for model")
+    _assert_one_line_error(refused, "calibrated for another model")
     ok = rc("generate", PROMPT, "--model", str(model), "--estimator", "learned", "--maps", str(tmp_path / "maps"),
             "--features", "4", "--max-new-tokens", "2", "--json", "--tail", "16", "--offload", "disk")
     assert ok.returncode == 0, ok.stderr

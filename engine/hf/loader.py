@@ -128,7 +128,7 @@ def load_model(
     folder = source.folder
     if not folder.is_dir():
         if not folder.exists():
-            raise FileNotFoundError(f"model {path} is neither a folder, a .gguf file nor a known name "
+            raise FileNotFoundError(f"model {path} does not exist: it is neither a folder, a .gguf file nor a known name "
                                     f"({', '.join(NAMED_MODELS)})")
         raise NotADirectoryError(f"model {path} is a file but not a .gguf file: give a checkpoint folder or a GGUF file")
     if not (folder / "config.json").exists():

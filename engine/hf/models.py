@@ -76,6 +76,19 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def model_source_file(name: str) -> Path:
+    """Where the named model ``name`` comes from (a folder or file), without converting anything;
+    ``FileNotFoundError`` saying how to install it when it is not here."""
+    if name == "tiny":
+        folder = default_model_path()
+        if not (folder / "config.json").exists():
+            raise FileNotFoundError("this build has no embedded default model")
+        return folder
+    if name == "smollm2":
+        return smollm2_gguf()
+    raise ValueError(f"{name!r} is not a named model: use one of {', '.join(NAMED_MODELS)}")
+
+
 def resolve_model(model: str | Path | None, log: Callable[[str], None] | None = None) -> ModelSource:
     """``model``: None or a name (see the module's docstring), a ``.gguf`` file, or a folder."""
     if model is None or (isinstance(model, str) and model in NAMED_MODELS):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ...storage import ByteMeter, KVTier
+from ...storage import Artifact, ByteMeter, CorruptChunkError, KVTier, StoreReplacedError
 from ...storage.temporaries import Scratch
 from ..decode.runner import StepRunner
 from ..hf.cache import RCCache
@@ -23,6 +23,7 @@ from ..hf.integration import rc_forward
 from ..rule.feature_maps import EstimatorSpec
 from ..sampling import SamplingConfig
 from .generation import generate_tokens
+from .inputs import sampling_config
 from .stats import answer_stats
 
 if TYPE_CHECKING:
@@ -47,7 +48,7 @@ class Document:
     """A prefilled sequence, ready to be continued or questioned."""
 
     def __init__(self, engine: "Engine", cache: RCCache, tokens: int, last_logits: torch.Tensor | None, prefill_ms: float,
-                 store: str | None, scratch: Scratch | None) -> None:
+                 store: str | None, scratch: Scratch | None, artifact: Artifact | None = None) -> None:
         self.engine = engine
         self.cache = cache
         self.tokens = tokens
@@ -56,6 +57,7 @@ class Document:
         self.prefill_phases_ms: dict[str, float] = {}  # forward, finalize, flush, persist, commit: ..., reopen (Engine.prefill)
         self.prefill_writes: dict[str, float] = {}  # a prefill to disk: where its writes' time went (WriteStats)
         self.store = store
+        self._artifact = artifact  # a reopened store: told apart from a store replaced while it is read
         self.runner = StepRunner(cache.state, rc_forward(engine.lm.model, cache), engine.config.graphs)
         self._finalizer = weakref.finalize(self, _cleanup, cache.state.tier, scratch)
 
@@ -102,20 +104,29 @@ class Document:
 
     def _tokens(self, text: str | list[int], what: str) -> list[int]:
         self._check_open()
-        ids = self.engine.tokenize(text, special=False) if isinstance(text, str) else list(text)
-        if not ids:
-            raise ValueError(f"the {what} is empty")
-        return ids
+        return self.engine.token_ids(text, what, special=False)
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Reads of a reopened store that fail because the store was replaced while this document
+        read it say so, instead of calling it damaged."""
+        try:
+            yield
+        except CorruptChunkError as e:
+            if self._artifact is not None and self._artifact.replaced():
+                raise StoreReplacedError(f"{self.store} was replaced (prefilled again) while this document read it: open it "
+                                         "again to read the new one") from e
+            raise
 
     def ask(self, question: str | list[int], sampling: SamplingConfig | None = None, on_text: Callable[[str], None] | None = None) -> Answer:
         """Answer one question about the document; the document is left as it was.  The question's
         tokens go through each layer in one batched step."""
         ids = self._tokens(question, "question")
-        sampling = sampling or SamplingConfig()
+        sampling = sampling_config(sampling)
         self.engine.check_length(self.tokens + len(ids), sampling.max_new_tokens)
         first_step = self.meter.next_step()
         lm = self.engine.lm
-        with self._scratch_tail(len(ids) + sampling.max_new_tokens), torch.no_grad():
+        with self._reading(), self._scratch_tail(len(ids) + sampling.max_new_tokens), torch.no_grad():
             t0 = time.perf_counter()
             logits = self.runner.run(ids, self.tokens)
             question_ms = 1e3 * (time.perf_counter() - t0)
@@ -132,7 +143,7 @@ class Document:
         ids = self._tokens(continuation, "continuation")
         self.engine.check_length(self.tokens + len(ids), 0)
         self.meter.next_step()
-        with self._scratch_tail(len(ids)), torch.no_grad():
+        with self._reading(), self._scratch_tail(len(ids)), torch.no_grad():
             return self.runner.run(ids, self.tokens, every_position=True)[0]
 
     def continue_prompt(self, sampling: SamplingConfig | None = None, on_text: Callable[[str], None] | None = None) -> Answer:
@@ -140,7 +151,7 @@ class Document:
         self._check_open()
         if self.last_logits is None:
             raise ValueError("a reopened document has no pending prompt to continue: ask it a question instead")
-        sampling = sampling or SamplingConfig()
+        sampling = sampling_config(sampling)
         first_step = self.meter.step + 1
         lm = self.engine.lm
         with torch.no_grad():

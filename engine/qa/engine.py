@@ -16,15 +16,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ...storage import Artifact, ArtifactWriter, ByteMeter, DiskTier, IndexSpec, KVTier, MemoryTier, TierLayout, device_tier, host_tier
+from ...storage import (
+    Artifact, ArtifactError, ArtifactWriter, ByteMeter, DiskTier, IndexSpec, KVTier, MemoryTier, TierLayout, device_tier, host_tier,
+)
 from ...storage.document_store import DocumentReader
+from ...storage.manifest import record
 from ...storage.rows import dtype_name
 from ...storage.space import ensure_room, is_no_room, no_room
 from ...storage.temporaries import Scratch, reclaim_stale_scratch
 from ..calibration.maps_file import MapsError, read_maps
-from ..config import EngineConfig
+from ..config import OFFLOADS, EngineConfig
 from ..decode.state import KVState
 from ..hf.cache import RCCache
 from ..hf.integration import prefill_chunk
@@ -33,7 +37,12 @@ from ..progress import progress
 from ..rule.feature_maps import EstimatorSpec
 from ..sampling import SamplingConfig
 from .document import Answer, Document
+from .inputs import flag, sampling_config, store_path, token_ids
 from .persist import persist, restore
+
+
+# Rows a document's disk tier may grow by (generation spills) that its block cache is sized for.
+CACHE_GROWTH = 4096
 
 
 def resolve_maps(config: EngineConfig, lm: LoadedModel) -> EngineConfig:
@@ -56,13 +65,19 @@ def resolve_maps(config: EngineConfig, lm: LoadedModel) -> EngineConfig:
 
 class Engine:
     def __init__(self, lm: LoadedModel, config: EngineConfig | None = None, show_progress: bool = True,
-                 verify_maps: bool = True) -> None:
+                 verify_maps: bool = True, log: Callable[[str], None] | None = None) -> None:
         """``verify_maps``: resolve and verify the learned estimator's maps (not for a reopened
-        store's own, which it holds)."""
+        store's own, which it holds).  ``log``: what the user should know of (a conversion, a wait
+        for another writer of a store)."""
+        if not isinstance(lm, LoadedModel):
+            raise TypeError(f"an Engine takes a LoadedModel (rcengine.load_model), not {type(lm).__name__}: or use Engine.load")
+        if config is not None and not isinstance(config, EngineConfig):
+            raise TypeError(f"config must be an EngineConfig, not {type(config).__name__}")
         self.lm = lm
         config = config if config is not None else EngineConfig()
         self.config = resolve_maps(config, lm) if verify_maps else config
         self.show_progress = show_progress
+        self._log = log
 
     @classmethod
     def load(
@@ -77,17 +92,35 @@ class Engine:
     ) -> "Engine":
         """Load a model (see :func:`load_model`: a folder, a GGUF file or a name; None: the embedded
         default model).  ``log``: one-time work (a GGUF converted on first use) is announced there."""
-        return cls(load_model(model, device, dtype, trust_remote_code, log), config, show_progress)
+        return cls(load_model(model, device, dtype, trust_remote_code, log), config, show_progress, log=log)
 
     def tokenize(self, text: str, special: bool = True) -> list[int]:
         return list(self.lm.tokenizer(text, add_special_tokens=special)["input_ids"])
 
-    def prefill(self, document: str | list[int], store: str | Path | None = None, overwrite: bool = False) -> Document:
+    def max_text_bytes(self) -> int:
+        """Bytes of text that may still fit the model's positions (at most 4 bytes a character of
+        its longest token): a longer text need not be read to be refused."""
+        longest = max(map(len, self.lm.tokenizer.get_vocab()), default=1)
+        return self.lm.max_positions * 4 * max(longest, 1)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.lm.model.get_input_embeddings().num_embeddings)
+
+    def token_ids(self, value: object, what: str, special: bool = True) -> list[int]:
+        """Text or token ids, checked (:func:`inputs.token_ids`) -> ids."""
+        return token_ids(value, lambda text: self.tokenize(text, special), self.vocab_size, what)
+
+    def prefill(self, document: str | list[int], store: str | Path | None = None, overwrite: bool = False,
+                wait: bool = False) -> Document:
         """Prefill ``document`` (text, or token ids) once.  With ``store`` it is also persisted
-        there, to be reopened by :meth:`open` in another process or on another machine."""
-        ids = self.tokenize(document) if isinstance(document, str) else list(document)
-        if not ids:
-            raise ValueError("the document is empty")
+        there, to be reopened by :meth:`open` in another process or on another machine.  A store
+        replaces only an empty folder or, with ``overwrite``, an rcengine store; another process
+        writing it makes this one wait (``wait``) or refuse."""
+        ids = self.token_ids(document, "document")
+        store = None if store is None else store_path(store)
+        flag(overwrite, "overwrite")
+        flag(wait, "wait")
         if len(ids) >= self.lm.max_positions:
             raise ValueError(f"the document has {len(ids)} tokens; the model handles at most {self.lm.max_positions} positions")
         cfg = self.config
@@ -97,7 +130,7 @@ class Engine:
         what = f"the store of {len(ids)} tokens" if store is not None else f"the scratch KV store of {len(ids)} tokens"
         if room is not None:
             ensure_room(room, self._store_bytes(len(ids)), what)
-        writer = ArtifactWriter(store, overwrite=overwrite) if store is not None else None
+        writer = ArtifactWriter(store, overwrite=overwrite, wait=wait, log=self._log) if store is not None else None
         scratch, tier = None, None
         try:
             if cfg.offload == "disk":
@@ -107,7 +140,8 @@ class Engine:
                     reclaim_stale_scratch(cfg.scratch_dir)  # scratch stores of processes that were killed
                     scratch = Scratch(cfg.scratch_dir)
                     location = f"{scratch.path}/kv.zarr"
-                tier = DiskTier.create(location, self._layout(), cfg.block_tokens, cfg.cache_bytes, self.lm.device, meter,
+                cache_bytes = min(cfg.cache_bytes, DiskTier.blocks_bytes(self._layout(), len(ids) + CACHE_GROWTH, cfg.block_tokens))
+                tier = DiskTier.create(location, self._layout(), cfg.block_tokens, cache_bytes, self.lm.device, meter,
                                        durable=writer is not None)
             else:
                 tier = self._memory_tier(meter)
@@ -117,7 +151,8 @@ class Engine:
             prefill_ms = sum(clock.ms.values())
             writes = tier.write_stats.as_dict() if isinstance(tier, DiskTier) else {}
             if writer is not None:
-                persist(cache.state, ids, writer, self.lm.fingerprint(), dtype_name(self.lm.dtype), lap=clock.lap)
+                persist(cache.state, ids, writer, self.lm.fingerprint(), dtype_name(self.lm.dtype), lap=clock.lap,
+                        model_name=self.lm.name)
                 if isinstance(tier, DiskTier):  # read from the committed store from now on
                     tier.close()
                     art = Artifact.open(store)
@@ -159,17 +194,31 @@ class Engine:
     def open(self, store: str | Path, offload: str | None = None) -> Document:
         """Reopen a persisted document without recomputing its prefill.  The KV stays in the store
         and is read as needed (``offload`` ``cpu`` or ``device`` copies it into memory instead)."""
-        reader = DocumentReader(Artifact.open(store, expect_fingerprint=self.lm.fingerprint()))
-        meta, art = reader.meta, reader.art
+        if offload not in (None, *OFFLOADS):
+            raise ValueError(f"offload {offload!r} is unknown: use one of {', '.join(OFFLOADS)}")
+        art = Artifact.open(store_path(store), expect_fingerprint=self.lm.fingerprint(), expect_name=self.lm.name)
+        reader = DocumentReader(art)
+        meta = reader.meta
         layers, heads, dim = self.lm.kv_shape
         if (meta.num_layers, meta.num_kv_heads, meta.head_dim, meta.dtype) != (layers, heads, dim, dtype_name(self.lm.dtype)):
-            raise ValueError(f"{store} holds a KV layout the loaded model does not have: {meta}")
+            raise ArtifactError(f"{store} holds a KV layout ({meta.num_layers} layers, {meta.num_kv_heads} KV heads, head dim "
+                                f"{meta.head_dim}, {meta.dtype}) the loaded model does not have: re-run the prefill with it")
+        ids = reader.doc_ids
+        if meta.tokens >= self.lm.max_positions or int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            raise ArtifactError(f"{store} holds token ids or a length this model cannot take: re-run the prefill with it")
         cfg = replace(
             self.config, sink=meta.sink, tail=meta.tail, offload=offload or "disk", block_tokens=meta.block_tokens,
-            estimator=EstimatorSpec(**meta.estimator), index=IndexSpec(**meta.index),
+            estimator=record(EstimatorSpec, meta.estimator, "estimator", str(store)),
+            index=record(IndexSpec, meta.index, "index", str(store)),
         )
         meter = ByteMeter()
-        disk = DiskTier.open(art.kv_location, cfg.cache_bytes, self.lm.device, meter, art.kv_checksums)
+        disk = DiskTier.open(art.kv_location, cfg.cache_bytes, self.lm.device, meter, art.kv_checksums, layout=self._layout(),
+                             rows=meta.mid_rows)
+        first = min(meta.sink, meta.tokens)
+        if disk.block_tokens != meta.block_tokens or any(
+                not np.array_equal(disk.positions(i), np.arange(first, first + meta.mid_rows)) for i in range(layers)):
+            disk.close()
+            raise ArtifactError(f"the KV store of {store} does not match its manifest (blocks or positions): re-run the prefill")
         tier: KVTier = disk
         if cfg.offload != "disk":
             tier = self._memory_tier(meter, cfg.offload)
@@ -183,18 +232,19 @@ class Engine:
         state = self._state(cfg, tier, meter)
         streamed = cfg.offload == "disk" and not cfg.keys_in_memory
         restore(state, reader, streamed_keys=streamed)
-        engine = Engine(self.lm, cfg, self.show_progress, verify_maps=False)
-        return Document(engine, RCCache(state, prefill=False), meta.tokens, None, 0.0, store=str(store), scratch=None)
+        engine = Engine(self.lm, cfg, self.show_progress, verify_maps=False, log=self._log)
+        return Document(engine, RCCache(state, prefill=False), meta.tokens, None, 0.0, store=str(store), scratch=None, artifact=art)
 
     def generate(
         self, prompt: str | list[int], sampling: SamplingConfig | None = None, on_text: Callable[[str], None] | None = None,
-        store: str | Path | None = None,
+        store: str | Path | None = None, overwrite: bool = False, wait: bool = False,
     ) -> Answer:
-        """Prefill ``prompt`` and continue it.  Tail tokens spill as generation grows."""
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        sampling = sampling or SamplingConfig()
+        """Prefill ``prompt`` and continue it.  Tail tokens spill as generation grows.  ``store``,
+        ``overwrite``, ``wait``: persist the prefill (see :meth:`prefill`)."""
+        ids = self.token_ids(prompt, "prompt")
+        sampling = sampling_config(sampling)
         self.check_length(len(ids), sampling.max_new_tokens)
-        doc = self.prefill(ids, store=store)
+        doc = self.prefill(ids, store=store, overwrite=overwrite, wait=wait)
         try:
             return doc.continue_prompt(sampling, on_text)
         finally:

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ...storage import ArtifactWriter, DiskTier, TierLayout
+from ...storage import ArtifactError, ArtifactWriter, DiskTier, TierLayout
 from ...storage.document_store import DocumentMeta, DocumentReader, DocumentWriter
 from ..decode.selectors import BlockSelector
 from ..decode.state import KVState
@@ -18,7 +18,7 @@ from ..rule.summary import Summary
 
 
 def persist(state: KVState, doc_ids: list[int], writer: ArtifactWriter, fingerprint: dict[str, Any], dtype_name: str,
-            lap: Callable[[str], None] | None = None) -> None:
+            lap: Callable[[str], None] | None = None, model_name: str = "") -> None:
     """Write everything a reopened document needs; commit makes it visible (atomically).
 
     The rows are written once: a prefill to disk has already written them into the artifact's
@@ -66,7 +66,7 @@ def persist(state: KVState, doc_ids: list[int], writer: ArtifactWriter, fingerpr
                         selection={"selector": cfg.selector, "block": state.selectors[0].block})
     if lap is not None:
         lap("persist")
-    doc.commit(doc_ids, meta, fingerprint, checksums, lap=lap)
+    doc.commit(doc_ids, meta, fingerprint, checksums, lap=lap, model_name=model_name)
 
 
 def restore(state: KVState, reader: DocumentReader, streamed_keys: bool) -> None:
@@ -82,13 +82,29 @@ def restore(state: KVState, reader: DocumentReader, streamed_keys: bool) -> None
         tails_k.append(a["tail_k"])
         tails_v.append(a["tail_v"])
         if cfg.estimator.kind != "none":
-            map_tensors, summary = reader.estimator(layer)
-            state.maps[layer] = feature_map_from_tensors(cfg.estimator.kind, map_tensors, dev)
-            state.summaries[layer] = Summary.from_state_dict({k: v.to(dev) for k, v in summary.items()})
+            state.maps[layer], state.summaries[layer] = _estimator(reader, layer, cfg.estimator.kind, state, dev)
         _restore_selection(state, reader, layer, streamed_keys)
     state.tail.append(torch.stack(tails_k), torch.stack(tails_v), reader.anchors(0)["tail_pos"])
     state.seen = meta.tokens
     state.refresh()
+
+
+def _estimator(reader: DocumentReader, layer: int, kind: str, state: KVState, dev: torch.device):  # noqa: ANN202
+    """One layer's feature map and summary, checked against the layout (the file is checksummed;
+    this catches a manifest whose estimator does not describe it)."""
+    map_tensors, summary = reader.estimator(layer)
+    where = f"the summaries of {reader.art.location}"
+    try:
+        fmap = feature_map_from_tensors(kind, map_tensors, dev)
+        built = Summary.from_state_dict({k: v.to(dev) for k, v in summary.items()})
+    except (KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise ArtifactError(f"{where} do not hold a {kind} estimator for layer {layer} ({str(e).splitlines()[0][:80]}): "
+                            "re-run the prefill") from None
+    shape = tuple(built.S.shape)
+    if len(shape) != 4 or shape[:2] != (1, state.num_kv_heads) or shape[3] != state.head_dim:
+        raise ArtifactError(f"{where} have shape {shape} for layer {layer}, not (1, {state.num_kv_heads}, r, {state.head_dim}): "
+                            "re-run the prefill")
+    return fmap, built
 
 
 def _restore_selection(state: KVState, reader: DocumentReader, layer: int, streamed_keys: bool) -> None:
