@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(VENV)/bin/rcengine generate --offload disk --method rc --budget 0.02
+	$(VENV)/bin/rcengine generate --model smollm2 --offload disk --method rc --budget 0.01 --estimator learned
 
 test: $(STAMP)
 	$(PY) -m pytest -q

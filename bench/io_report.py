@@ -105,7 +105,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"# bench-io report, {meta['date']}\n",
         f"- machine: {meta['machine']}; model `{meta['model']}` ({meta['dtype']}, {meta['kv_shape']}); "
         f"versions {meta['versions']}",
-        f"- eval split, lengths {cfg['lengths']}, tasks {', '.join(cfg['tasks'])}, {cfg['examples']} example(s) each; "
+        f"- eval split ({cfg.get('haystack', 'text')} haystack), lengths {cfg['lengths']}, tasks {', '.join(cfg['tasks'])}, {cfg['examples']} example(s) each; "
         f"sink {cfg['sink']}, tail {cfg['tail']}, {cfg['features']} features; {meta.get('examples_run', '?')} of "
         f"{meta.get('examples_planned', '?')} examples run; wall time {meta['wall_s']} s",
         f"- reference: {meta['reference']}; quality measured on the `{meta['quality_tier']}` tier (every tier attends "

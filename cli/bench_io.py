@@ -46,6 +46,8 @@ def bench_io(
                                    "learned and favor get the centroid summary's bytes)."),
     maps: Path = typer.Option(None, "--maps", help="The learned estimator's maps (`rcengine calibrate`; default: those shipped for a named model)."),
     selectors: str = typer.Option(None, "--selectors", help="Selectors, comma-separated, exact first (default exact,block)."),
+    haystack: str = typer.Option(None, "--haystack", help="What needles hide in: text (the eval split's documents, the "
+                                 "default) or noise (RULER's repeated sentences)."),
     tiers: str = typer.Option(None, "--tiers", help="Offload tiers, comma-separated (default cpu,disk)."),
     io_bandwidth: list[str] = typer.Option(None, "--io-bandwidth", help="NAME=GB/s for the modelled time (repeatable; default ssd=1.9, pcie=55)."),
     max_new_tokens: int = typer.Option(None, "--max-new-tokens", min=1, help="Greedy answer length cap (default 32)."),
@@ -68,6 +70,8 @@ def bench_io(
             changes[name] = csv(value, convert, f"--{name}", _EXAMPLES[f"--{name}"])
     if examples is not None:
         changes["examples"] = examples
+    if haystack is not None:
+        changes["haystack"] = haystack
     if maps is not None:
         changes["maps"] = str(maps)
     if io_bandwidth:

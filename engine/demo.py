@@ -14,16 +14,22 @@ class DemoPrompt:
     document: str
     question: str
     answer: str  # the expected answer, for checking
+    stop: tuple[str, ...] = ()  # where the answer ends
 
     @property
     def prompt(self) -> str:
         return self.document + self.question
 
 
-def demo_prompt() -> DemoPrompt:
-    """The embedded document and question (shipped with the embedded default model)."""
-    spec = DEMO_DIR / "demo.json"
+# The demo of each named model that has its own (others get the embedded model's).
+DEMOS = {"smollm2": "demo_smollm2.json"}
+
+
+def demo_prompt(model: str = "tiny") -> DemoPrompt:
+    """The embedded document and question for ``model`` (a named model's own, else the embedded
+    default model's)."""
+    spec = DEMO_DIR / DEMOS.get(model, "demo.json")
     if not spec.exists():
         raise FileNotFoundError("this build has no embedded demo document yet: give a prompt or --prompt-file")
     meta = json.loads(spec.read_text())
-    return DemoPrompt((DEMO_DIR / meta["document"]).read_text(), meta["question"], meta["answer"])
+    return DemoPrompt((DEMO_DIR / meta["document"]).read_text(), meta["question"], meta["answer"], tuple(meta.get("stop", ())))
