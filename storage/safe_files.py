@@ -14,11 +14,12 @@ from .checksums import CorruptChunkError
 def open_regular(path: str | Path) -> int:
     """A read-only descriptor of the regular file at ``path`` (``O_NONBLOCK``: opening a FIFO
     does not wait for a writer; ``O_NOFOLLOW``: the last component is no link); anything else is a
-    :class:`CorruptChunkError` naming it.  ``FileNotFoundError`` passes through."""
+    :class:`CorruptChunkError` naming it.  ``FileNotFoundError`` and ``NotADirectoryError`` (a
+    part of the path is a file) pass through."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
-        if isinstance(e, FileNotFoundError):
+        if isinstance(e, (FileNotFoundError, NotADirectoryError)):
             raise
         raise CorruptChunkError(f"{path} cannot be opened ({e.strerror}): the store is damaged; re-create it or restore "
                                 "it from a copy") from None

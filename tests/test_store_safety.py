@@ -409,3 +409,12 @@ def test_the_cli_checks_before_it_works_and_reads_no_more_than_fits(model, store
     _refused(_cli("info", "--verify"), "--store")
     report = json.loads(_cli("info", "--json", "--store", str(store[0]), "--verify").stdout)["store"]
     assert report["healthy"] and report["verified"] and report["tokens"] > 1000
+    (tmp_path / "binary").mkdir()
+    (tmp_path / "binary" / "manifest.json").write_bytes(bytes(range(256)))
+    (tmp_path / "folder" / "manifest.json").mkdir(parents=True)
+    for bad, fragment in ((tmp_path / "binary", "not valid JSON"), (tmp_path / "folder", "a folder"),
+                          (tmp_path / "afile" / "store", "a file"), (tmp_path / "none", "no prefill artifact")):
+        result = _cli("info", "--json", "--store", str(bad))
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)["store"]
+        assert not report["healthy"] and fragment in report["error"], report
