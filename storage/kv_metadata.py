@@ -21,6 +21,13 @@ MAX_COUNT = 1 << 12
 MAX_ROWS = 1 << 32
 
 
+def _little_endian(serializer) -> bool:  # noqa: ANN001 (a zarr BytesCodec)
+    """Whether chunks are plain little-endian bytes (the codec's ``endian`` is an enum before zarr
+    3.2 and a string after)."""
+    endian = getattr(serializer, "endian", None)
+    return type(serializer).__name__ == "BytesCodec" and getattr(endian, "value", endian) == "little"
+
+
 @dataclass(frozen=True, slots=True)
 class KVMetadata:
     layout: TierLayout
@@ -71,8 +78,7 @@ def checked_metadata(group, location: str, layout: TierLayout | None = None,  # 
             n = arr.attrs.get("rows")
             shapes = (tuple(arr.shape), tuple(arr.chunks), np.dtype(arr.dtype), tuple(pos.shape), tuple(pos.chunks),
                       np.dtype(pos.dtype))
-            plain = all(not tuple(x.compressors) and not tuple(x.filters) and getattr(x.serializer, "endian", None) is not None
-                        and x.serializer.endian.value == "little" for x in (arr, pos))
+            plain = all(not tuple(x.compressors) and not tuple(x.filters) and _little_endian(x.serializer) for x in (arr, pos))
         except Exception as e:  # noqa: BLE001 (a missing or unparsable array: zarr's KeyError, ValueError, ...)
             raise bad(f"layer {i}'s arrays do not read: {type(e).__name__}") from None
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_ROWS:

@@ -418,3 +418,17 @@ def test_the_cli_checks_before_it_works_and_reads_no_more_than_fits(model, store
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)["store"]
         assert not report["healthy"] and fragment in report["error"], report
+
+
+def test_plain_chunks_are_recognised_whichever_way_zarr_spells_the_byte_order():
+    """zarr before 3.2 gives the bytes codec's byte order as an enum, later releases as a string
+    (the GPU machine's 3.4 among them)."""
+    import enum
+
+    from rcengine.storage.kv_metadata import _little_endian
+
+    Endian = enum.Enum("Endian", {"little": "little", "big": "big"})  # noqa: N806
+    codec = lambda endian: type("BytesCodec", (), {"endian": endian})()  # noqa: E731
+    assert _little_endian(codec("little")) and _little_endian(codec(Endian.little))
+    assert not _little_endian(codec("big")) and not _little_endian(codec(Endian.big)) and not _little_endian(codec(None))
+    assert not _little_endian(type("ShardingCodec", (), {"endian": "little"})())
