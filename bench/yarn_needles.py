@@ -18,9 +18,7 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import time
-import uuid
 from datetime import date
 from pathlib import Path
 
@@ -28,50 +26,13 @@ import torch
 
 from ..engine.config import EngineConfig
 from ..engine.hf.loader import load_model
-from ..engine.hf.gguf import DONE_FILE, convert_gguf
-from ..engine.hf.models import SMOLLM2_SHA256, smollm2_gguf
+from ..engine.hf.gguf import convert_gguf
+from ..engine.hf.models import SMOLLM2_SHA256, smollm2_gguf, yarn_variant
 from ..engine.qa.engine import Engine
 from ..engine.sampling import SamplingConfig
 from .tasks import TaskGenerator, noise_haystack, corpus_haystack, eval_documents, score
 
 TASKS = ("niah_single_number", "niah_single_word", "niah_multikey")
-
-
-def yarn_variant(base: Path, factor: float) -> Path:
-    """A sibling of the converted folder ``base`` whose configuration sets YaRN RoPE scaling by
-    ``factor``; its other files are hard links to ``base``'s (copies where links cannot be made)."""
-    folder = base.with_name(f"{base.name}-yarn{factor:g}")
-    if (folder / DONE_FILE).is_file():
-        return folder
-    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
-    trained = int(config["max_position_embeddings"])
-    rope = dict(config.get("rope_parameters") or {})
-    theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-    config["rope_parameters"] = {"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": trained,
-                                 "rope_theta": theta}
-    config["max_position_embeddings"] = int(trained * factor)
-    tmp = base.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        for p in base.iterdir():
-            if p.name in ("config.json", DONE_FILE):
-                continue
-            try:
-                os.link(p, tmp / p.name)
-            except OSError:
-                shutil.copy2(p, tmp / p.name)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True), encoding="utf-8")
-        (tmp / DONE_FILE).write_text((base / DONE_FILE).read_text(encoding="utf-8"))
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process made it first
-            if not (folder / DONE_FILE).is_file():
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
 
 
 def main() -> None:

@@ -56,6 +56,10 @@ def test_the_gguf_is_converted_once_and_identified_by_its_source(smollm2, cache)
     fp = smollm2.fingerprint()
     assert fp["gguf_sha256"] == rcengine.engine.hf.models.SMOLLM2_SHA256 and "weights" not in fp
     assert smollm2.kv_shape == (30, 3, 64) and smollm2.max_positions == 8192 and smollm2.maps is not None
+    long = rcengine.load_model("smollm2-32k", device="cpu", log=notes.append)  # YaRN x4 set in a sibling's config
+    assert notes == [] and long.max_positions == 32768 and long.model.config.rope_parameters["rope_type"] == "yarn"
+    assert long.fingerprint()["gguf_sha256"] == fp["gguf_sha256"] and long.fingerprint() != fp
+    assert (long.path / "model.safetensors").stat().st_ino == (smollm2.path / "model.safetensors").stat().st_ino
 
 
 @pytest.mark.slow
