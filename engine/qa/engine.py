@@ -214,24 +214,29 @@ class Engine:
         meter = ByteMeter()
         disk = DiskTier.open(art.kv_location, cfg.cache_bytes, self.lm.device, meter, art.kv_checksums, layout=self._layout(),
                              rows=meta.mid_rows)
-        first = min(meta.sink, meta.tokens)
-        if disk.block_tokens != meta.block_tokens or any(
-                not np.array_equal(disk.positions(i), np.arange(first, first + meta.mid_rows)) for i in range(layers)):
-            disk.close()
-            raise ArtifactError(f"the KV store of {store} does not match its manifest (blocks or positions): re-run the prefill")
-        tier: KVTier = disk
+        try:
+            first = min(meta.sink, meta.tokens)
+            if disk.block_tokens != meta.block_tokens or any(
+                    not np.array_equal(disk.positions(i), np.arange(first, first + meta.mid_rows)) for i in range(layers)):
+                raise ArtifactError(f"the KV store of {store} does not match its manifest (blocks or positions): re-run the "
+                                    "prefill")
+            tier: KVTier = disk
+            if cfg.offload != "disk":
+                tier = self._memory_tier(meter, cfg.offload)
+                for layer in range(layers):
+                    n = disk.num_rows(layer)
+                    tier.reserve(n)
+                    k, v = disk.gather(layer, torch.arange(n).expand(heads, n))
+                    tier.append(layer, k.to(self.lm.dtype), v.to(self.lm.dtype), torch.from_numpy(disk.positions(layer)))
+                meter.reset()
+            state = self._state(cfg, tier, meter)
+            streamed = cfg.offload == "disk" and not cfg.keys_in_memory
+            restore(state, reader, streamed_keys=streamed)
+        except BaseException:
+            disk.close()  # what a damaged store refused leaves open
+            raise
         if cfg.offload != "disk":
-            tier = self._memory_tier(meter, cfg.offload)
-            for layer in range(layers):
-                n = disk.num_rows(layer)
-                tier.reserve(n)
-                k, v = disk.gather(layer, torch.arange(n).expand(heads, n))
-                tier.append(layer, k.to(self.lm.dtype), v.to(self.lm.dtype), torch.from_numpy(disk.positions(layer)))
             disk.close()
-            meter.reset()
-        state = self._state(cfg, tier, meter)
-        streamed = cfg.offload == "disk" and not cfg.keys_in_memory
-        restore(state, reader, streamed_keys=streamed)
         engine = Engine(self.lm, cfg, self.show_progress, verify_maps=False, log=self._log)
         return Document(engine, RCCache(state, prefill=False), meta.tokens, None, 0.0, store=str(store), scratch=None, artifact=art)
 
