@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,8 @@ def generate(
     else:
         demo = rcengine.demo_prompt(engine.lm.name)
         text = demo.prompt
-        if not stop and demo.stop:
-            sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, demo.stop)
+        if not stop:
+            sampling = dataclasses.replace(sampling, stop=demo.stop)
         typer.echo(f"[embedded demo: {len(demo.document)} characters of text, then: {demo.question.strip().splitlines()[0]}"
                    f" (expected: {demo.answer})]", err=True)
     if store is not None:
