@@ -16,11 +16,15 @@
 #               calibrate.log; copy them to engine/smollm2/maps to ship them)
 #   bench       bench-io at 4K and 8K (7,936 tokens: room for answers in 8,192 positions) with the
 #               shipped maps ($OUT/bench-io-4k8k/, bench.log)
+#   bench32k    bench-io of smollm2-32k (YaRN x4) at 16K and 32K on RULER's noise, single needles and
+#               multikey, with its shipped maps ($OUT/bench-io-32k/, bench32k.log)
 #   yarn        dense needle accuracy with YaRN x1, x2, x4 at 8K, 16K and 32K, on the eval text and
 #               on RULER's noise (bench/yarn_needles.py, yarn.log)
+#   tests       pytest on $TESTS (default: the real model's and the stores' tests; tests.log)
 #
-# Each part runs under its own limit (CALIBRATE_S, BENCH_S, YARN_S seconds; bench-io also stops
-# starting examples after BENCH_MIN minutes); BENCH_ARGS adds options.
+# Each part runs under its own limit (CALIBRATE_S, BENCH_S, BENCH32K_S, YARN_S, TESTS_S seconds;
+# bench-io also stops starting examples after BENCH_MIN / BENCH32K_MIN minutes); BENCH_ARGS and
+# BENCH32K_ARGS add options (a later option wins).
 set -uo pipefail
 OUT=${OUT:-bench/out}
 FILE=SmolLM2-135M-Instruct.Q4_1.gguf
@@ -65,6 +69,16 @@ for part in "$@"; do
         --budgets 0.005,0.01,0.02 --selectors exact --tiers cpu --examples 4 --timing-rounds 2 --max-minutes "${BENCH_MIN:-7}" \
         --workdir /tmp --out "$OUT/bench-io-4k8k" ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
       echo "bench exit $?"; tail -n 40 "$OUT/bench.log" | cut -c1-250 ;;
+    bench32k)
+      timeout "${BENCH32K_S:-400}" python3 -m rcengine.cli.app bench-io --model smollm2-32k --lengths 16128,32512 \
+        --haystack noise --tasks niah_single_number,niah_single_word,niah_multikey \
+        --budgets 0.005,0.01,0.02 --selectors exact --tiers cpu --examples 4 --timing-rounds 1 --max-minutes "${BENCH32K_MIN:-5}" \
+        --workdir /tmp --out "$OUT/bench-io-32k" ${BENCH32K_ARGS:-} > "$OUT/bench32k.log" 2>&1
+      echo "bench32k exit $?"; tail -n 40 "$OUT/bench32k.log" | cut -c1-250 ;;
+    tests)
+      timeout "${TESTS_S:-300}" python3 -m pytest -q -p no:cacheprovider --durations=10 -rfE --tb=short \
+        ${TESTS:-tests/test_real_model.py tests/test_store_safety.py tests/test_artifact.py} > "$OUT/tests.log" 2>&1
+      echo "tests exit $?"; tail -n 25 "$OUT/tests.log" ;;
     yarn)
       timeout "${YARN_S:-300}" python3 -m rcengine.bench.yarn_needles --lengths 7936,16128,32512 --factors 1,2,4 --haystacks noise,text \
         --cases 12 --out "$OUT" \
