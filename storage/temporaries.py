@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,26 +165,32 @@ def _scratch_parent(parent: str | Path | None) -> Path:
 
 class Scratch:
     """A scratch folder ``PARENT/rcengine-kv-XXXXXXXX`` (PARENT made if missing; the system's
-    temporary folder if None), locked while this object lives; :meth:`remove` removes both."""
+    temporary folder if None), locked while this object lives; :meth:`remove` removes both.
+
+    Removal is tied to the object from the moment its lock file exists: a signal that interrupts
+    the code handing it on (``SIGTERM`` raised as ``SystemExit`` between two statements) drops the
+    object, and its finalizer removes folder and lock, then, or at exit at the latest."""
 
     def __init__(self, parent: str | Path | None = None) -> None:
         parent = _scratch_parent(parent)
         parent.mkdir(parents=True, exist_ok=True)
-        self._fd, lock = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=".lock", dir=parent)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)  # taken before the folder exists
+        fd, lock = tempfile.mkstemp(prefix=SCRATCH_PREFIX, suffix=".lock", dir=parent)
+        self._release = weakref.finalize(self, _release_scratch, fd, Path(lock[: -len(".lock")]))
         self.path = Path(lock[: -len(".lock")])
         try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # taken before the folder exists
             self.path.mkdir()
         except BaseException:
             self.remove()
             raise
 
     def remove(self) -> None:
-        if self._fd is None:
-            return
-        _remove_with_lock(self.path)
-        os.close(self._fd)
-        self._fd = None
+        self._release()
+
+
+def _release_scratch(fd: int, path: Path) -> None:
+    _remove_with_lock(path)
+    os.close(fd)  # the lock is released last
 
 
 def stale_scratch(parent: str | Path | None = None) -> list[Temporary]:

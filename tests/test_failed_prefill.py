@@ -5,6 +5,7 @@ at work.  Nothing is left behind, and a store being replaced survives."""
 from __future__ import annotations
 
 import errno
+import importlib
 import os
 import shutil
 import time
@@ -149,3 +150,48 @@ def test_an_interrupted_prefill_stops_its_writers_before_removing_their_folder(m
         engine.prefill(LONG, store=tmp_path / "store" if persisted else None)
     time.sleep(0.6)  # any write still running would have recreated its folder by now
     assert _leftovers(tmp_path) == ["scratch"] and _leftovers(tmp_path / "scratch") == []
+
+
+@pytest.mark.parametrize("where", ["document", "runner", "scratch"])
+def test_a_signal_at_a_hand_off_leaves_no_scratch_store(model, tmp_path, monkeypatch, where):
+    """SIGTERM becomes SystemExit between any two statements of the main thread: here it lands
+    where the scratch store passes from the prefill to its document (before the document's
+    finalizer exists, or while it builds its step runner), or just after the scratch folder is
+    made.  Every hand-off has an owner that removes folder and lock (issue 24's race: under load a
+    terminated generate left ``rcengine-kv-*`` behind)."""
+    import rcengine.engine.qa.document as document
+    import rcengine.engine.qa.engine as engine_module
+    temporaries = importlib.import_module("rcengine.storage.temporaries")  # the package exports a function of that name
+
+    def interrupted(*_args, **_kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise SystemExit(143)
+
+    if where == "document":
+        finalize = document.weakref.finalize
+
+        def finalize_unless_document(obj, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            if isinstance(obj, document.Document):
+                raise SystemExit(143)  # before the document owns anything
+            return finalize(obj, *args, **kwargs)
+
+        monkeypatch.setattr(document.weakref, "finalize", finalize_unless_document)
+    elif where == "runner":
+        monkeypatch.setattr(document, "StepRunner", interrupted)
+    else:
+        made = temporaries.Scratch.__init__
+
+        def init_then_interrupted(self, parent=None):  # noqa: ANN001, ANN202
+            made(self, parent)
+            raise SystemExit(143)  # the object never reaches the prefill's variable
+
+        monkeypatch.setattr(temporaries.Scratch, "__init__", init_then_interrupted)
+        monkeypatch.setattr(engine_module, "Scratch", temporaries.Scratch)
+    engine = _engine(model, tmp_path)
+    (tmp_path / "scratch").mkdir()
+    with pytest.raises(SystemExit):
+        engine.prefill(PROMPT)
+    monkeypatch.undo()
+    import gc
+
+    gc.collect()  # what only a finalizer owns is released when the object goes
+    assert _leftovers(tmp_path / "scratch") == []

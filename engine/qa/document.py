@@ -58,8 +58,9 @@ class Document:
         self.prefill_writes: dict[str, float] = {}  # a prefill to disk: where its writes' time went (WriteStats)
         self.store = store
         self._artifact = artifact  # a reopened store: told apart from a store replaced while it is read
-        self.runner = StepRunner(cache.state, rc_forward(engine.lm.model, cache), engine.config.graphs)
+        # First: from here on the tier and scratch store are released with this object, however it ends.
         self._finalizer = weakref.finalize(self, _cleanup, cache.state.tier, scratch)
+        self.runner = StepRunner(cache.state, rc_forward(engine.lm.model, cache), engine.config.graphs)
 
     @property
     def state(self):  # noqa: ANN201 (the KVState)
@@ -172,7 +173,9 @@ class Document:
 
     def close(self) -> None:
         """Release the tier (and remove a scratch store); the document answers nothing after."""
-        self.runner.drop_graphs()
+        runner = getattr(self, "runner", None)  # absent when __init__ was interrupted
+        if runner is not None:
+            runner.drop_graphs()
         self._finalizer()
 
     def __enter__(self) -> "Document":

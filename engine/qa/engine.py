@@ -159,6 +159,8 @@ class Engine:
                     cache.state.tier = DiskTier.open(art.kv_location, cfg.cache_bytes, self.lm.device, meter, art.kv_checksums,
                                                      carry=tier)
                     clock.lap("reopen")
+            # Inside the try: until the document owns the tier and scratch store, this function releases them.
+            doc = Document(self, cache, len(ids), last_logits, prefill_ms, store=str(store) if store else None, scratch=scratch)
         except BaseException as e:
             if isinstance(tier, DiskTier) and not tier.read_only:
                 tier.abandon()  # no writer thread may still be at work in the folders removed below
@@ -169,7 +171,6 @@ class Engine:
             if room is not None and is_no_room(e):
                 raise no_room(room, self._store_bytes(len(ids)), what) from e
             raise
-        doc = Document(self, cache, len(ids), last_logits, prefill_ms, store=str(store) if store else None, scratch=scratch)
         doc.prefill_phases_ms = dict(clock.ms)
         doc.prefill_writes = writes
         return doc
