@@ -137,20 +137,26 @@ def _terminated(signum: int, _frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds like Ctrl-C: a prefill's temporary or scratch store is removed
 
 
-def main() -> None:
-    """Console-script entry point: usage errors become one line with exit code 2."""
-    signal.signal(signal.SIGTERM, _terminated)
+def run(argv: list[str] | None = None) -> int:
+    """Run one command line (``argv`` without the program name; default ``sys.argv[1:]``) in this
+    process -> its exit code.  Usage errors become one line and code 2, as in :func:`main`."""
     try:
-        code = app(standalone_mode=False)  # an Exit raised by a command comes back as its code
+        code = app(args=argv, prog_name="rcengine", standalone_mode=False)  # an Exit raised by a command comes back as its code
     except _UsageError as e:
         command = e.ctx.command_path if e.ctx is not None else "rcengine"
         typer.echo(f"error: {e.format_message()} (see {command} --help)", err=True)
-        sys.exit(EXIT_BAD_INPUT)
+        return EXIT_BAD_INPUT
     except typer.Exit as e:
-        sys.exit(e.exit_code)
+        return e.exit_code
     except (typer.Abort, KeyboardInterrupt):
-        sys.exit(130)
-    sys.exit(code if isinstance(code, int) else 0)
+        return 130
+    return code if isinstance(code, int) else 0
+
+
+def main() -> None:
+    """Console-script entry point: SIGTERM unwinds like Ctrl-C, then :func:`run`."""
+    signal.signal(signal.SIGTERM, _terminated)
+    sys.exit(run())
 
 
 if __name__ == "__main__":

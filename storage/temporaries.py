@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import zarr_loop
 from .errors import StoreBusyError
 from .store_lock import StoreLock, store_lock_path
 
@@ -43,9 +44,11 @@ class Temporary:
 
 
 def remove_tree(path: str | Path, patience_s: float = 2.0) -> None:
-    """Remove a folder that a write still in flight may recreate a file in (zarr finishes an
-    operation on its own event loop after the caller was interrupted): removed again until it
-    stays gone, for at most ``patience_s``."""
+    """Remove a folder that a write still in flight may recreate a file in: zarr finishes an
+    operation on its own event loop after the caller was interrupted, so those end first
+    (:func:`zarr_loop.settle`); then it is removed again until it stays gone, for at most
+    ``patience_s``."""
+    zarr_loop.settle()
     deadline = time.monotonic() + patience_s
     while True:
         shutil.rmtree(path, ignore_errors=True)

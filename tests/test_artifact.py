@@ -319,7 +319,8 @@ def test_a_killed_processes_scratch_store_is_reclaimed_and_a_live_ones_is_not(tm
     assert not found[stale].live and found[stale].bytes == 1000 and found[alive].live and found[mine.path].live
     assert [t.path for t in reclaim_stale_scratch(tmp_path)] == [stale]
     assert not stale.exists() and not stale.with_name(stale.name + ".lock").exists() and alive.exists() and mine.path.exists()
-    live.communicate("")  # the live process ends normally: it leaves its folder (it never removed it), now stale
-    assert [t.path for t in reclaim_stale_scratch(tmp_path)] == [alive]
+    live.communicate("")  # the live process ends normally, never having removed it: removed at its exit
+    assert not alive.exists() and not alive.with_name(alive.name + ".lock").exists()
+    assert reclaim_stale_scratch(tmp_path) == []
     mine.remove()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rcengine-kv-nolock"]

@@ -1,4 +1,5 @@
-"""The command line, run as a user runs it: results on stdout, one-line errors with exit code 2."""
+"""The command line, run as a user runs it: results on stdout, one-line errors with exit code 2.
+In this process (``cli_run.rc``) but for the entry point, signals and import weight."""
 
 from __future__ import annotations
 
@@ -14,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli_run import Ran, rc, rc_process
 from tiny_models import save_tiny_model
 
 
-def rc(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "rcengine.cli.app", *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,8 @@ def test_info_json():
 
 
 def test_generate_json(model, tmp_path):
-    out = rc("generate", PROMPT, "--model", str(model), "--offload", "disk", "--method", "rc", "--budget", "0.1",
+    """The console script's module in a new process (the other tests run the same app in this one)."""
+    out = rc_process("generate", PROMPT, "--model", str(model), "--offload", "disk", "--method", "rc", "--budget", "0.1",
              "--max-new-tokens", "5", "--json", "--tail", "16")
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout)
@@ -67,7 +68,7 @@ def test_prefill_then_ask_matches_generate_store(model, tmp_path):
     assert json.loads(a.stdout)["text"] == json.loads(b.stdout)["text"]
 
 
-def _assert_one_line_error(out: subprocess.CompletedProcess, fragment: str) -> None:
+def _assert_one_line_error(out: Ran, fragment: str) -> None:
     assert out.returncode == 2, (out.returncode, out.stderr)
     assert "Traceback" not in out.stderr
     assert fragment in out.stderr, out.stderr

@@ -195,3 +195,28 @@ def test_a_signal_at_a_hand_off_leaves_no_scratch_store(model, tmp_path, monkeyp
 
     gc.collect()  # what only a finalizer owns is released when the object goes
     assert _leftovers(tmp_path / "scratch") == []
+
+
+def test_a_folder_is_removed_after_zarrs_operations_still_running_in_it(tmp_path):
+    """An operation a caller stopped waiting for (interrupted by a signal) runs on on zarr's event
+    loop and, finishing after a removal, made the folder again (under load, a terminated generate
+    left ``rcengine-kv-*/kv.zarr`` behind).  The removal waits for it first."""
+    import asyncio
+
+    import zarr
+    from zarr.core.sync import _get_loop
+
+    from rcengine.storage.temporaries import remove_tree
+
+    zarr.create_group(zarr.storage.LocalStore(tmp_path / "warm"))  # zarr's loop runs, as in any prefill to disk
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+
+    async def late_write() -> None:
+        await asyncio.sleep(0.3)
+        (folder / "kv.zarr").mkdir(parents=True)  # what a group still being created does
+
+    asyncio.run_coroutine_threadsafe(late_write(), _get_loop())  # nobody waits for it
+    remove_tree(folder)
+    time.sleep(0.6)
+    assert not folder.exists()
