@@ -24,13 +24,14 @@ def settle(timeout_s: float = 10.0) -> None:
 
     async def others_done() -> None:
         me = asyncio.current_task()
-        for _ in range(100):  # a task may start another before it ends
+        deadline = loop.time() + timeout_s
+        while (left := deadline - loop.time()) > 0:  # a task may start another before it ends
             others = [t for t in asyncio.all_tasks() if t is not me and not t.done()]
             if not others:
                 return
-            await asyncio.wait(others)
+            await asyncio.wait(others, timeout=left)
 
     try:
-        asyncio.run_coroutine_threadsafe(asyncio.wait_for(others_done(), timeout_s), loop).result(timeout_s + 1.0)
+        asyncio.run_coroutine_threadsafe(others_done(), loop).result(timeout_s + 1.0)
     except Exception:  # noqa: BLE001 (a task's own failure, or the wait's timeout: the removal goes on regardless)
         pass
