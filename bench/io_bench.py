@@ -51,33 +51,15 @@ from ..engine.sampling import SamplingConfig
 from ..storage.defaults import DEFAULT_BLOCK_TOKENS
 from .io_analysis import ENTROPY_BINS, Accumulator, AnswerCost, entropy_bin, summarise
 from .io_probe import Probe
-from .tasks import TASKS, TaskGenerator, corpus_haystack, eval_documents, noise_haystack, score
+from .variants import Variant
+from .haystacks import corpus_haystack, eval_documents, noise_haystack
+from .tasks import TASKS, TaskGenerator, score
 
 TIERS = ("cpu", "disk", "device")
 ESTIMATORS = ("centroid", "learned", "favor")
 
 
 SELECTORS = ("exact", "exact-block", "block")
-
-
-@dataclass(frozen=True, slots=True)
-class Variant:
-    """One way of attending: ``method`` with ``estimator`` (rc only) at ``budget`` (topk, rc),
-    choosing what to read with ``selector`` (topk, rc; named in the key unless exact)."""
-
-    method: str
-    estimator: str | None = None
-    budget: float | None = None
-    selector: str = "exact"
-
-    @property
-    def name(self) -> str:
-        base = f"rc-{self.estimator}" if self.method == "rc" else self.method
-        return base if self.selector == "exact" else f"{base}-{self.selector}"
-
-    @property
-    def key(self) -> str:
-        return self.name if self.budget is None else f"{self.name}@{self.budget:g}"
 
 
 @dataclass(frozen=True, slots=True)

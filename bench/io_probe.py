@@ -12,16 +12,13 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 
 from ..engine.rule.attention import Completion, TokenSet, completion_state, normalize, rc_state
 from ..engine.rule.budget import retrieval_count
 from .io_analysis import Accumulator
-
-if TYPE_CHECKING:
-    from .io_bench import Variant
+from .variants import Variant
 
 
 @dataclass

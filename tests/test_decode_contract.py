@@ -17,7 +17,7 @@ from rcengine.engine.config import EngineConfig
 from rcengine.engine.qa.engine import Engine
 from rcengine.engine.rule.attention import Completion, TokenSet, group_queries, normalize, rc_state
 from rcengine.engine.rule.budget import retrieval_count
-from rcengine.engine.rule.feature_maps import feature_map_from_tensors, feature_map_tensors
+from rcengine.engine.rule.estimators import feature_map_from_tensors, feature_map_tensors
 from rcengine.engine.rule.summary import Summary
 from rcengine.engine.sampling import SamplingConfig
 from tiny_models import save_tiny_model

@@ -25,11 +25,8 @@ from rcengine import (
 from rcengine.engine.calibration.maps_file import read_maps
 from rcengine.engine.hf.loader import load_model
 from rcengine.engine.rule.attention import Completion, TokenSet, group_queries, rc_state
-from rcengine.engine.rule.feature_maps import (
-    CentroidFeatures,
-    feature_map_from_tensors,
-    feature_map_tensors,
-)
+from rcengine.engine.rule.estimators import feature_map_from_tensors, feature_map_tensors
+from rcengine.engine.rule.feature_maps import CentroidFeatures
 from rcengine.engine.rule.learned_maps import (
     LearnedCentroidFeatures,
     LearnedParams,

@@ -23,7 +23,8 @@ import torch
 from ...storage import ByteMeter, KVTier, MemoryTier
 from ..config import EngineConfig
 from ..calibration.maps_file import layer_params
-from ..rule.feature_maps import CentroidFeatures, EstimatorSpec, FeatureMap, build_feature_map
+from ..rule.estimators import build_feature_map
+from ..rule.feature_maps import CentroidFeatures, EstimatorSpec, FeatureMap
 from ..rule.methods import method_rule
 from ..rule.summary import Summary
 from . import kernels

@@ -11,23 +11,39 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from ...storage import Artifact, ByteMeter, CorruptChunkError, KVTier, StoreReplacedError
 from ...storage.temporaries import Scratch
 from ..decode.runner import StepRunner
+from ..config import EngineConfig
 from ..hf.cache import RCCache
 from ..hf.integration import rc_forward
+from ..hf.loader import LoadedModel
 from ..rule.feature_maps import EstimatorSpec
 from ..sampling import SamplingConfig
 from .generation import generate_tokens
 from .inputs import sampling_config
 from .stats import answer_stats
 
-if TYPE_CHECKING:
-    from .engine import Engine
+
+
+class DocumentEngine(Protocol):
+    """What a document needs of the engine that made it (:class:`rcengine.Engine`)."""
+
+    lm: LoadedModel
+    config: EngineConfig
+    show_progress: bool
+
+    def check_length(self, prompt_tokens: int, new_tokens: int) -> None: ...
+
+    def token_ids(self, value: object, what: str, special: bool = True) -> list[int]: ...
+
+    def with_config(self, config: EngineConfig, verify_maps: bool) -> DocumentEngine:
+        """An engine like this one (model, progress, log) with ``config``."""
+        ...
 
 # Tail slots kept free beyond a question's own tokens and answer (no reallocation for small ones).
 QUESTION_HEADROOM = 64
@@ -47,7 +63,7 @@ class Answer:
 class Document:
     """A prefilled sequence, ready to be continued or questioned."""
 
-    def __init__(self, engine: "Engine", cache: RCCache, tokens: int, last_logits: torch.Tensor | None, prefill_ms: float,
+    def __init__(self, engine: DocumentEngine, cache: RCCache, tokens: int, last_logits: torch.Tensor | None, prefill_ms: float,
                  store: str | None, scratch: Scratch | None, artifact: Artifact | None = None) -> None:
         self.engine = engine
         self.cache = cache
@@ -79,7 +95,7 @@ class Document:
                                      "select_block": select_block, "fused": fused}.items() if v is not None}
         new = replace(self.engine.config, **changes).resolved()  # validated by EngineConfig
         verify = estimator is not None and estimator != self.engine.config.estimator
-        engine = type(self.engine)(self.engine.lm, new, self.engine.show_progress, verify_maps=verify)
+        engine = self.engine.with_config(new, verify_maps=verify)
         self.state.configure(engine.config)
         self.engine = engine
 

@@ -103,6 +103,10 @@ class Engine:
         longest = max(map(len, self.lm.tokenizer.get_vocab()), default=1)
         return self.lm.max_positions * 4 * max(longest, 1)
 
+    def with_config(self, config: EngineConfig, verify_maps: bool) -> Engine:
+        """An engine over the same loaded model, progress and log, with ``config``."""
+        return type(self)(self.lm, config, self.show_progress, verify_maps=verify_maps, log=self._log)
+
     @property
     def vocab_size(self) -> int:
         return int(self.lm.model.get_input_embeddings().num_embeddings)

@@ -13,7 +13,7 @@ from ...storage import ArtifactError, ArtifactWriter, DiskTier, TierLayout
 from ...storage.document_store import DocumentMeta, DocumentReader, DocumentWriter
 from ..decode.selectors import BlockSelector
 from ..decode.state import KVState
-from ..rule.feature_maps import feature_map_from_tensors, feature_map_tensors
+from ..rule.estimators import feature_map_from_tensors, feature_map_tensors
 from ..rule.summary import Summary
 
 

@@ -15,7 +15,8 @@ from .attention import (
 )
 from .budget import TokenCost, retrieval_count
 from .context import LayerContext, attention_entropy
-from .feature_maps import CentroidFeatures, EstimatorSpec, FavorFeatures, FeatureMap, build_feature_map
+from .estimators import build_feature_map
+from .feature_maps import CentroidFeatures, EstimatorSpec, FavorFeatures, FeatureMap
 from .methods import METHODS, Method
 from .retrieval import gather_tokens, group_scores, group_topk
 from .summary import Summary

@@ -1,6 +1,6 @@
 """One layer's context held in memory and split as docs/ARCHITECTURE.md section 1 describes, for evaluating methods.
 
-Used by tests and ``bench/attention_error.py`` to compare every method on the same keys; the
+Used by tests and ``bench/scripts/attention_error.py`` to compare every method on the same keys; the
 offloaded decode path (storage tiers, key index) composes the same attention functions.
 """
 
@@ -13,7 +13,8 @@ import torch
 
 from .attention import dense_attention, group_queries, rc_attention, topk_attention
 from .methods import METHODS, Method
-from .feature_maps import EstimatorSpec, FeatureMap, build_feature_map
+from .estimators import build_feature_map
+from .feature_maps import EstimatorSpec, FeatureMap
 from .learned_maps import LearnedParams
 from .retrieval import gather_tokens, group_topk
 from .summary import Summary
