@@ -24,14 +24,14 @@ recorded on the example (``TaskExample.case``), so that accuracy can be reported
 
 from __future__ import annotations
 
-import gzip
 import hashlib
-import json
 import random
-from collections.abc import Callable, Sequence
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+
+from .haystacks import noise_haystack
+from .phrasings import PHRASINGS, Phrasing  # noqa: F401 (Phrasing: part of this module's interface)
 
 SPLITS = ("train", "dev", "eval")
 TASKS = (
@@ -57,58 +57,8 @@ class TaskExample:
         return self.context + self.question
 
 
-@dataclass(frozen=True, slots=True)
-class Phrasing:
-    """A needle sentence and its questions.  ``{kind}``: number, word or uuid (``{kinds}`` its
-    plural); ``{key}`` / ``{keys}``; ``{value}``.  ``ask_one`` asks for one value of one key,
-    ``ask_all`` for every value of ``{keys}``; each ends with its answer prefix."""
-
-    needle: str
-    ask_one: str
-    ask_all: str
-
-
-PHRASINGS = {
-    "ruler": Phrasing(  # RULER's own (niah.py)
-        "One of the special magic {kinds} for {key} is: {value}.",
-        "What is the special magic {kind} for {key} mentioned in the provided text?\n"
-        "Answer: The special magic {kind} for {key} mentioned in the provided text is",
-        "What are all the special magic {kinds} for {keys} mentioned in the provided text?\n"
-        "Answer: The special magic {kinds} for {keys} mentioned in the provided text are"),
-    "ruler-plain": Phrasing(
-        "A special magic {kind} for {key} is {value}.",
-        "What is the special magic {kind} for {key}?\nAnswer: The special magic {kind} for {key} is",
-        "What are the special magic {kinds} for {keys}?\nAnswer: The special magic {kinds} for {keys} are"),
-    "remember": Phrasing(
-        "Remember this: the {kind} that goes with {key} is {value}.",
-        "Which {kind} goes with {key}?\nAnswer: The {kind} that goes with {key} is",
-        "Which {kinds} go with {keys}?\nAnswer: The {kinds} that go with {keys} are"),
-    "record": Phrasing(
-        "Note for {key}: its secret {kind} is {value}.",
-        "What is the secret {kind} of {key}?\nAnswer: The secret {kind} of {key} is",
-        "What are the secret {kinds} of {keys}?\nAnswer: The secret {kinds} of {keys} are"),
-    "arrow": Phrasing(
-        "[{key} -> {value}]",
-        "In the text above, which {kind} does {key} point to?\nAnswer: {key} points to",
-        "In the text above, which {kinds} do {keys} point to?\nAnswer: {keys} point to"),
-    # held out: never in training
-    "hidden": Phrasing(
-        "Hidden in this text, the {kind} for {key} is {value}.",
-        "Find the {kind} hidden for {key}.\nAnswer: The hidden {kind} for {key} is",
-        "Find every {kind} hidden for {keys}.\nAnswer: The hidden {kinds} for {keys} are"),
-    "passkey": Phrasing(
-        "The pass {kind} of {key} is {value}. Keep it safe.",
-        "What is the pass {kind} of {key}?\nAnswer: The pass {kind} of {key} is",
-        "What are the pass {kinds} of {keys}?\nAnswer: The pass {kinds} of {keys} are"),
-    "colon": Phrasing(
-        "{key}: {value} (a {kind} to recall later)",
-        "Recall the {kind} listed for {key}.\nAnswer: The {kind} listed for {key} is",
-        "Recall the {kinds} listed for {keys}.\nAnswer: The {kinds} listed for {keys} are"),
-}
 KEY_SHAPES = ("word", "pair", "number", "uuid")
 VALUE_SHAPES = ("number", "word", "uuid")
-# RULER's noise haystack (niah.py, type_haystack="noise"): these sentences, repeated.
-NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
 @dataclass(frozen=True, slots=True)
@@ -402,35 +352,3 @@ _ITEMS = ("anchor", "basket", "candle", "drawer", "engine", "feather", "garden",
 _COLOURS = ("red", "green", "blue", "grey", "amber", "white", "black", "violet")
 _TOWN_HEADS = ("Ash", "Brook", "Clay", "Elm", "Fair", "Green", "High", "Mill", "North", "Oak", "Red", "Stone", "West", "Wood")
 _TOWN_TAILS = ("bridge", "bury", "field", "ford", "gate", "ham", "haven", "ley", "mouth", "stead", "ton", "wick")
-
-
-def noise_haystack(rng: random.Random, n_chars: int) -> str:
-    return (NOISE * (n_chars // len(NOISE) + 1))[:n_chars]
-
-
-def corpus_haystack(documents: Sequence[str]) -> Callable[[random.Random, int], str]:
-    """A haystack source over natural-text documents: consecutive documents from a random start."""
-    if not documents:
-        raise ValueError("a haystack needs at least one document")
-
-    def haystack(rng: random.Random, n_chars: int) -> str:
-        i = rng.randrange(len(documents))
-        parts, size = [], 0
-        while size < n_chars:
-            doc = documents[i % len(documents)].replace("\n", " ")
-            parts.append(doc)
-            size += len(doc) + 1
-            i += 1
-        return " ".join(parts)[:n_chars]
-
-    return haystack
-
-
-EVAL_HAYSTACK = Path(__file__).resolve().parent / "data" / "eval_haystack.jsonl.gz"
-
-
-def eval_documents() -> list[str]:
-    """The shipped eval-split text: held-out Python documentation the default model never saw
-    (about 65K tokens; made by ``train/export_eval_haystack.py``)."""
-    with gzip.open(EVAL_HAYSTACK, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]

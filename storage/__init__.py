@@ -6,7 +6,8 @@ rcengine stays light."""
 
 from typing import TYPE_CHECKING
 
-from .artifact import Artifact, ArtifactWriter, BlockReader, fingerprint_digest
+from .artifact import Artifact, ArtifactWriter, fingerprint_digest
+from .block_reader import BlockReader
 from .errors import ArtifactError, ModelMismatchError, NotAStoreError, StoreBusyError, StoreReplacedError
 from .availability import TierAvailability, available_tiers
 from .block_pool import BlockPool, BlockPoolFull

@@ -50,11 +50,12 @@ import safetensors.torch
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
+from .block_reader import BlockReader
 from .checksums import CorruptChunkError, crc32c_hex
 from .errors import ArtifactError, ModelMismatchError
 from .manifest import FORMAT, FORMAT_VERSION, KV_STORE, MANIFEST, MAX_MANIFEST_BYTES, owned_files, parse, seal
 from .ownership import check_target
-from .safe_files import check_tree, open_regular, read_regular
+from .safe_files import check_tree, read_regular
 from .store_lock import StoreLock
 from .temporaries import Temporary, lock_path, reclaim_stale, remove_tree
 
@@ -393,42 +394,3 @@ def _check_local_files(root: Path, manifest: dict[str, Any], location: str) -> N
         if not stat.S_ISREG(mode):
             raise CorruptChunkError(f"{rel} of {location} is not a regular file: the store is damaged; re-run the prefill or "
                                     "restore it from a copy")
-
-
-class BlockReader:
-    """Verified reads of fixed-size blocks of one artifact file."""
-
-    def __init__(self, fs: fsspec.AbstractFileSystem, path: str, name: str, location: str, entry: dict[str, Any]) -> None:
-        self.fs, self.path, self.name, self.location = fs, path, name, location
-        self.block_bytes: int = entry["block_bytes"]
-        self.size: int = entry["bytes"]
-        self._crcs: list[str] = entry["blocks"]
-        self.bytes_read = 0
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self._crcs)
-
-    def read(self, block: int) -> bytes:
-        offset = block * self.block_bytes
-        want = min(self.block_bytes, self.size - offset)
-        try:
-            if isinstance(self.fs, LocalFileSystem):
-                fd = open_regular(self.path)
-                try:
-                    data = os.pread(fd, want, offset)
-                finally:
-                    os.close(fd)
-            else:
-                with self.fs.open(self.path, "rb") as f:
-                    f.seek(offset)
-                    data = f.read(want)
-        except FileNotFoundError:
-            raise CorruptChunkError(f"file {self.name!r} of {self.location} is missing") from None
-        if len(data) != want or crc32c_hex(data) != self._crcs[block]:
-            raise CorruptChunkError(
-                f"block {block} of file {self.name!r} of {self.location} fails its checksum: "
-                "the artifact is corrupt; re-run the prefill or restore it from a copy"
-            )
-        self.bytes_read += len(data)
-        return data

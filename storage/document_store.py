@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .artifact import Artifact, ArtifactWriter, BlockReader
+from .artifact import Artifact, ArtifactWriter
+from .block_reader import BlockReader
 from .errors import ArtifactError
 from .manifest import record
 from .rows import DTYPES_BY_NAME

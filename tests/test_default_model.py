@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from rcengine import Engine, EngineConfig, SamplingConfig, demo_prompt
-from rcengine.bench.tasks import TaskGenerator, corpus_haystack, score
+from rcengine.bench.haystacks import corpus_haystack
+from rcengine.bench.tasks import TaskGenerator, score
 
 
 @pytest.fixture(scope="module")

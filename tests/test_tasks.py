@@ -6,7 +6,9 @@ import random
 
 import pytest
 
-from rcengine.bench.tasks import SPLITS, TASKS, TaskGenerator, corpus_haystack, make_word, score, split_of
+from rcengine.bench.haystacks import corpus_haystack
+
+from rcengine.bench.tasks import SPLITS, TASKS, TaskGenerator, make_word, score, split_of
 
 TEXT = [
     "Rivers run to the sea, and the sea is never full. The wind goes toward the south, and turns about unto the north. " * 40,

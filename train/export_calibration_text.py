@@ -36,7 +36,8 @@ def train_documents() -> list[str]:
 
 def main() -> None:
     sys.path.insert(0, str(ROOT.parent))
-    from rcengine.bench.tasks import TASKS, TaskGenerator, corpus_haystack
+    from rcengine.bench.haystacks import corpus_haystack
+    from rcengine.bench.tasks import TASKS, TaskGenerator
     from transformers import AutoTokenizer
 
     docs = train_documents()

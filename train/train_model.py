@@ -28,10 +28,11 @@ from tokenizers import Tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 ROOT = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("rc_tasks", ROOT / "bench" / "tasks.py")
-tasks = importlib.util.module_from_spec(_spec)
-sys.modules["rc_tasks"] = tasks
-_spec.loader.exec_module(tasks)
+if "rcengine" not in sys.modules:  # this checkout's package, whatever its folder is called (rcengine/__init__ is light)
+    _spec = importlib.util.spec_from_file_location("rcengine", ROOT / "__init__.py", submodule_search_locations=[str(ROOT)])
+    sys.modules["rcengine"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["rcengine"])
+tasks = importlib.import_module("rcengine.bench.tasks")
 
 # Model shape (about 7.4 M parameters with tied embeddings).
 MODEL = {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 8, "num_attention_heads": 4,
