@@ -33,7 +33,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
-	$(PY) bench/attention_error.py
+	$(PY) bench/scripts/attention_error.py
 
 # The I/O-versus-quality report (docs/ARCHITECTURE.md, section 2): report.json, report.md and plots in bench/out/.
 bench-io: $(STAMP)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-# Normalised attention entropy H / log N of a head's dense attention (as bench/attention_error.py).
+# Normalised attention entropy H / log N of a head's dense attention (as bench/scripts/attention_error.py).
 ENTROPY_BINS = (("low", 0.0, 0.5), ("mid", 0.5, 0.9), ("high", 0.9, 1.01))
 
 

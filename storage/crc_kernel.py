@@ -4,7 +4,7 @@
 rows and materialises int64 indices of every byte; on the H200 that cost a 32K-token 8B-shaped
 prefill about 0.8 s of GPU time (bench/RESULTS.md).  Here one program per block reads its bytes
 once, looks each up in the ``(n, 256)`` table and XORs them: one launch per piece.  Whether it is
-faster is for ``bench/prefill_writes.py`` to measure (its ``disk-kernel-checksums`` variant); until
+faster is for ``bench/scripts/prefill_writes.py`` to measure (its ``disk-kernel-checksums`` variant); until
 then it is not the default (``device_checksums.KERNEL``).
 """
 

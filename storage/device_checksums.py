@@ -2,7 +2,7 @@
 
 A prefill to disk writes every byte once and checksums it twice (each (head, block) byte range,
 and each chunk file).  On the host that took the writer threads 1.5 s of GIL-holding CRC per 4.2
-GB, which stalled the prefill's own Python (bench/prefill_writes.py, bench/RESULTS.md).  On the
+GB, which stalled the prefill's own Python (bench/scripts/prefill_writes.py, bench/RESULTS.md).  On the
 GPU it is a few table lookups per byte, done where the rows already are.
 
 CRC-32C (reflected, polynomial 0x82F63B78, initial and final XOR 0xFFFFFFFF) is affine in the
@@ -15,7 +15,7 @@ lookup per byte in an ``(n, 256)`` table, and an XOR of them (halving).  A chunk
 blocks end to end; its linear part is ``XOR_j F^((k-1-j) n)(L_j)`` of the blocks' linear parts
 ``L_j``, each shift a 32x32 bit matrix applied as four byte tables.
 
-Measured on the H200 (bench/prefill_writes.py, bench/RESULTS.md), a 32K-token 8B-shaped prefill
+Measured on the H200 (bench/scripts/prefill_writes.py, bench/RESULTS.md), a 32K-token 8B-shaped prefill
 (4.2 GB checksummed): its forward took 2.82-2.89 s with these checksums, 2.98-3.00 s with the
 host's (the writer threads holding the GIL) and 1.93-2.13 s with none, in one run.  The same linear
 part as a float32 bit-matrix product and a parity was slower (forward 3.3-3.5 s, another run).
@@ -33,7 +33,7 @@ from . import crc_kernel
 POLY = 0x82F63B78
 MASK = 0xFFFFFFFF
 # Compute the linear parts with the Triton kernel of crc_kernel.py where it can run (CUDA), instead
-# of tensor operations.  Off until bench/prefill_writes.py measures it faster on the GPU machine.
+# of tensor operations.  Off until bench/scripts/prefill_writes.py measures it faster on the GPU machine.
 KERNEL = False
 
 

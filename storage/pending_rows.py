@@ -21,7 +21,7 @@ from .rows import raw_numpy_dtype, to_raw_numpy
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32}
 # Stage rows from a CUDA device (checksums and copies) on a stream of their own, which waits for
 # the rows and nothing else, so that the checksums may overlap the caller's next kernels.  Off
-# until bench/prefill_writes.py (variant disk-side-stream) measures it on the GPU machine.
+# until bench/scripts/prefill_writes.py (variant disk-side-stream) measures it on the GPU machine.
 SIDE_STREAM = False
 _SIDE: dict[torch.device, "torch.cuda.Stream"] = {}
 

@@ -9,7 +9,7 @@ Names (a folder or file of the same name is given as ``./NAME``):
   dependencies: ``make setup``), checked against its known SHA-256 and converted once.
 - ``smollm2-32k``: the same weights with YaRN RoPE scaling set in the configuration (factor 4 over
   the 8,192 trained positions): 32,768 positions.  Its dense attention keeps half of RULER's
-  noise-haystack needles at 16K and 32K, but none in the eval split's prose (bench/yarn_needles.py,
+  noise-haystack needles at 16K and 32K, but none in the eval split's prose (bench/scripts/yarn_needles.py,
   bench/RESULTS.md): long contexts for simple haystacks only.
 
 A named model may ship learned maps (``--estimator learned`` then needs no ``--maps``).

@@ -7,8 +7,8 @@ keys and values.  For each budget (fraction of the mid-region) and both accounti
 error ||o - o_dense|| / ||o_dense|| over query heads, split by the head's normalised attention
 entropy (low < 0.5 <= mid < 0.9 <= high).
 
-    python bench/attention_error.py                # full size: d 64 and 128, 8K-64K keys
-    python bench/attention_error.py --quick        # small sizes, seconds
+    python bench/scripts/attention_error.py                # full size: d 64 and 128, 8K-64K keys
+    python bench/scripts/attention_error.py --quick        # small sizes, seconds
 
 Prints one table and writes JSON (default bench/out/attention_error.json).
 """

@@ -20,7 +20,7 @@ variant saves over ``disk`` is what that part costs the prefill.  Rows record wa
 prefill's phases (``Document.prefill_phases_ms``) and the writers' time (``Document.prefill_writes``).
 ``--profile`` adds a torch.profiler table of one ``disk`` prefill (CPU and device ops).
 
-    python -m rcengine.bench.prefill_writes [--length 32768] [--synthetic 8b] [--repeats 2] [--out DIR]
+    python -m rcengine.bench.scripts.prefill_writes [--length 32768] [--synthetic 8b] [--repeats 2] [--out DIR]
 """
 
 from __future__ import annotations
@@ -40,10 +40,10 @@ from pathlib import Path
 
 import torch
 
-from ..engine.config import EngineConfig
-from ..engine.qa.engine import Engine
-from ..storage import chunk_files, device_checksums, disk_tier, pending_rows
-from ..storage.pending_rows import Segments
+from ...engine.config import EngineConfig
+from ...engine.qa.engine import Engine
+from ...storage import chunk_files, device_checksums, disk_tier, disk_writes, pending_rows
+from ...storage.pending_rows import Segments
 
 
 @contextlib.contextmanager
@@ -71,9 +71,9 @@ VARIANTS: dict[str, list[tuple[object, str, object]]] = {
     "disk-kernel-checksums": [(device_checksums, "KERNEL", True)],
     "disk-side-stream": [(pending_rows, "SIDE_STREAM", True)],
     "disk-kernel-side-stream": [(device_checksums, "KERNEL", True), (pending_rows, "SIDE_STREAM", True)],
-    "disk-host-checksums": [(disk_tier, "DEVICE_CHECKSUMS", ())],
-    "disk-no-block-checksums": [(disk_tier, "DEVICE_CHECKSUMS", ()), (disk_tier.DiskTier, "_record_block_checksums", lambda *a: None)],
-    "disk-no-checksums": [(disk_tier, "DEVICE_CHECKSUMS", ()), (disk_tier.DiskTier, "_record_block_checksums", lambda *a: None),
+    "disk-host-checksums": [(disk_writes, "DEVICE_CHECKSUMS", ())],
+    "disk-no-block-checksums": [(disk_writes, "DEVICE_CHECKSUMS", ()), (disk_tier.DiskTier, "_record_block_checksums", lambda *a: None)],
+    "disk-no-checksums": [(disk_writes, "DEVICE_CHECKSUMS", ()), (disk_tier.DiskTier, "_record_block_checksums", lambda *a: None),
                           (chunk_files, "crc32c_parts_hex", lambda parts: "00000000")],
     "disk-no-writes": [(chunk_files.ChunkFiles, "write", _no_write)],
     "disk-staging-only": [(disk_tier.DiskTier, "_write_chunks", _staging_only)],
@@ -104,7 +104,7 @@ def main() -> None:
 
         lm = random_llama(SHAPE_8B, args.length + 4096, "cuda")
     else:
-        from ..engine.hf.loader import load_model
+        from ...engine.hf.loader import load_model
 
         lm = load_model(None)
     device = torch.device(lm.device)

@@ -16,7 +16,7 @@ device memory held for the KV side (anchors, selection state, summaries).  A pro
 steps at the longest length goes to ``profile.txt``.  Every length and variant runs under its own
 deadline; results are written after each row.
 
-    python bench/gpu_decode.py [--lengths 8192,32768,131072] [--million] [--tokens 32] [--out DIR]
+    python bench/scripts/gpu_decode.py [--lengths 8192,32768,131072] [--million] [--tokens 32] [--out DIR]
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from pathlib import Path
 
 import torch
 
-from ..engine.config import EngineConfig
-from ..engine.decode.state import PLAN_HORIZON, KVState
-from ..engine.hf.cache import RCCache
-from ..engine.hf.integration import model_call, stock_prefill
-from ..engine.qa.document import Document
-from ..engine.qa.engine import Engine
-from ..engine.sampling import SamplingConfig
-from ..storage import ByteMeter, MemoryTier, TierLayout
+from ...engine.config import EngineConfig
+from ...engine.decode.state import PLAN_HORIZON, KVState
+from ...engine.hf.cache import RCCache
+from ...engine.hf.integration import model_call, stock_prefill
+from ...engine.qa.document import Document
+from ...engine.qa.engine import Engine
+from ...engine.sampling import SamplingConfig
+from ...storage import ByteMeter, MemoryTier, TierLayout
 from .synthetic import SHAPE_8B, random_llama
 
 # (method, budget, selector, CUDA graphs, fused kernels); the last two are ablations of rc-exact.

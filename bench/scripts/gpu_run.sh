@@ -3,17 +3,17 @@
 # ../shared/gpu/README.md).  Each part runs under its own time limit, and what it wrote under $OUT
 # comes back even when a part is cut short.
 #
-#   bash bench/gpu_run.sh tests                 # the whole test suite  ($OUT/tests.log)
-#   bash bench/gpu_run.sh decode [ARGS...]      # bench/gpu_decode.py   ($OUT/gpu_decode.json, decode.log)
-#   bash bench/gpu_run.sh tests decode [ARGS]   # both, tests first
-#   bash bench/gpu_run.sh disk [ARGS...]        # bench/disk_decode.py on the 8B shape ($OUT/disk_decode.json, disk.log)
-#   bash bench/gpu_run.sh calibrate [ARGS...]   # bench/calibrate_time.py on the 8B shape ($OUT/calibrate_time.json, calibrate.log)
-#   bash bench/gpu_run.sh prefill [ARGS...]     # bench/prefill_writes.py on the 8B shape ($OUT/prefill_writes.json, prefill.log)
+#   bash bench/scripts/gpu_run.sh tests                 # the whole test suite  ($OUT/tests.log)
+#   bash bench/scripts/gpu_run.sh decode [ARGS...]      # bench/scripts/gpu_decode.py   ($OUT/gpu_decode.json, decode.log)
+#   bash bench/scripts/gpu_run.sh tests decode [ARGS]   # both, tests first
+#   bash bench/scripts/gpu_run.sh disk [ARGS...]        # bench/scripts/disk_decode.py on the 8B shape ($OUT/disk_decode.json, disk.log)
+#   bash bench/scripts/gpu_run.sh calibrate [ARGS...]   # bench/scripts/calibrate_time.py on the 8B shape ($OUT/calibrate_time.json, calibrate.log)
+#   bash bench/scripts/gpu_run.sh prefill [ARGS...]     # bench/scripts/prefill_writes.py on the 8B shape ($OUT/prefill_writes.json, prefill.log)
 #
 # TESTS_S, DECODE_S, DISK_S, CALIBRATE_S and PREFILL_S (seconds) bound the parts; PYTEST_ARGS picks tests (default:
-# all; the whole suite took 517 s on the H200, and no longer fits one 600 s command: TESTS_PART=1 or 2
-# runs the first or second half of the test files, so that two calls cover it; PYTEST_ARGS then
-# holds options only, e.g. TESTS_PART=2 PYTEST_ARGS="--timeout=120" bash bench/gpu_run.sh tests).  With pytest-timeout among the wheels
+# all: the whole suite runs in one command again, its CLI tests in-process; TESTS_PART=1 or 2 runs
+# the first or second half of the test files, PYTEST_ARGS then holding options only, e.g.
+# TESTS_PART=2 PYTEST_ARGS="--timeout=120" bash bench/scripts/gpu_run.sh tests).  With pytest-timeout among the wheels
 # (bash ../shared/gpu/wheels.sh pytest-timeout), add --timeout=120 to name a hanging test.
 set -uo pipefail
 OUT=${OUT:-bench/out}
@@ -37,21 +37,21 @@ if [ "${1:-}" = tests ]; then
 fi
 if [ "${1:-}" = decode ]; then
   shift
-  timeout "${DECODE_S:-540}" python3 -m rcengine.bench.gpu_decode --out "$OUT" "$@" > "$OUT/decode.log" 2>&1
+  timeout "${DECODE_S:-540}" python3 -m rcengine.bench.scripts.gpu_decode --out "$OUT" "$@" > "$OUT/decode.log" 2>&1
   echo "decode exit $?"; tail -n 40 "$OUT/decode.log"
 fi
 if [ "${1:-}" = disk ]; then
   shift
-  timeout "${DISK_S:-540}" python3 -m rcengine.bench.disk_decode --synthetic 8b --scratch /tmp --out "$OUT" "$@" > "$OUT/disk.log" 2>&1
+  timeout "${DISK_S:-540}" python3 -m rcengine.bench.scripts.disk_decode --synthetic 8b --scratch /tmp --out "$OUT" "$@" > "$OUT/disk.log" 2>&1
   echo "disk exit $?"; df -h /tmp | tail -1; tail -n 40 "$OUT/disk.log" | cut -c1-600
 fi
 if [ "${1:-}" = calibrate ]; then
   shift
-  timeout "${CALIBRATE_S:-540}" python3 -m rcengine.bench.calibrate_time --synthetic 8b --out "$OUT" "$@" > "$OUT/calibrate.log" 2>&1
+  timeout "${CALIBRATE_S:-540}" python3 -m rcengine.bench.scripts.calibrate_time --synthetic 8b --out "$OUT" "$@" > "$OUT/calibrate.log" 2>&1
   echo "calibrate exit $?"; tail -n 45 "$OUT/calibrate.log" | cut -c1-300
 fi
 if [ "${1:-}" = prefill ]; then
   shift
-  timeout "${PREFILL_S:-540}" python3 -m rcengine.bench.prefill_writes --synthetic 8b --scratch /tmp --out "$OUT" "$@" > "$OUT/prefill.log" 2>&1
+  timeout "${PREFILL_S:-540}" python3 -m rcengine.bench.scripts.prefill_writes --synthetic 8b --scratch /tmp --out "$OUT" "$@" > "$OUT/prefill.log" 2>&1
   echo "prefill exit $?"; tail -n 12 "$OUT/prefill.log" | cut -c1-700
 fi

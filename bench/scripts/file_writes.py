@@ -2,7 +2,7 @@
 one KV head at d 128, bf16: the disk tier's version-1 layout), 256 KB and 2 MB (16 blocks of 8 KV
 heads: version 2), by 8 threads, fsync included, side by side in one run.
 
-    python -m rcengine.bench.file_writes [--dir DIR] [--out DIR]
+    python -m rcengine.bench.scripts.file_writes [--dir DIR] [--out DIR]
 """
 
 from __future__ import annotations

@@ -21,10 +21,10 @@ ignored) with each of:
 Rows record the steps run again after reading missed blocks (``reruns``); ``--profile`` writes a
 torch.profiler table of a warm answer on each tier.
 
-    python -m rcengine.bench.disk_decode [--lengths 16384] [--synthetic 8b] [--out DIR]
+    python -m rcengine.bench.scripts.disk_decode [--lengths 16384] [--synthetic 8b] [--out DIR]
 
 Without ``--synthetic`` it runs the embedded model on random token ids; ``--synthetic 8b`` builds
-the 8B-shaped random bf16 model of ``bench/gpu_decode.py`` (GPU machine).  Results go to
+the 8B-shaped random bf16 model of ``bench/scripts/gpu_decode.py`` (GPU machine).  Results go to
 ``DIR/disk_decode.json`` after every row.
 """
 
@@ -45,11 +45,11 @@ from pathlib import Path
 
 import torch
 
-from ..engine.config import EngineConfig
-from ..engine.qa.document import Document
-from ..engine.qa.engine import Engine
-from ..engine.sampling import SamplingConfig
-from ..storage import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES, Artifact, DiskTier
+from ...engine.config import EngineConfig
+from ...engine.qa.document import Document
+from ...engine.qa.engine import Engine
+from ...engine.sampling import SamplingConfig
+from ...storage import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES, Artifact, DiskTier
 
 QUESTION_TOKENS = 16
 
@@ -124,7 +124,7 @@ def _profile_prefill(engine: Engine, ids: list[int], path: Path, scratch: str | 
     text = io.StringIO()
     stats = pstats.Stats(prof, stream=text)
     text.write(f"prefill to disk of {len(ids)} tokens under cProfile: {seconds:.2f} s\n")
-    package = re.escape(str(Path(__file__).parent.parent)) + "/(engine|storage|bench)/"  # as imported
+    package = re.escape(str(Path(__file__).parents[2])) + "/(engine|storage|bench)/"  # as imported
     stats.sort_stats("cumulative").print_stats(package, 45)
     stats.sort_stats("tottime").print_stats(30)
     path.write_text(text.getvalue())
@@ -277,7 +277,7 @@ def main() -> None:
 
         lm = random_llama(SHAPE_8B, max(lengths) + 4096, "cuda")
     else:
-        from ..engine.hf.loader import load_model
+        from ...engine.hf.loader import load_model
 
         lm = load_model(None)
     outdir = Path(args.out)

@@ -2,7 +2,7 @@
 single needles (and one-of-several-keys needles) of the eval split, per context length and YaRN
 factor.  Lengths where dense attention keeps at least half of them are worth benchmarking.
 
-    python -m rcengine.bench.yarn_needles [--lengths 8192,16384,32768] [--factors 1,2,4] [--cases 12] [--out DIR]
+    python -m rcengine.bench.scripts.yarn_needles [--lengths 8192,16384,32768] [--factors 1,2,4] [--cases 12] [--out DIR]
 
 Factor 1 is the model as shipped (8,192 positions; longer lengths are skipped for it).  Each
 factor's model is a sibling of the converted checkpoint folder with ``rope_parameters`` set to YaRN
@@ -24,13 +24,14 @@ from pathlib import Path
 
 import torch
 
-from ..engine.config import EngineConfig
-from ..engine.hf.loader import load_model
-from ..engine.hf.gguf import convert_gguf
-from ..engine.hf.models import SMOLLM2_SHA256, smollm2_gguf, yarn_variant
-from ..engine.qa.engine import Engine
-from ..engine.sampling import SamplingConfig
-from .tasks import TaskGenerator, noise_haystack, corpus_haystack, eval_documents, score
+from ...engine.config import EngineConfig
+from ...engine.hf.loader import load_model
+from ...engine.hf.gguf import convert_gguf
+from ...engine.hf.models import SMOLLM2_SHA256, smollm2_gguf, yarn_variant
+from ...engine.qa.engine import Engine
+from ...engine.sampling import SamplingConfig
+from ..haystacks import corpus_haystack, eval_documents, noise_haystack
+from ..tasks import TaskGenerator, score
 
 TASKS = ("niah_single_number", "niah_single_word", "niah_multikey")
 

@@ -3,7 +3,7 @@
 # the host tier read zero-copy.  One call does every variant; it stops starting examples after
 # --max-minutes so that it ends within the tool's 10-minute limit.
 #
-#   bash bench/bench_io_gpu.sh [bench-io options]        (carry .whl: see ../shared/gpu/README.md)
+#   bash bench/scripts/bench_io_gpu.sh [bench-io options]        (carry .whl: see ../shared/gpu/README.md)
 #
 # Writes $OUT/bench-io-gpu/{report.json,report.md,*.png} and $OUT/log.
 set -euo pipefail

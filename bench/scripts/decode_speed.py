@@ -13,7 +13,7 @@ Then, in a fresh process, the longest document is reopened on the disk tier with
 cache and the block selector, and decoded: its peak resident memory growth over the loaded model is
 compared with the block-cache bound plus the in-memory parts (anchors, summaries, block bounds).
 
-    python bench/decode_speed.py [--lengths 4096,16384,32768] [--model DIR] [--quick]
+    python bench/scripts/decode_speed.py [--lengths 4096,16384,32768] [--model DIR] [--quick]
 
 Writes JSON (default bench/out/decode_speed.json, or $OUT/decode_speed.json).
 """
@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from rcengine import Engine, EngineConfig, SamplingConfig
-from rcengine.bench.synthetic import save_random_llama
+from rcengine.bench.scripts.synthetic import save_random_llama
 from rcengine.engine.hf.integration import model_call, stock_prefill
 from rcengine.engine.progress import progress
 from rcengine.storage.document_store import KEY_BLOCK_ROWS

@@ -1,6 +1,6 @@
 """Re-render a bench-io report from its report.json with this checkout's analysis and report code.
 
-    python bench/render_io_report.py REPORT.json OUT_DIR
+    python bench/scripts/render_io_report.py REPORT.json OUT_DIR
 
 The trade-off (rho*, break-even, measured and modelled times) is recomputed from the report's
 overview rows; everything measured is taken as it is.  For reports fetched from the GPU machine.

@@ -4,7 +4,7 @@ Keys as post-RoPE keys look (a shared offset, anisotropic spread, a few planted 
 from another distribution (their own offset), as real queries and keys are.  Each KV head gets
 its own index; a search takes the 4 queries of the head's group and returns one merged set.
 
-    python bench/index_recall.py [--sizes 32768,131072] [--budget 0.01]
+    python bench/scripts/index_recall.py [--sizes 32768,131072] [--budget 0.01]
 
 Recall is |found & exact| / K; time is relative to the flat search measured in the same run; key
 vectors touched come from FAISS's own counters.  Prints one table, writes JSON

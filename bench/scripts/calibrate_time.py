@@ -1,7 +1,7 @@
 """How long `rcengine calibrate` takes: the embedded model on this machine's CPU, or the 8B-shaped
 random bf16 model on the GPU machine (one command there must stay under 10 minutes).
 
-    python -m rcengine.bench.calibrate_time [--synthetic 8b] [--steps 150] [--out DIR]
+    python -m rcengine.bench.scripts.calibrate_time [--synthetic 8b] [--steps 150] [--out DIR]
 
 Calibrates on the embedded model's shipped training-split text (11 texts of about 4K tokens),
 through the same :func:`rcengine.calibrate` the command runs, and writes
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from ..engine.calibration.fit import CalibrationConfig, calibrate
-from ..engine.hf.loader import default_model_path
+from ...engine.calibration.fit import CalibrationConfig, calibrate
+from ...engine.hf.loader import default_model_path
 
 
 def main() -> None:
@@ -37,7 +37,7 @@ def main() -> None:
 
         lm = random_llama(SHAPE_8B, 32768, "cuda")
     else:
-        from ..engine.hf.loader import load_model
+        from ...engine.hf.loader import load_model
 
         lm = load_model(None)
     with gzip.open(default_model_path() / "calibration.jsonl.gz", "rt", encoding="utf-8") as f:
