@@ -89,7 +89,11 @@ def test_bad_input_exits_2_with_one_line(model, other_model, tmp_path):
     _assert_one_line_error(rc("frobnicate"), "No such command")
     _assert_one_line_error(rc("generate", "hi", "--model", str(model), "--method", "foo"), "--method")
     _assert_one_line_error(rc("generate", "hi", "--model", str(model), "--device", "foo"), "'foo' is not a device")
-    if not torch.cuda.is_available():
+    if torch.cuda.is_available():  # the machine decides what --device cuda means
+        _assert_one_line_error(rc("generate", "hi", "--model", str(model), "--device", f"cuda:{torch.cuda.device_count()}"),
+                               "GPU(s)")
+        assert rc("generate", "hi", "--model", str(model), "--device", "cuda", "--max-new-tokens", "1").returncode == 0
+    else:
         _assert_one_line_error(rc("generate", "hi", "--model", str(model), "--device", "cuda"), "no CUDA GPU")
     broken = tmp_path / "broken"
     shutil.copytree(model, broken)
