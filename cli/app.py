@@ -18,6 +18,7 @@ import typer
 
 from . import bench_io, calibrate, decode
 from .errors import EXIT_BAD_INPUT, fail
+from .options import local_store
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -78,7 +79,7 @@ def _models() -> dict:
 @app.command()
 def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    store: Path = typer.Option(None, "--store", help="Also check this persisted document's health and list the temporary "
+    store: str = typer.Option(None, "--store", callback=local_store, help="Also check this persisted document's health and list the temporary "
                                "folders of interrupted prefills beside it (removed by the next prefill of that store)."),
     verify: bool = typer.Option(False, "--verify", help="With --store: read every file of the store and check every checksum."),
 ) -> None:

@@ -72,6 +72,19 @@ CACHE_MB = typer.Option(None, "--cache-mb", min=0, help="The disk tier's block c
                         "place (default 512); 0 keeps no block.")
 
 
+def local_store(value: str | None) -> Path | None:
+    """A ``--store`` or STORE given as text: a local folder (a URL is refused in one line, never
+    taken for a path: click's Path would have made ``s3://b/x`` the folder ``s3:/b/x``)."""
+    if value is None:
+        return None
+    from rcengine.engine.qa.inputs import store_path
+
+    try:
+        return Path(store_path(value))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
 def engine_config(method: MethodName, budget: float, offload: OffloadName, sink: int = 4, tail: int = 64,
                   estimator: EstimatorName = EstimatorName.centroid, features: int = 64,
                   selector: SelectorName = SelectorName.exact, maps: Path | None = None,

@@ -258,3 +258,27 @@ def test_a_terminated_generate_removes_its_scratch_store_and_a_killed_ones_goes_
     out = subprocess.run([*args[:-4], "--max-new-tokens", "2"], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert f"removed {left}" in out.stderr and list(scratch.iterdir()) == []
+
+
+def test_a_store_url_is_refused_never_taken_for_a_path(model, tmp_path, monkeypatch):
+    """``s3://bucket/doc`` once became a local folder ``s3:`` (click's Path drops a slash); stores
+    live in local folders: a URL is refused in one line, and ``file://`` names a folder."""
+    monkeypatch.chdir(tmp_path)
+    doc = tmp_path / "doc.txt"
+    doc.write_text(PROMPT)
+    for args in (("prefill", str(doc), "--store", "s3://bucket/doc.rcs", "--model", str(model)),
+                 ("generate", PROMPT, "--store", "s3://bucket/doc.rcs", "--model", str(model)),
+                 ("ask", "s3://bucket/doc.rcs", "hi", "--model", str(model)),
+                 ("info", "--store", "gs://bucket/doc.rcs")):
+        _assert_one_line_error(rc(*args), "is a URL: a store is a local folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.txt"]
+    made = rc("prefill", str(doc), "--store", f"file://{tmp_path}/store", "--model", str(model), "--tail", "16")
+    assert made.returncode == 0, made.stderr
+    assert (tmp_path / "store" / "manifest.json").is_file()
+    import rcengine
+
+    engine = rcengine.Engine.load(model, show_progress=False)
+    with pytest.raises(ValueError, match="is a URL"):
+        engine.prefill(PROMPT, store="s3://bucket/doc.rcs")
+    with pytest.raises(ValueError, match="is a URL"):
+        engine.open("s3://bucket/doc.rcs")

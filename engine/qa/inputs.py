@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -45,14 +46,24 @@ def sampling_config(value: object) -> SamplingConfig:
     return value
 
 
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def store_path(value: object) -> str | Path:
-    """A store location: a path (str or ``os.PathLike``), never empty."""
+    """A store location: a local folder path (str or ``os.PathLike``, or a ``file://`` URL), never
+    empty.  Any other URL is refused, never taken for a path (``s3://b/x`` would otherwise be a
+    local folder ``s3:``): stores live in local folders."""
     if isinstance(value, Path):
         return value
     if not isinstance(value, str):
         raise TypeError(f"a store is a folder path (str or pathlib.Path), not {type(value).__name__}")
     if not value.strip():
         raise ValueError("the store path is empty")
+    if _URL.match(value):
+        if value.startswith("file://"):
+            return value.removeprefix("file://") or "/"
+        raise ValueError(f"{value} is a URL: a store is a local folder (object storage is not supported yet); "
+                         "give a folder path")
     return value
 
 
