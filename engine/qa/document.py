@@ -29,7 +29,6 @@ from .inputs import sampling_config
 from .stats import answer_stats
 
 
-
 class DocumentEngine(Protocol):
     """What a document needs of the engine that made it (:class:`rcengine.Engine`)."""
 
