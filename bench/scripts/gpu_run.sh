@@ -11,7 +11,8 @@
 #   bash bench/scripts/gpu_run.sh prefill [ARGS...]     # bench/scripts/prefill_writes.py on the 8B shape ($OUT/prefill_writes.json, prefill.log)
 #
 # TESTS_S, DECODE_S, DISK_S, CALIBRATE_S and PREFILL_S (seconds) bound the parts; PYTEST_ARGS picks tests (default:
-# all: the whole suite runs in one command again, its CLI tests in-process; TESTS_PART=1 or 2 runs
+# all, over 8 pytest-xdist workers when its wheels were fetched: bash ../shared/gpu/wheels.sh pytest-xdist execnet
+# pytest-timeout; the whole suite then takes about 2 minutes there); TESTS_PART=1 or 2 runs
 # the first or second half of the test files, PYTEST_ARGS then holding options only, e.g.
 # TESTS_PART=2 PYTEST_ARGS="--timeout=120" bash bench/scripts/gpu_run.sh tests).  With pytest-timeout among the wheels
 # (bash ../shared/gpu/wheels.sh pytest-timeout), add --timeout=120 to name a hanging test.
@@ -26,16 +27,18 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 if [ "${1:-}" = tests ]; then
   shift
   files=(tests/test_*.py)
+  workers=""   # Triton's compiles and the subprocess tests dominate; 8 workers of 2 threads each share 16 cores
+  if ls .whl/pytest_xdist-*.whl .whl/execnet-*.whl >/dev/null 2>&1; then workers="-n 8"; export OMP_NUM_THREADS=2; fi
   half=$(( (${#files[@]} + 1) / 2 ))
   case "${TESTS_PART:-}" in
     1) selected="${PYTEST_ARGS:-} ${files[*]:0:$half}" ;;   # PYTEST_ARGS then holds options only
     2) selected="${PYTEST_ARGS:-} ${files[*]:$half}" ;;
-    *) selected="${PYTEST_ARGS:-tests}" ;;
+    *) selected="${PYTEST_ARGS:-$workers tests}" ;;
   esac
   # With pytest-timeout, pytest stops itself 30 s before the hard limit, so a cut run still lists its slowest tests.
   session=""
   if ls .whl/pytest_timeout-*.whl >/dev/null 2>&1; then session="--session-timeout=$(( ${TESTS_S:-590} - 30 ))"; fi
-  timeout "${TESTS_S:-590}" python3 -m pytest -q -p no:cacheprovider --durations=30 -rfE --tb=short $session $selected > "$OUT/tests.log" 2>&1
+  timeout "${TESTS_S:-590}" python3 -m pytest -q -p no:cacheprovider --durations=30 -rfEs --tb=short $session $selected > "$OUT/tests.log" 2>&1
   echo "tests exit $?"; tail -n 30 "$OUT/tests.log"
 fi
 if [ "${1:-}" = decode ]; then
