@@ -39,7 +39,7 @@ _EXPORTS = {
     **dict.fromkeys(("CalibrationConfig", "calibrate"), ".engine.calibration.fit"),
     **dict.fromkeys(("LearnedMaps", "MapsError", "read_maps"), ".engine.calibration.maps_file"),
     **dict.fromkeys(("ArtifactError", "CorruptChunkError", "IndexSpec", "ModelMismatchError", "NoSpaceError", "NotAStoreError",
-                     "StoreBusyError", "StoreReplacedError", "available_tiers", "reclaim_stale", "reclaim_stale_scratch",
+                     "ObjectStoreError", "StoreBusyError", "StoreReplacedError", "available_tiers", "reclaim_stale", "reclaim_stale_scratch",
                      "stale_scratch", "temporaries"), ".storage"),
     **dict.fromkeys(("BenchIOConfig", "run_bench_io"), ".bench.io_bench"),
     **dict.fromkeys(("overview_table", "write_report"), ".bench.io_report"),
@@ -63,8 +63,8 @@ if TYPE_CHECKING:
     )
     from .engine.sampling import SamplingConfig
     from .storage import (
-        ArtifactError, CorruptChunkError, IndexSpec, ModelMismatchError, NoSpaceError, NotAStoreError, StoreBusyError,
-        StoreReplacedError, available_tiers, reclaim_stale, reclaim_stale_scratch, stale_scratch, temporaries,
+        ArtifactError, CorruptChunkError, IndexSpec, ModelMismatchError, NoSpaceError, NotAStoreError, ObjectStoreError,
+        StoreBusyError, StoreReplacedError, available_tiers, reclaim_stale, reclaim_stale_scratch, stale_scratch, temporaries,
     )
 
 

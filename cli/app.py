@@ -18,7 +18,7 @@ import typer
 
 from . import bench_io, calibrate, decode
 from .errors import EXIT_BAD_INPUT, fail
-from .options import local_store
+from .options import store_location
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -56,7 +56,12 @@ def _store_report(store: Path, verify: bool) -> dict:
     import rcengine
 
     out = rcengine.store_health(store, verify)
-    out["temporaries"] = [{"path": str(t.path), "bytes": t.bytes, "live": t.live} for t in rcengine.temporaries(store)]
+    try:
+        found = rcengine.temporaries(store)
+    except rcengine.ArtifactError as e:  # an object store that cannot be listed: its error is the store's
+        found = []
+        out["error"] = out["error"] or str(e)
+    out["temporaries"] = [{"path": str(t.path), "bytes": t.bytes, "live": t.live} for t in found]
     return out
 
 
@@ -79,7 +84,7 @@ def _models() -> dict:
 @app.command()
 def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    store: str = typer.Option(None, "--store", callback=local_store, help="Also check this persisted document's health and list the temporary "
+    store: str = typer.Option(None, "--store", callback=store_location, help="Also check this persisted document's health and list the temporary "
                                "folders of interrupted prefills beside it (removed by the next prefill of that store)."),
     verify: bool = typer.Option(False, "--verify", help="With --store: read every file of the store and check every checksum."),
 ) -> None:

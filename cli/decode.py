@@ -13,7 +13,7 @@ from .errors import user_errors_exit_2
 from .options import (
     AS_JSON, BUDGET, CACHE_MB, DEVICE, ESTIMATOR, FEATURES, MAPS, MAX_NEW, METHOD, MODEL, OVERWRITE, SEED, SELECTOR, SINK, STOP, TAIL,
     TEMPERATURE, TOP_P, TRUST, WAIT, EstimatorName, MethodName, OffloadName, SelectorName, cache_bytes, check_text_file, engine_config,
-    local_store, note, quiet_transformers, read_text, stream,
+    store_location, note, quiet_transformers, read_text, stream,
 )
 
 
@@ -29,7 +29,7 @@ def generate(
     prompt_file: Path = typer.Option(None, "--prompt-file", help="Read the prompt from this file."),
     model: str = MODEL,
     offload: OffloadName = typer.Option(OffloadName.cpu, "--offload", help="Where the mid-region KV lives."),
-    store: str = typer.Option(None, "--store", callback=local_store, help="Persist the prefill there (a new or empty folder), to reopen with `ask`."),
+    store: str = typer.Option(None, "--store", callback=store_location, help="Persist the prefill there (a new or empty folder, or an s3://bucket/prefix URL), to reopen with `ask`."),
     overwrite: bool = OVERWRITE,
     wait: bool = WAIT,
     method: MethodName = METHOD,
@@ -87,7 +87,7 @@ def generate(
 @user_errors_exit_2
 def prefill(
     file: Path = typer.Argument(..., help="The document, a UTF-8 text file."),
-    store: str = typer.Option(..., "--store", callback=local_store, help="Folder to persist the prefill in."),
+    store: str = typer.Option(..., "--store", callback=store_location, help="Folder to persist the prefill in, or an s3://bucket/prefix URL (AWS_ENDPOINT_URL for a non-AWS server)."),
     model: str = MODEL,
     sink: int = SINK,
     tail: int = TAIL,
@@ -125,7 +125,7 @@ def report_reclaimed(reclaimed: list) -> None:
 
 @user_errors_exit_2
 def ask(
-    store: str = typer.Argument(..., callback=local_store, help="A store made by `rcengine prefill` (or generate --store)."),
+    store: str = typer.Argument(..., callback=store_location, help="A store made by `rcengine prefill` (or generate --store): a folder or an s3:// URL."),
     question: str = typer.Argument(..., help="The question, appended to the document as it is."),
     model: str = MODEL,
     method: MethodName = METHOD,

@@ -72,17 +72,19 @@ CACHE_MB = typer.Option(None, "--cache-mb", min=0, help="The disk tier's block c
                         "place (default 512); 0 keeps no block.")
 
 
-def local_store(value: str | None) -> Path | None:
-    """A ``--store`` or STORE given as text: a local folder (a URL is refused in one line, never
-    taken for a path: click's Path would have made ``s3://b/x`` the folder ``s3:/b/x``)."""
+def store_location(value: str | None) -> Path | str | None:
+    """A ``--store`` or STORE given as text: a local folder, or an ``s3://`` URL kept as text (any
+    other URL is refused in one line, never taken for a path: click's Path would have made
+    ``gs://b/x`` the folder ``gs:/b/x``)."""
     if value is None:
         return None
     from rcengine.engine.qa.inputs import store_path
 
     try:
-        return Path(store_path(value))
+        where = store_path(value)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
+    return where if isinstance(where, str) and where.startswith("s3://") else Path(where)
 
 
 def engine_config(method: MethodName, budget: float, offload: OffloadName, sink: int = 4, tail: int = 64,

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from .artifact import Artifact, ArtifactWriter, fingerprint_digest
 from .block_reader import BlockReader
 from .errors import ArtifactError, ModelMismatchError, NotAStoreError, StoreBusyError, StoreReplacedError
+from .object_store import ObjectStoreError
 from .availability import TierAvailability, available_tiers
 from .block_pool import BlockPool, BlockPoolFull
 from .checksums import CorruptChunkError
@@ -16,7 +17,8 @@ from .defaults import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES
 from .index_spec import IndexSpec
 from .meter import ByteMeter, Counters
 from .space import NoSpaceError
-from .temporaries import Scratch, Temporary, reclaim_stale, reclaim_stale_scratch, stale_scratch, temporaries
+from .remote_publish import store_temporaries as temporaries
+from .temporaries import Scratch, Temporary, reclaim_stale, reclaim_stale_scratch, stale_scratch
 from .tier import KVTier, MemoryTier, TierLayout, device_tier, host_tier
 
 if TYPE_CHECKING:
@@ -37,6 +39,6 @@ def __getattr__(name: str):  # noqa: ANN202 (PEP 562: the heavy modules load on 
 __all__ = [
     "DEFAULT_BLOCK_TOKENS", "DEFAULT_CACHE_BYTES", "Artifact", "ArtifactError", "ArtifactWriter", "BlockReader", "BlockPool", "BlockPoolFull",
     "ByteMeter", "CorruptChunkError", "Counters", "DiskTier", "IndexSpec", "KVTier", "KeyIndex", "MemoryTier", "StreamedFlatIndex",
-    "ModelMismatchError", "NoSpaceError", "NotAStoreError", "Scratch", "StoreBusyError", "StoreReplacedError", "Temporary", "TierAvailability", "TierLayout", "available_tiers", "device_tier", "fingerprint_digest", "host_tier",
+    "ModelMismatchError", "NoSpaceError", "ObjectStoreError", "NotAStoreError", "Scratch", "StoreBusyError", "StoreReplacedError", "Temporary", "TierAvailability", "TierLayout", "available_tiers", "device_tier", "fingerprint_digest", "host_tier",
     "merge_group", "reclaim_stale", "reclaim_stale_scratch", "stale_scratch", "temporaries",
 ]

@@ -22,7 +22,7 @@ that store (or :func:`~.temporaries.reclaim_stale`) renames it back; one killed 
 leaves part of it, which the next writer removes.  A half-written artifact never opens: it has no
 manifest, or carries a temporary name.  On a URL (object stores have no rename) files are written
 in place and the manifest, written last, is the commit point; replacing removes the old manifest
-first.
+first, except at ``s3://`` URLs, which publish generations under a lease (``object_store.py``).
 
 Opening checks the manifest (its checksum, then every field) and, on a local file system, that
 the folder holds only folders and regular files (a FIFO or a link in a store is refused before
@@ -34,6 +34,7 @@ committed artifact.  A reader whose store was replaced while it read is told so
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -54,8 +55,10 @@ from .block_reader import BlockReader
 from .checksums import CorruptChunkError, crc32c_hex
 from .errors import ArtifactError, ModelMismatchError
 from .manifest import FORMAT, FORMAT_VERSION, KV_STORE, MANIFEST, MAX_MANIFEST_BYTES, owned_files, parse, seal
+from .object_store import current_generation, is_remote, remote_errors
 from .ownership import check_target
-from .safe_files import check_tree, read_regular
+from .remote_publish import RemotePublish, generation_of, read_manifest
+from .safe_files import check_local_files, fsync_dir, fsync_tree, missing_manifest, read_regular
 from .store_lock import StoreLock
 from .temporaries import Temporary, lock_path, reclaim_stale, remove_tree
 
@@ -86,25 +89,6 @@ def _join(fs: fsspec.AbstractFileSystem, root: str, name: str, local: bool) -> s
     return path if local else fs.unstrip_protocol(path)
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ArtifactWriter:
     """Use as a context manager: leaving it by an exception removes what was written.  On a local
     file system it first takes the store's lock (``wait``: wait for another writer instead of
@@ -120,8 +104,12 @@ class ArtifactWriter:
         self._lock_fd: int | None = None
         self._files: dict[str, dict[str, Any]] = {}
         self._done = False
+        self.remote: RemotePublish | None = None
         if self.local:
             self._open_local(overwrite, wait, log)
+        elif is_remote(self.location):
+            self.remote = RemotePublish(self.location, overwrite, wait, log)
+            self.fs, self.root, self.reclaimed = self.remote.fs, self.remote.root, self.remote.reclaimed
         else:
             self.root = self.final
             if self.fs.exists(f"{self.final}/{MANIFEST}"):
@@ -166,8 +154,8 @@ class ArtifactWriter:
         file can be read block by block, each verified (:meth:`Artifact.block_reader`)."""
         if "/" in name or name in (MANIFEST, KV_STORE) or name.startswith("."):
             raise ValueError(f"{name!r} is not a valid artifact file name")
-        with self.fs.open(f"{self.root}/{name}", "wb") as f:
-            f.write(data)
+        with remote_errors(self.location):
+            self.fs.pipe_file(f"{self.root}/{name}", bytes(data))
         entry: dict[str, Any] = {"crc32c": crc32c_hex(data), "bytes": len(data)}
         if block_bytes is not None:
             view = memoryview(data)
@@ -193,18 +181,23 @@ class ArtifactWriter:
             "meta": meta,
             "files": self._files,
             "kv_checksums": kv_checksums,
+            **({"data": self.remote.generation} if self.remote is not None else {}),
         }
         # Compact: the block checksums make most of it (131K of them for a 32K-token 8B-shaped store:
         # 0.11 s indented, 0.06 s compact, on the CPU dev machine).
         text = seal(manifest)
         lap("commit: manifest")
+        if self.remote is not None:
+            self.remote.commit(text)
+            self._done = True
+            return
         if not self.local:
             with self.fs.open(f"{self.root}/{MANIFEST}", "w") as f:
                 f.write(text)
             self._done = True
             return
         root, final = Path(self.root), Path(self.final)
-        _fsync_tree(root)
+        fsync_tree(root)
         lap("commit: fsync")
         part = root / f"{MANIFEST}.part"
         with open(part, "w") as f:
@@ -212,7 +205,7 @@ class ArtifactWriter:
             f.flush()
             os.fsync(f.fileno())
         os.replace(part, root / MANIFEST)
-        _fsync_dir(root)
+        fsync_dir(root)
         self._publish(root, final)
         self._done = True
         self._release(root)
@@ -229,7 +222,7 @@ class ArtifactWriter:
             old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(final, old)
         os.rename(root, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         if old is not None:
             remove_tree(old)
 
@@ -248,6 +241,8 @@ class ArtifactWriter:
             return
         if self.local:
             remove_tree(self.root)
+        elif self.remote is not None:
+            self.remote.abort()
         self._done = True
         self._release(Path(self.root) if self.local else None)
 
@@ -263,17 +258,24 @@ class Artifact:
     """A committed artifact, opened read-only."""
 
     def __init__(self, location: str, fs: fsspec.AbstractFileSystem, root: str, manifest: dict[str, Any],
-                 identity: tuple[int, int] | None = None) -> None:
+                 identity: tuple[int, int] | None = None, prefix: str | None = None) -> None:
         self.location = location
         self.fs = fs
         self.root = root
         self.manifest = manifest
         self._identity = identity  # (device, inode) of a local store's folder when it was opened
+        self._prefix = prefix  # an s3:// store's prefix (its root is the generation the manifest names)
 
     @staticmethod
     def open(location: str | Path, expect_fingerprint: dict[str, Any] | None = None, expect_name: str = "") -> "Artifact":
         """Open and check the artifact at ``location``; with ``expect_fingerprint`` (the loaded
         model's, called ``expect_name``), one made with another model is refused."""
+        if is_remote(str(location)):
+            fs, prefix, text = read_manifest(str(location), MAX_MANIFEST_BYTES)
+            manifest = parse(text, str(location))
+            root = f"{prefix}/{generation_of(manifest, str(location))}"
+            Artifact._check_model(manifest, str(location), expect_fingerprint, expect_name)
+            return Artifact(str(location), fs, root, manifest, prefix=prefix)
         fs, root, local = _fs(location)
         identity = None
         if local:
@@ -284,7 +286,7 @@ class Artifact:
             try:
                 text = read_regular(folder / MANIFEST, MAX_MANIFEST_BYTES)
             except FileNotFoundError:
-                raise ArtifactError(_missing_manifest(folder, location)) from None
+                raise ArtifactError(missing_manifest(folder, location)) from None
             except NotADirectoryError:
                 raise ArtifactError(f"no prefill artifact at {location}: a part of its path is a file") from None
             st = os.stat(folder)
@@ -298,19 +300,27 @@ class Artifact:
                 raise ArtifactError(f"{what} at {location}") from None
         manifest = parse(text, str(location))
         if local:
-            _check_local_files(Path(root), manifest, str(location))
-        if expect_fingerprint is not None:
-            theirs = manifest["model"]
-            ours = fingerprint_digest(expect_fingerprint)
-            if theirs["digest"] != ours:
-                raise ModelMismatchError(
-                    f"{location} was made with model {theirs.get('name') or '?'} ({theirs['digest']}), not with the loaded "
-                    f"model {expect_name or '?'} ({ours}): load that model or re-run the prefill"
-                )
+            check_local_files(Path(root), manifest, str(location))
+        Artifact._check_model(manifest, str(location), expect_fingerprint, expect_name)
         return Artifact(str(location), fs, root, manifest, identity)
+
+    @staticmethod
+    def _check_model(manifest: dict[str, Any], location: str, expect_fingerprint: dict[str, Any] | None, expect_name: str) -> None:
+        """With ``expect_fingerprint`` (the loaded model's, called ``expect_name``), a store made
+        with another model is refused."""
+        if expect_fingerprint is None:
+            return
+        theirs, ours = manifest["model"], fingerprint_digest(expect_fingerprint)
+        if theirs["digest"] != ours:
+            raise ModelMismatchError(f"{location} was made with model {theirs.get('name') or '?'} ({theirs['digest']}), not with the "
+                                     f"loaded model {expect_name or '?'} ({ours}): load that model or re-run the prefill")
 
     def replaced(self) -> bool:
         """Whether the store at this location is no longer the one opened (a prefill replaced it)."""
+        if self._prefix is not None:
+            with contextlib.suppress(Exception):
+                return current_generation(self.fs, self._prefix) != self.root.rsplit("/", 1)[-1]
+            return False
         if self._identity is None:
             return False
         try:
@@ -340,8 +350,8 @@ class Artifact:
             if isinstance(self.fs, LocalFileSystem):
                 data = read_regular(f"{self.root}/{name}", entry["bytes"])
             else:
-                with self.fs.open(f"{self.root}/{name}", "rb") as f:
-                    data = f.read(entry["bytes"] + 1)
+                with remote_errors(self.location):
+                    data = self.fs.cat_file(f"{self.root}/{name}", start=0, end=entry["bytes"] + 1)
         except FileNotFoundError:
             raise CorruptChunkError(f"file {name!r} of {self.location} is missing") from None
         if len(data) != entry["bytes"] or crc32c_hex(data) != entry["crc32c"]:
@@ -369,28 +379,3 @@ class Artifact:
         if entry is None or "blocks" not in entry:
             raise ArtifactError(f"{self.location} has no block-checksummed file {name!r}")
         return BlockReader(self.fs, f"{self.root}/{name}", name, self.location, entry)
-
-
-def _missing_manifest(folder: Path, location: str | Path) -> str:
-    hint = ""
-    old = sorted(folder.parent.glob(f".{folder.name}.old-*")) if folder.parent.is_dir() else []
-    if old:
-        hint = (f" (a replacement was interrupted; the previous artifact is at {old[-1]}: the next prefill of this store "
-                "puts it back, or rename it back yourself)")
-    what = "no prefill artifact" if not folder.exists() else "an incomplete prefill artifact (no manifest.json)"
-    return f"{what} at {location}{hint}"
-
-
-def _check_local_files(root: Path, manifest: dict[str, Any], location: str) -> None:
-    """The folder holds only folders and regular files, and every file the manifest lists."""
-    check_tree(root, location)
-    files, kv = owned_files(manifest)
-    for rel in sorted(files - {MANIFEST}) + [f"{KV_STORE}/{k}" for k in sorted(kv)]:
-        try:
-            mode = os.lstat(root / rel).st_mode
-        except (FileNotFoundError, NotADirectoryError):
-            raise CorruptChunkError(f"{rel} of {location} is missing: the store is damaged; re-run the prefill or restore it "
-                                    "from a copy") from None
-        if not stat.S_ISREG(mode):
-            raise CorruptChunkError(f"{rel} of {location} is not a regular file: the store is damaged; re-run the prefill or "
-                                    "restore it from a copy")

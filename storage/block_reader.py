@@ -10,6 +10,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from .checksums import CorruptChunkError, crc32c_hex
+from .object_store import remote_errors
 from .safe_files import open_regular
 
 
@@ -38,9 +39,8 @@ class BlockReader:
                 finally:
                     os.close(fd)
             else:
-                with self.fs.open(self.path, "rb") as f:
-                    f.seek(offset)
-                    data = f.read(want)
+                with remote_errors(self.location):
+                    data = self.fs.cat_file(self.path, start=offset, end=offset + want)
         except FileNotFoundError:
             raise CorruptChunkError(f"file {self.name!r} of {self.location} is missing") from None
         if len(data) != want or crc32c_hex(data) != self._crcs[block]:

@@ -15,6 +15,7 @@ from zarr.core.sync import sync
 
 from .checksums import CorruptChunkError
 from .meter import Counters, process_disk_read_bytes
+from .object_store import remote_errors
 from .rows import from_raw_numpy
 
 # A gather reads the blocks it misses in concurrent batches of at most this many bytes.
@@ -55,7 +56,9 @@ class DiskReads:
                 return await asyncio.gather(*(self.store.get(key, proto, RangeByteRequest(off, off + size)) for key, off in places))
 
             got = []
-            for buf, dest in zip(sync(fetch()), dests, strict=True):
+            with remote_errors(self.store.ledger.location):
+                fetched = sync(fetch())
+            for buf, dest in zip(fetched, dests, strict=True):
                 data = None if buf is None else buf.to_bytes()
                 if data is not None and len(data) == size:
                     dest.reshape(-1).view(np.uint8)[:] = np.frombuffer(data, np.uint8)
@@ -65,6 +68,12 @@ class DiskReads:
                 what = "is missing" if n < 0 else f"is truncated ({n} of {size} bytes of a block)"
                 raise CorruptChunkError(f"chunk {key!r} of {self.store.ledger.location} {what}: "
                                         "re-create the store (rcengine prefill) or restore it from a copy")
+
+    def _net(self, bytes_before: int, gets_before: int) -> dict[str, int]:
+        """The network's share of what the store returned since the counts given (a remote store's)."""
+        if not self.remote:
+            return {}
+        return {"net_bytes": self.store.ledger.bytes_read - bytes_before, "net_gets": self.store.ledger.objects_read - gets_before}
 
     def _read_blocks(self, layer: int, wanted: list[tuple[int, int]]) -> dict[tuple[int, int], np.ndarray]:
         """Blocks ``(head, block)`` read into new arrays ``(block, 2, d)`` (see :meth:`_read_into`)."""
@@ -95,7 +104,7 @@ class DiskReads:
             raise IndexError(f"row ids must lie in 0..{n - 1} for layer {layer}, got {ids_np.min()}..{ids_np.max()}")
         stored = self._flushed_chunks[layer] * self.chunk_tokens
         out = np.empty((h, k, 2, lay.head_dim), self._raw)
-        disk_before, bytes_before = process_disk_read_bytes(), self.store.ledger.bytes_read
+        disk_before, bytes_before, gets_before = process_disk_read_bytes(), self.store.ledger.bytes_read, self.store.ledger.objects_read
         in_store = ids_np < stored
         hits = misses = 0
         self.cache.tick()  # blocks this gather copies from stay cached until it is done
@@ -144,7 +153,7 @@ class DiskReads:
             logical=store_rows * rb, physical=self.store.ledger.bytes_read - bytes_before,
             h2d=store_rows * rb if to_device else 0, disk_read=disk_read,
             cache_hits=hits, cache_misses=misses,
-            rows=store_rows, gathers=1,
+            rows=store_rows, gathers=1, **self._net(bytes_before, gets_before),
         ))
         memory_rows = h * k - store_rows
         if memory_rows:
@@ -234,7 +243,7 @@ class DiskReads:
         pool = self.cache
         stored = self._flushed_chunks[layer] * self.chunk_tokens // self.block_tokens
         slots = pool.alloc(len(pairs))
-        disk_before, bytes_before = process_disk_read_bytes(), self.store.ledger.bytes_read
+        disk_before, bytes_before, gets_before = process_disk_read_bytes(), self.store.ledger.bytes_read, self.store.ledger.objects_read
         try:
             on_disk = [i for i, (_, blk) in enumerate(pairs) if blk < stored]
             self._read_into(layer, [pairs[i] for i in on_disk], [pool.raw_slot(slots[i]) for i in on_disk])
@@ -250,6 +259,6 @@ class DiskReads:
         disk_read = 0 if disk_before is None or disk_after is None else disk_after - disk_before
         if on_disk:
             self.meter.record("disk", layer, Counters(physical=self.store.ledger.bytes_read - bytes_before, disk_read=disk_read,
-                                                      cache_misses=len(on_disk)))
+                                                      cache_misses=len(on_disk), **self._net(bytes_before, gets_before)))
         if in_memory:
             self.meter.record("cpu", layer, Counters(physical=len(in_memory) * self._block_bytes, cache_misses=len(in_memory)))

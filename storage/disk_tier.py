@@ -58,6 +58,7 @@ from .errors import ArtifactError
 from .kv_metadata import FORMAT, checked_metadata
 from .defaults import DEFAULT_BLOCK_TOKENS, DEFAULT_CACHE_BYTES, DEFAULT_CHUNK_BLOCKS, POSITION_CHUNK
 from .meter import ByteMeter
+from .object_store import SCHEME, filesystem, is_remote
 from .pending_rows import PendingRows, Piece
 from .rows import dtype_name, raw_numpy_dtype
 from .tier import TierLayout
@@ -72,6 +73,8 @@ CHUNK_KEYS = {"name": "default", "separator": "."}
 def open_store(location: str | Path, read_only: bool):  # noqa: ANN201 (a zarr Store)
     """A local folder (the default) or any fsspec URL, e.g. ``memory://kv`` or ``s3://bucket/kv``."""
     loc = str(location)
+    if is_remote(loc):  # our s3fs file system: its deadlines and bounded retries (object_store.py)
+        return FsspecStore(filesystem(asynchronous=True), read_only=read_only, path=loc.removeprefix(SCHEME))
     if "://" in loc and not loc.startswith("file://"):
         return FsspecStore.from_url(loc, read_only=read_only)
     return LocalStore(loc.removeprefix("file://"), read_only=read_only)
@@ -121,6 +124,8 @@ class DiskTier(DiskWrites, DiskReads):
         self._positions: list[list[np.ndarray]] = [[] for _ in range(layout.num_layers)]  # parts, joined when read
         self._positions_written = [0] * layout.num_layers
         inner = store._store
+        # A store at an s3:// URL: its reads are metered as network bytes and GETs too.
+        self.remote = "s3" in (getattr(getattr(inner, "fs", None), "protocol", None) or ())
         # A local store's chunk files are read and written directly (chunk_files.py).
         self._files = ChunkFiles(Path(inner.root), store.ledger, durable=durable) if isinstance(inner, LocalStore) else None
         self._writes: list[tuple[Future, int]] = []  # background chunk writes and their bytes, oldest first

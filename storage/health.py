@@ -14,6 +14,7 @@ from .document_store import DocumentMeta
 from .errors import ArtifactError
 from .kv_metadata import checked_metadata
 from .manifest import KV_STORE
+from .object_store import is_remote, remote_errors
 from .rows import DTYPES_BY_NAME
 from .safe_files import read_regular
 from .tier import TierLayout
@@ -62,11 +63,19 @@ def _verify_all(art: Artifact) -> int:
     total = 0
     for name in sorted(art.manifest["files"]):
         total += len(art.read_bytes(name))
-    root = Path(art.root) / KV_STORE
+    remote = is_remote(art.location)
     for key, expected in sorted(art.kv_checksums.items()):
         if "@" in key:  # a block of a chunk file: covered by the file's own checksum
             continue
-        data = read_regular(root / key)
+        if remote:
+            with remote_errors(art.location):
+                try:
+                    data = art.fs.cat_file(f"{art.root}/{KV_STORE}/{key}")
+                except FileNotFoundError:
+                    raise CorruptChunkError(f"{KV_STORE}/{key} of {art.location} is missing: the store is damaged; re-run the "
+                                            "prefill") from None
+        else:
+            data = read_regular(Path(art.root) / KV_STORE / key)
         if crc32c_hex(data) != expected:
             raise CorruptChunkError(f"{KV_STORE}/{key} of {art.location} fails its checksum: the store is damaged; re-run the "
                                     "prefill or restore it from a copy")

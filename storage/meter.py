@@ -7,6 +7,8 @@
 - ``disk_read``: bytes the process read from storage devices while gathering (psutil
   ``read_bytes``; page-cache hits read nothing; None where the platform does not report it).
 - ``cache_hits`` / ``cache_misses``: blocks served from / missing in a block cache.
+- ``net_bytes`` / ``net_gets``: bytes fetched over the network and the (ranged) GET requests that
+  fetched them, from a store at an ``s3://`` URL (apart from ``disk_read``, which is local).
 - Selection cost, kept apart, per tier: the bytes a selector read to choose the rows (a flat
   index reads every key of the searched head; a device selector its device-resident keys or block
   bounds, tier ``device``).
@@ -33,6 +35,8 @@ class Counters:
     cache_misses: int = 0
     rows: int = 0
     gathers: int = 0
+    net_bytes: int = 0
+    net_gets: int = 0
 
     def add(self, other: "Counters") -> None:
         for f in fields(self):

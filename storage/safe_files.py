@@ -1,14 +1,16 @@
 """Opening stored files without surprises: only regular files are opened (never a FIFO, device or
 socket, which could block a reader forever; never through a symbolic link inside a store), and a
-store's tree is checked for anything else before a library reads it."""
+store's tree is checked for anything else before a library reads it; fsyncs of a finished store."""
 
 from __future__ import annotations
 
 import os
 import stat
 from pathlib import Path
+from typing import Any
 
 from .checksums import CorruptChunkError
+from .manifest import KV_STORE, MANIFEST, owned_files
 
 
 def open_regular(path: str | Path) -> int:
@@ -75,3 +77,47 @@ def _kind(mode: int) -> str:
         if test(mode):
             return name
     return "not a regular file"
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def missing_manifest(folder: Path, location: str | Path) -> str:
+    hint = ""
+    old = sorted(folder.parent.glob(f".{folder.name}.old-*")) if folder.parent.is_dir() else []
+    if old:
+        hint = (f" (a replacement was interrupted; the previous artifact is at {old[-1]}: the next prefill of this store "
+                "puts it back, or rename it back yourself)")
+    what = "no prefill artifact" if not folder.exists() else "an incomplete prefill artifact (no manifest.json)"
+    return f"{what} at {location}{hint}"
+
+
+def check_local_files(root: Path, manifest: dict[str, Any], location: str) -> None:
+    """The folder holds only folders and regular files, and every file the manifest lists."""
+    check_tree(root, location)
+    files, kv = owned_files(manifest)
+    for rel in sorted(files - {MANIFEST}) + [f"{KV_STORE}/{k}" for k in sorted(kv)]:
+        try:
+            mode = os.lstat(root / rel).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            raise CorruptChunkError(f"{rel} of {location} is missing: the store is damaged; re-run the prefill or restore it "
+                                    "from a copy") from None
+        if not stat.S_ISREG(mode):
+            raise CorruptChunkError(f"{rel} of {location} is not a regular file: the store is damaged; re-run the prefill or "
+                                    "restore it from a copy")

@@ -261,16 +261,20 @@ def test_a_terminated_generate_removes_its_scratch_store_and_a_killed_ones_goes_
 
 
 def test_a_store_url_is_refused_never_taken_for_a_path(model, tmp_path, monkeypatch):
-    """``s3://bucket/doc`` once became a local folder ``s3:`` (click's Path drops a slash); stores
-    live in local folders: a URL is refused in one line, and ``file://`` names a folder."""
+    """``s3://bucket/doc`` once became a local folder ``s3:`` (click's Path drops a slash); a URL
+    rcengine cannot store to (anything but ``s3://``) is refused in one line, never taken for a path,
+    and ``file://`` names a folder.  (``s3://`` stores: tests/test_object_store.py.)"""
     monkeypatch.chdir(tmp_path)
     doc = tmp_path / "doc.txt"
     doc.write_text(PROMPT)
-    for args in (("prefill", str(doc), "--store", "s3://bucket/doc.rcs", "--model", str(model)),
-                 ("generate", PROMPT, "--store", "s3://bucket/doc.rcs", "--model", str(model)),
-                 ("ask", "s3://bucket/doc.rcs", "hi", "--model", str(model)),
+    for args in (("prefill", str(doc), "--store", "gs://bucket/doc.rcs", "--model", str(model)),
+                 ("generate", PROMPT, "--store", "az://bucket/doc.rcs", "--model", str(model)),
+                 ("ask", "http://bucket/doc.rcs", "hi", "--model", str(model)),
                  ("info", "--store", "gs://bucket/doc.rcs")):
-        _assert_one_line_error(rc(*args), "is a URL: a store is a local folder")
+        _assert_one_line_error(rc(*args), "is a URL rcengine cannot store to")
+    for bad, why in (("s3://Bad_Bucket/doc", "not a valid bucket name"), ("s3://bucket", "a store is a prefix"),
+                     ("s3://bucket/../doc", "a store is a prefix")):
+        _assert_one_line_error(rc("info", "--store", bad), why)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["doc.txt"]
     made = rc("prefill", str(doc), "--store", f"file://{tmp_path}/store", "--model", str(model), "--tail", "16")
     assert made.returncode == 0, made.stderr
@@ -279,6 +283,6 @@ def test_a_store_url_is_refused_never_taken_for_a_path(model, tmp_path, monkeypa
 
     engine = rcengine.Engine.load(model, show_progress=False)
     with pytest.raises(ValueError, match="is a URL"):
-        engine.prefill(PROMPT, store="s3://bucket/doc.rcs")
+        engine.prefill(PROMPT, store="gs://bucket/doc.rcs")
     with pytest.raises(ValueError, match="is a URL"):
-        engine.open("s3://bucket/doc.rcs")
+        engine.open("gs://bucket/doc.rcs")

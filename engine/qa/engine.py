@@ -25,6 +25,7 @@ from ...storage import (
 from ...storage.document_store import DocumentReader
 from ...storage.manifest import record
 from ...storage.rows import dtype_name
+from ...storage.object_store import is_remote
 from ...storage.space import ensure_room, is_no_room, no_room
 from ...storage.temporaries import Scratch, reclaim_stale_scratch
 from ..calibration.maps_file import MapsError, read_maps
@@ -130,7 +131,8 @@ class Engine:
         cfg = self.config
         meter = ByteMeter()
         # Where the KV goes on disk, if anywhere, and about how much it takes: refused before any work if it cannot fit.
-        room = store if store is not None else (cfg.scratch_dir or tempfile.gettempdir()) if cfg.offload == "disk" else None
+        room = (None if is_remote(store) else store) if store is not None \
+            else (cfg.scratch_dir or tempfile.gettempdir()) if cfg.offload == "disk" else None
         what = f"the store of {len(ids)} tokens" if store is not None else f"the scratch KV store of {len(ids)} tokens"
         if room is not None:
             ensure_room(room, self._store_bytes(len(ids)), what)

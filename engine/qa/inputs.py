@@ -50,20 +50,25 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def store_path(value: object) -> str | Path:
-    """A store location: a local folder path (str or ``os.PathLike``, or a ``file://`` URL), never
-    empty.  Any other URL is refused, never taken for a path (``s3://b/x`` would otherwise be a
-    local folder ``s3:``): stores live in local folders."""
+    """A store location: a local folder path (str or ``os.PathLike``, or a ``file://`` URL), or an
+    ``s3://bucket/prefix`` URL (object storage), never empty.  Any other URL is refused, never
+    taken for a path (``gs://b/x`` would otherwise be a local folder ``gs:``)."""
     if isinstance(value, Path):
         return value
     if not isinstance(value, str):
-        raise TypeError(f"a store is a folder path (str or pathlib.Path), not {type(value).__name__}")
+        raise TypeError(f"a store is a folder path (str or pathlib.Path) or an s3:// URL, not {type(value).__name__}")
     if not value.strip():
         raise ValueError("the store path is empty")
     if _URL.match(value):
         if value.startswith("file://"):
             return value.removeprefix("file://") or "/"
-        raise ValueError(f"{value} is a URL: a store is a local folder (object storage is not supported yet); "
-                         "give a folder path")
+        if value.startswith("s3://"):
+            from ...storage.object_store import split_url
+
+            split_url(value)  # a bad bucket name or prefix: one ValueError naming it
+            return value
+        raise ValueError(f"{value} is a URL rcengine cannot store to: a store is a local folder or an s3://bucket/prefix URL "
+                         "(S3 or an S3-compatible server through AWS_ENDPOINT_URL)")
     return value
 
 
