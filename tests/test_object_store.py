@@ -1,5 +1,5 @@
 """Stores at s3:// URLs, against a local S3-compatible server (moto's server mode on the loopback
-address, tests/s3_server.py) behind a proxy that misbehaves on demand: the same answers as a local
+address, bench/scripts/s3_server.py) behind a proxy that misbehaves on demand: the same answers as a local
 store, from another process too; ranged GETs metered apart; checksums verified; publishing that a
 reader never sees half done; what interrupted writers leave, listed and reclaimed; each failure of
 the server one line."""
@@ -25,7 +25,7 @@ from rcengine.cli.errors import user_errors  # noqa: E402
 from rcengine.storage import ArtifactWriter, object_store, temporaries  # noqa: E402
 from rcengine.storage.object_store import filesystem  # noqa: E402
 from cli_run import rc  # noqa: E402
-from s3_server import FaultProxy, start_moto  # noqa: E402
+from rcengine.bench.scripts.s3_server import FaultProxy, start_moto  # noqa: E402
 from tiny_models import TEXT, save_tiny_model  # noqa: E402
 
 QUESTION = " What is the special magic number for apple?"

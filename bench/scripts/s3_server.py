@@ -1,6 +1,7 @@
-"""A local S3-compatible server for the tests: moto's server mode on the loopback address, behind
-a small proxy that can misbehave on demand (throttle, stop answering, refuse credentials, go away),
-so that the client's handling of each failure is tested against real HTTP."""
+"""A local S3-compatible server for the tests and bench/scripts/s3_decode.py: moto's server mode
+on the loopback address, behind a small proxy that counts what passes (requests, GETs, bytes
+answered) and can misbehave on demand (throttle, stop answering, refuse credentials, go away), so
+that the client's handling of each failure is tested against real HTTP."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ class FaultProxy:
     - ``deny()``: every request gets 403 InvalidAccessKeyId;
     - ``stop()``: the server goes away (connections are refused).
 
-    ``requests`` counts what reached it; ``gets`` the GETs among them."""
+    ``requests`` counts what reached it; ``gets`` the GETs among them; ``bytes_out`` the bytes of
+    the bodies it answered GETs with."""
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream.removeprefix("http://")
@@ -46,6 +48,7 @@ class FaultProxy:
         self.denying = False
         self.requests = 0
         self.gets = 0
+        self.bytes_out = 0
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self.paths: list[str] = []
@@ -107,6 +110,9 @@ class FaultProxy:
                 resp = conn.getresponse()
                 data = resp.read()
                 conn.close()
+                if self.command == "GET":
+                    with proxy._lock:
+                        proxy.bytes_out += len(data)
                 self._answer(resp.status, data, resp.getheaders())
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
