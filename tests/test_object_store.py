@@ -149,6 +149,29 @@ def test_a_server_killed_midway_is_named_in_one_line(engine, s3):
     doc.close()
 
 
+def test_a_server_gone_during_a_prefill_is_named_and_what_it_left_is_reclaimed(engine, s3, moto_url, monkeypatch, tmp_path):
+    proxy, bucket = s3
+    url = f"s3://{bucket}/doc"
+    monkeypatch.chdir(tmp_path)
+    proxy.cut_after(12)  # the server goes away midway through the upload
+    with pytest.raises(ObjectStoreError) as e:
+        engine.prefill(DOC, store=url)
+    assert "cannot reach the object store" in _one_line(e.value)
+    assert list(tmp_path.iterdir()) == []  # nothing local was written
+    back = FaultProxy(moto_url)  # the server again, at another address
+    monkeypatch.setenv("AWS_ENDPOINT_URL", back.url)
+    try:
+        (left,) = temporaries(url)  # the generation it could not remove
+        ran = rc("info", "--store", url, "--json")
+        assert [t["path"] for t in json.loads(ran.stdout)["store"]["temporaries"]] == [left.path]
+        assert "an incomplete prefill artifact" in json.loads(ran.stdout)["store"]["error"]
+        monkeypatch.setattr(object_store, "LEASE_S", 0.0)  # its lease, never renewed again, has lapsed
+        engine.prefill(DOC, store=url).close()
+        assert temporaries(url) == [] and not filesystem().exists(left.path.removeprefix("s3://"))
+    finally:
+        back.stop()
+
+
 def test_a_server_that_stops_answering_is_named_in_one_line(engine, s3, monkeypatch):
     proxy, bucket = s3
     url = f"s3://{bucket}/doc"
@@ -216,6 +239,8 @@ def test_an_interrupted_upload_is_listed_never_opened_and_removed_by_the_next_pr
     dead.remote.lease._stop.set()
     (left,) = temporaries(url)
     assert left.path == f"s3://{dead.remote.root}" and left.bytes == 1000 and left.live
+    listed = json.loads(rc("info", "--store", url, "--json").stdout)["store"]
+    assert listed["healthy"] and listed["temporaries"] == [{"path": left.path, "bytes": 1000, "live": True}]
     with engine.open(url) as doc:  # readers see the committed document, never the half-written one
         assert doc.ask(QUESTION, GREEDY).token_ids == want
     with pytest.raises(StoreBusyError, match="being written by another process"):

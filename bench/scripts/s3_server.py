@@ -36,7 +36,8 @@ class FaultProxy:
     - ``throttle(n)``: the next ``n`` requests get 503 SlowDown;
     - ``hang()``: requests are read and never answered;
     - ``deny()``: every request gets 403 InvalidAccessKeyId;
-    - ``stop()``: the server goes away (connections are refused).
+    - ``stop()``: the server goes away (connections are refused);
+    - ``cut_after(n)``: it goes away when ``n`` more requests have been answered.
 
     ``requests`` counts what reached it; ``gets`` the GETs among them; ``bytes_out`` the bytes of
     the bodies it answered GETs with."""
@@ -49,6 +50,7 @@ class FaultProxy:
         self.requests = 0
         self.gets = 0
         self.bytes_out = 0
+        self.cut_in: int | None = None
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self.paths: list[str] = []
@@ -96,6 +98,15 @@ class FaultProxy:
                     proxy.paths.append(f"{self.command} {self.path}")
                     throttle = proxy.throttled > 0
                     proxy.throttled -= throttle
+                    cut = proxy.cut_in is not None and proxy.cut_in <= 0
+                    if proxy.cut_in is not None:
+                        proxy.cut_in -= 1
+                if cut:
+                    if proxy.cut_in == -1:  # the first request past the cut: the server goes away
+                        threading.Thread(target=proxy.stop, daemon=True).start()
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
                 if proxy.hanging:
                     time.sleep(3600)
                     return
@@ -132,6 +143,10 @@ class FaultProxy:
     def throttle(self, n: int) -> None:
         with self._lock:
             self.throttled = n
+
+    def cut_after(self, n: int) -> None:
+        with self._lock:
+            self.cut_in = n
 
     def hang(self) -> None:
         self.hanging = True

@@ -10,6 +10,7 @@ A document is one sequence (batch 1).
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -20,12 +21,12 @@ import numpy as np
 import torch
 
 from ...storage import (
-    Artifact, ArtifactError, ArtifactWriter, ByteMeter, DiskTier, IndexSpec, KVTier, MemoryTier, TierLayout, device_tier, host_tier,
+    Artifact, ArtifactError, ArtifactWriter, ByteMeter, CorruptChunkError, DiskTier, IndexSpec, KVTier, MemoryTier, TierLayout, device_tier, host_tier,
 )
 from ...storage.document_store import DocumentReader
 from ...storage.manifest import record
 from ...storage.rows import dtype_name
-from ...storage.object_store import is_remote
+from ...storage.object_store import ObjectStoreError, describe, is_remote, remote_errors
 from ...storage.space import ensure_room, is_no_room, no_room
 from ...storage.temporaries import Scratch, reclaim_stale_scratch
 from ..calibration.maps_file import MapsError, read_maps
@@ -176,6 +177,9 @@ class Engine:
                 scratch.remove()
             if room is not None and is_no_room(e):
                 raise no_room(room, self._store_bytes(len(ids)), what) from e
+            line = describe(e, str(store)) if is_remote(store) and not isinstance(e, (ArtifactError, CorruptChunkError)) else None
+            if line is not None:  # the object store failed in a call not wrapped below the engine (zarr's writes)
+                raise ObjectStoreError(line) from None
             raise
         doc.prefill_phases_ms = dict(clock.ms)
         doc.prefill_writes = writes
@@ -201,9 +205,14 @@ class Engine:
     def open(self, store: str | Path, offload: str | None = None) -> Document:
         """Reopen a persisted document without recomputing its prefill.  The KV stays in the store
         and is read as needed (``offload`` ``cpu`` or ``device`` copies it into memory instead)."""
+        store = store_path(store)
+        with remote_errors(store) if is_remote(store) else contextlib.nullcontext():
+            return self._open(store, offload)
+
+    def _open(self, store: str | Path, offload: str | None) -> Document:
         if offload not in (None, *OFFLOADS):
             raise ValueError(f"offload {offload!r} is unknown: use one of {', '.join(OFFLOADS)}")
-        art = Artifact.open(store_path(store), expect_fingerprint=self.lm.fingerprint(), expect_name=self.lm.name)
+        art = Artifact.open(store, expect_fingerprint=self.lm.fingerprint(), expect_name=self.lm.name)
         reader = DocumentReader(art)
         meta = reader.meta
         layers, heads, dim = self.lm.kv_shape
