@@ -22,7 +22,7 @@ from .options import store_location
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 
-_PACKAGES = ("torch", "transformers", "numpy", "faiss-cpu", "zarr", "safetensors", "psutil", "typer", "rich")
+_PACKAGES = ("torch", "transformers", "numpy", "faiss-cpu", "zarr", "s3fs", "safetensors", "psutil", "typer", "rich")
 
 
 @app.callback()

@@ -203,13 +203,15 @@ def test_throttled_requests_are_retried_with_backoff_a_bounded_number_of_times(e
         assert doc.ask(QUESTION, GREEDY).new_tokens == 4
 
 
-def test_wrong_or_missing_credentials_and_a_missing_bucket_are_named_in_one_line(engine, s3, monkeypatch, tmp_path):
+def test_wrong_or_missing_credentials_and_a_missing_bucket_are_named_in_one_line(engine, model, s3, monkeypatch, tmp_path):
     proxy, bucket = s3
     url = f"s3://{bucket}/doc"
     engine.prefill(DOC, store=url).close()
     with pytest.raises(ObjectStoreError) as e:
         engine.open(f"s3://{bucket}-missing/doc")
     assert "does not exist" in _one_line(e.value)
+    ran = rc("ask", f"s3://{bucket}-missing/doc", QUESTION, "--model", str(model))
+    assert ran.returncode == 2 and ran.stderr.count("\n") == 1 and "does not exist" in ran.stderr, ran.stderr
     proxy.deny()
     with pytest.raises(ObjectStoreError) as e:
         engine.open(url)
