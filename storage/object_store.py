@@ -25,6 +25,7 @@ line (:func:`remote_errors`).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -111,9 +112,31 @@ def filesystem(asynchronous: bool = False):  # noqa: ANN201 (an s3fs.S3FileSyste
     with _FS_LOCK:
         fs = _FILESYSTEMS.get(key)
         if fs is None:
+            if not _FILESYSTEMS:
+                import zarr.core.sync  # noqa: F401 (its exit hook, which stops its loop, must run after ours)
+
+                atexit.register(_close_all)
             fs = _FILESYSTEMS[key] = s3fs.S3FileSystem(asynchronous=asynchronous, skip_instance_cache=True, **storage_options())
             fs.retries = 1
     return fs
+
+
+def _close_all() -> None:
+    """Close the clients at exit, each on the event loop it was made on (else aiohttp warns of
+    unclosed sessions)."""
+    from fsspec.asyn import sync as fsspec_sync
+    from zarr.core.sync import sync as zarr_sync
+
+    for key, fs in list(_FILESYSTEMS.items()):
+        client = getattr(fs, "_s3", None)
+        if client is None or key[1] != os.getpid():
+            continue
+        with contextlib.suppress(Exception):
+            if key[0]:
+                zarr_sync(client.__aexit__(None, None, None))
+            else:
+                fsspec_sync(fs.loop, client.__aexit__, None, None, None, timeout=5)
+    _FILESYSTEMS.clear()
 
 
 def endpoint() -> str:
