@@ -12,7 +12,8 @@
 #
 # TESTS_S, DECODE_S, DISK_S, CALIBRATE_S and PREFILL_S (seconds) bound the parts; PYTEST_ARGS picks tests (default:
 # all, over 8 pytest-xdist workers when its wheels were fetched: bash ../shared/gpu/wheels.sh pytest-xdist execnet
-# pytest-timeout; the whole suite then takes about 2 minutes there); TESTS_PART=1 or 2 runs
+# pytest-timeout; the whole suite then takes about 2 minutes there; tests/test_object_store.py skips there: s3fs,
+# moto and their needs are 34 MB of wheels, botocore 14 of them, more than a call carries beside the others); TESTS_PART=1 or 2 runs
 # the first or second half of the test files, PYTEST_ARGS then holding options only, e.g.
 # TESTS_PART=2 PYTEST_ARGS="--timeout=120" bash bench/scripts/gpu_run.sh tests).  With pytest-timeout among the wheels
 # (bash ../shared/gpu/wheels.sh pytest-timeout), add --timeout=120 to name a hanging test.
