@@ -39,7 +39,6 @@ import fcntl
 import hashlib
 import json
 import os
-import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -54,7 +53,7 @@ from fsspec.implementations.local import LocalFileSystem
 from .block_reader import BlockReader
 from .checksums import CorruptChunkError, crc32c_hex
 from .errors import ArtifactError, ModelMismatchError
-from .manifest import FORMAT, FORMAT_VERSION, KV_STORE, MANIFEST, MAX_MANIFEST_BYTES, owned_files, parse, seal
+from .manifest import FORMAT, FORMAT_VERSION, KV_STORE, MANIFEST, MAX_MANIFEST_BYTES, parse, seal
 from .object_store import current_generation, is_remote, remote_errors
 from .ownership import check_target
 from .remote_publish import RemotePublish, generation_of, read_manifest

@@ -162,7 +162,7 @@ def describe(exc: BaseException, url: str) -> str | None:
                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE)"
     if code == "NoSuchBucket":
         return f"bucket {split_url(url)[0]!r} does not exist at {endpoint()}: create it, or check the URL and AWS_ENDPOINT_URL"
-    if code in ("SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "503") or "EBUSY" in str(exc):
+    if code in ("SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "503"):
         return f"{where} kept throttling requests for {url} (SlowDown) after {attempts} attempts with backoff: retry later " \
                "(or raise RCENGINE_S3_ATTEMPTS)"
     timeouts = {"ReadTimeoutError", "ConnectTimeoutError", "TimeoutError", "ServerTimeoutError", "FSTimeoutError"}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .errors import ArtifactError
 from .object_store import (
-    MANIFEST, RemoteLease, check_target, current_generation, filesystem, generation_bytes, is_remote, listing, new_generation,
+    GENERATION, MANIFEST, RemoteLease, check_target, current_generation, filesystem, generation_bytes, is_remote, listing, new_generation,
     remote_errors, split_url,
 )
 from .temporaries import Temporary
@@ -113,8 +113,6 @@ def store_temporaries(location: str | Path) -> list[Temporary]:
 
 def generation_of(manifest: dict, url: str) -> str:
     """The generation a remote store's manifest names (checked)."""
-    from .object_store import GENERATION
-
     gen = manifest.get("data")
     if not isinstance(gen, str) or not GENERATION.fullmatch(gen):
         raise ArtifactError(f"the manifest of {url} names no data generation (field 'data'): it was not written by an "
