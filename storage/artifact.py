@@ -97,16 +97,19 @@ class ArtifactWriter:
     def __init__(self, location: str | Path, overwrite: bool = False, wait: bool = False,
                  log: Callable[[str], None] | None = None) -> None:
         self.location = str(location)
-        self.fs, self.final, self.local = _fs(location, follow_last=False)
+        self.remote: RemotePublish | None = None
+        if is_remote(self.location):  # (fsspec's own s3 file system is never made: ours has the deadlines)
+            self.fs, self.final, self.local = None, self.location, False
+        else:
+            self.fs, self.final, self.local = _fs(location, follow_last=False)
         self.reclaimed: list[Temporary] = []
         self._lock: StoreLock | None = None
         self._lock_fd: int | None = None
         self._files: dict[str, dict[str, Any]] = {}
         self._done = False
-        self.remote: RemotePublish | None = None
         if self.local:
             self._open_local(overwrite, wait, log)
-        elif is_remote(self.location):
+        elif self.fs is None:
             self.remote = RemotePublish(self.location, overwrite, wait, log)
             self.fs, self.root, self.reclaimed = self.remote.fs, self.remote.root, self.remote.reclaimed
         else:

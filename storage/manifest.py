@@ -34,7 +34,7 @@ KV_STORE = "kv.zarr"
 MAX_MANIFEST_BYTES = 1 << 30
 
 _CRC = re.compile(r"[0-9a-f]{8}")
-_GENERATION = re.compile(r"gen-[0-9a-f]{32}")  # an s3:// store's data (object_store.py)
+GENERATION = re.compile(r"gen-[0-9a-f]{32}")  # an s3:// store's data (object_store.py)
 _HEX = re.compile(r"[0-9a-f]{8,64}")
 # A file of the artifact: a plain name; a KV object: a relative path of plain names (and @OFFSET).
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -108,7 +108,7 @@ def _first_problem(m: dict[str, Any]) -> str | None:  # noqa: PLR0911 (one check
             if not _is_count(size) or size < 1 or not isinstance(blocks, list) or not all(map(_is_crc, blocks)) \
                     or len(blocks) != -(-entry["bytes"] // size):
                 return f"blocks of {name}"
-    if "data" in m and not (isinstance(m["data"], str) and _GENERATION.fullmatch(m["data"])):
+    if "data" in m and not (isinstance(m["data"], str) and GENERATION.fullmatch(m["data"])):
         return "data"
     kv = m.get("kv_checksums")
     if not isinstance(kv, dict) or not all(isinstance(k, str) and _KV_KEY.fullmatch(k) and ".." not in k.split("/")

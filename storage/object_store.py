@@ -39,11 +39,10 @@ from typing import Any
 
 from .checksums import CorruptChunkError
 from .errors import ArtifactError, NotAStoreError, StoreBusyError
+from .manifest import GENERATION, MANIFEST
 
 SCHEME = "s3://"
-MANIFEST = "manifest.json"
 LOCK = ".rcengine-lock"
-GENERATION = re.compile(r"gen-[0-9a-f]{32}")
 LEASE_S = 60.0  # a lease older than this was left by a writer that died
 RENEW_S = 10.0
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -312,6 +311,14 @@ def _precondition_failed(e: BaseException) -> bool:
     response = getattr(cause, "response", None)
     code = response.get("Error", {}).get("Code", "") if isinstance(response, dict) else ""
     return code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409")
+
+
+def require_bucket(fs, bucket: str) -> None:  # noqa: ANN001
+    """The bucket exists, or one line: the server's own answer (NoSuchBucket, access denied) where
+    it gives one."""
+    if not fs.exists(bucket):
+        fs.ls(bucket)
+        raise ArtifactError(f"bucket {bucket!r} does not exist: create it, or check the URL and AWS_ENDPOINT_URL")
 
 
 def listing(fs, prefix: str) -> tuple[bool, list[str], list[str]]:  # noqa: ANN001

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from .errors import ArtifactError
 from .object_store import (
-    GENERATION, MANIFEST, RemoteLease, check_target, current_generation, filesystem, generation_bytes, is_remote, listing, new_generation,
-    remote_errors, split_url,
+    LOCK, MANIFEST, RemoteLease, check_target, current_generation, filesystem, generation_bytes, is_remote, listing, new_generation,
+    remote_errors, require_bucket, split_url,
 )
 from .temporaries import Temporary
 from .temporaries import temporaries as local_temporaries
@@ -29,9 +29,7 @@ class RemotePublish:
         self.reclaimed: list[Temporary] = []
         with remote_errors(url):
             self.fs = filesystem()
-            if not self.fs.exists(bucket):
-                self.fs.ls(bucket)  # the server's own answer (NoSuchBucket, access denied), as one line
-                raise ArtifactError(f"bucket {bucket!r} does not exist: create it, or check the URL and AWS_ENDPOINT_URL")
+            require_bucket(self.fs, bucket)
             check_target(self.fs, url, self.prefix, overwrite)  # refused before the lease is taken
             self.lease = RemoteLease(self.fs, url, self.prefix, wait, log)
             try:
@@ -83,9 +81,7 @@ def read_manifest(url: str, limit: int) -> tuple[object, str, bytes]:
         try:
             text = fs.cat_file(f"{prefix}/{MANIFEST}", start=0, end=limit + 1)
         except FileNotFoundError:
-            if not fs.exists(bucket):
-                fs.ls(bucket)
-                raise ArtifactError(f"bucket {bucket!r} does not exist: create it, or check the URL and AWS_ENDPOINT_URL") from None
+            require_bucket(fs, bucket)
             _, gens, _ = listing(fs, prefix)
             what = "an incomplete prefill artifact (no manifest.json)" if gens else "no prefill artifact"
             raise ArtifactError(f"{what} at {url}") from None
@@ -106,15 +102,15 @@ def store_temporaries(location: str | Path) -> list[Temporary]:
         if not gens:
             return []
         current = current_generation(fs, prefix)
-        leased = fs.exists(f"{prefix}/.rcengine-lock")
+        leased = fs.exists(f"{prefix}/{LOCK}")
         return [Temporary(f"s3://{prefix}/{g}", generation_bytes(fs, f"{prefix}/{g}"), live=leased)
                 for g in gens if g != current]
 
 
 def generation_of(manifest: dict, url: str) -> str:
-    """The generation a remote store's manifest names (checked)."""
+    """The generation a remote store's manifest names (its form was checked with the manifest)."""
     gen = manifest.get("data")
-    if not isinstance(gen, str) or not GENERATION.fullmatch(gen):
+    if gen is None:
         raise ArtifactError(f"the manifest of {url} names no data generation (field 'data'): it was not written by an "
                             "rcengine prefill to object storage; re-run the prefill")
     return gen

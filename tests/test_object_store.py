@@ -66,6 +66,15 @@ def engine(model) -> Engine:
     return Engine.load(model, cfg, device="cpu", show_progress=False)
 
 
+@pytest.fixture
+def stored(engine, s3) -> tuple[FaultProxy, str, str]:
+    """(the proxy, the bucket, the URL of a document persisted there)."""
+    proxy, bucket = s3
+    url = f"s3://{bucket}/doc"
+    engine.prefill(DOC, store=url).close()
+    return proxy, bucket, url
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     assert text and "\n" not in text, repr(text)
@@ -100,10 +109,8 @@ def test_a_prefill_to_s3_answers_in_another_process_with_the_local_stores_tokens
     assert json.loads(ran.stdout)["new_tokens"] == len(want)
 
 
-def test_steps_fetch_their_blocks_with_ranged_gets_metered_apart_and_a_warm_step_fetches_nothing(engine, s3):
-    proxy, bucket = s3
-    url = f"s3://{bucket}/doc"
-    engine.prefill(DOC, store=url).close()
+def test_steps_fetch_their_blocks_with_ranged_gets_metered_apart_and_a_warm_step_fetches_nothing(engine, stored):
+    proxy, _, url = stored
     with engine.open(url) as doc:
         cold = doc.ask(QUESTION, GREEDY).stats["bytes"]["by_tier"]["disk"]
         before = proxy.gets
@@ -115,10 +122,8 @@ def test_steps_fetch_their_blocks_with_ranged_gets_metered_apart_and_a_warm_step
     assert warm["logical"] == cold["logical"]
 
 
-def test_a_damaged_object_is_caught_by_its_checksum(engine, s3, model):
-    _, bucket = s3
-    url = f"s3://{bucket}/doc"
-    engine.prefill(DOC, store=url).close()
+def test_a_damaged_object_is_caught_by_its_checksum(engine, stored, model):
+    _, bucket, url = stored
     fs = filesystem()
     (gen,) = [p for p in fs.ls(f"{bucket}/doc") if "/gen-" in p]
     chunk = sorted(p for p in fs.find(f"{gen}/kv.zarr") if "/L0/c" in p)[0]
@@ -137,10 +142,8 @@ def test_a_damaged_object_is_caught_by_its_checksum(engine, s3, model):
         engine.open(url)
 
 
-def test_a_server_killed_midway_is_named_in_one_line(engine, s3):
-    proxy, bucket = s3
-    url = f"s3://{bucket}/doc"
-    engine.prefill(DOC, store=url).close()
+def test_a_server_killed_midway_is_named_in_one_line(engine, stored):
+    proxy, _, url = stored
     doc = engine.open(url)
     proxy.stop()
     with pytest.raises(ObjectStoreError) as e:
@@ -172,10 +175,8 @@ def test_a_server_gone_during_a_prefill_is_named_and_what_it_left_is_reclaimed(e
         back.stop()
 
 
-def test_a_server_that_stops_answering_is_named_in_one_line(engine, s3, monkeypatch):
-    proxy, bucket = s3
-    url = f"s3://{bucket}/doc"
-    engine.prefill(DOC, store=url).close()
+def test_a_server_that_stops_answering_is_named_in_one_line(engine, stored, monkeypatch):
+    proxy, _, url = stored
     monkeypatch.setenv("RCENGINE_S3_TIMEOUT_S", "0.5")
     monkeypatch.setenv("RCENGINE_S3_ATTEMPTS", "2")
     doc = engine.open(url)
@@ -203,10 +204,8 @@ def test_throttled_requests_are_retried_with_backoff_a_bounded_number_of_times(e
         assert doc.ask(QUESTION, GREEDY).new_tokens == 4
 
 
-def test_wrong_or_missing_credentials_and_a_missing_bucket_are_named_in_one_line(engine, model, s3, monkeypatch, tmp_path):
-    proxy, bucket = s3
-    url = f"s3://{bucket}/doc"
-    engine.prefill(DOC, store=url).close()
+def test_wrong_or_missing_credentials_and_a_missing_bucket_are_named_in_one_line(engine, model, stored, monkeypatch, tmp_path):
+    proxy, bucket, url = stored
     with pytest.raises(ObjectStoreError) as e:
         engine.open(f"s3://{bucket}-missing/doc")
     assert "does not exist" in _one_line(e.value)
@@ -229,10 +228,8 @@ def test_wrong_or_missing_credentials_and_a_missing_bucket_are_named_in_one_line
     assert "no AWS credentials" in _one_line(e.value)
 
 
-def test_an_interrupted_upload_is_listed_never_opened_and_removed_by_the_next_prefill(engine, s3, monkeypatch):
-    _, bucket = s3
-    url = f"s3://{bucket}/doc"
-    engine.prefill(DOC, store=url).close()
+def test_an_interrupted_upload_is_listed_never_opened_and_removed_by_the_next_prefill(engine, stored, monkeypatch):
+    _, bucket, url = stored
     with engine.open(url) as doc:
         want = doc.ask(QUESTION, GREEDY).token_ids
     # A writer that dies midway leaves its lease and part of a generation (no manifest names it).
@@ -258,10 +255,8 @@ def test_an_interrupted_upload_is_listed_never_opened_and_removed_by_the_next_pr
         dead.remote.lease.check_held()  # the dead writer could not commit now
 
 
-def test_a_reader_of_a_replaced_store_is_told_so(engine, s3):
-    _, bucket = s3
-    url = f"s3://{bucket}/doc"
-    engine.prefill(DOC, store=url).close()
+def test_a_reader_of_a_replaced_store_is_told_so(engine, stored):
+    *_, url = stored
     doc = engine.open(url)
     engine.prefill(DOC + " Again.", store=url, overwrite=True).close()
     with pytest.raises(StoreReplacedError) as e:

@@ -21,12 +21,12 @@ import numpy as np
 import torch
 
 from ...storage import (
-    Artifact, ArtifactError, ArtifactWriter, ByteMeter, CorruptChunkError, DiskTier, IndexSpec, KVTier, MemoryTier, TierLayout, device_tier, host_tier,
+    Artifact, ArtifactError, ArtifactWriter, ByteMeter, DiskTier, IndexSpec, KVTier, MemoryTier, TierLayout, device_tier, host_tier,
 )
 from ...storage.document_store import DocumentReader
 from ...storage.manifest import record
 from ...storage.rows import dtype_name
-from ...storage.object_store import ObjectStoreError, describe, is_remote, remote_errors
+from ...storage.object_store import is_remote, remote_errors
 from ...storage.space import ensure_room, is_no_room, no_room
 from ...storage.temporaries import Scratch, reclaim_stale_scratch
 from ..calibration.maps_file import MapsError, read_maps
@@ -123,8 +123,12 @@ class Engine:
         there, to be reopened by :meth:`open` in another process or on another machine.  A store
         replaces only an empty folder or, with ``overwrite``, an rcengine store; another process
         writing it makes this one wait (``wait``) or refuse."""
-        ids = self.token_ids(document, "document")
         store = None if store is None else store_path(store)
+        with remote_errors(store) if is_remote(store) else contextlib.nullcontext():
+            return self._prefill(document, store, overwrite, wait)
+
+    def _prefill(self, document: str | list[int], store: str | Path | None, overwrite: bool, wait: bool) -> Document:
+        ids = self.token_ids(document, "document")
         flag(overwrite, "overwrite")
         flag(wait, "wait")
         if len(ids) >= self.lm.max_positions:
@@ -177,9 +181,6 @@ class Engine:
                 scratch.remove()
             if room is not None and is_no_room(e):
                 raise no_room(room, self._store_bytes(len(ids)), what) from e
-            line = describe(e, str(store)) if is_remote(store) and not isinstance(e, (ArtifactError, CorruptChunkError)) else None
-            if line is not None:  # the object store failed in a call not wrapped below the engine (zarr's writes)
-                raise ObjectStoreError(line) from None
             raise
         doc.prefill_phases_ms = dict(clock.ms)
         doc.prefill_writes = writes

@@ -15,6 +15,7 @@ def answer_stats(state: KVState, meter: ByteMeter, first_step: int, queries: int
     if any, in step ``first_step``, then ``steps`` decode steps), per tier, and what they amount to
     in tokens per KV head and layer."""
     cfg = state.config
+    remote = getattr(state.tier, "remote", False)  # a store at an s3:// URL: what came over the network, in how many GETs
     by_tier = {}
     for t in meter.tiers(since=first_step):
         c = meter.totals(tier=t, since=first_step)
@@ -25,7 +26,7 @@ def answer_stats(state: KVState, meter: ByteMeter, first_step: int, queries: int
             # blocks found in (hits) or missing from (misses) rcengine's own LRU cache.
             by_tier[t].update({"storage_device_read": c.disk_read, "block_cache_hits": c.cache_hits,
                                "block_cache_misses": c.cache_misses})
-            if getattr(state.tier, "remote", False):  # a store at an s3:// URL: what came over the network, and in how many GETs
+            if remote:
                 by_tier[t].update({"network": c.net_bytes, "network_gets": c.net_gets})
     index = {t: meter.index_totals(since=first_step, tier=t).bytes for t in meter.index_tiers(since=first_step)}
     decode_from = first_step + (1 if queries > steps else 0)  # decode steps alone (one query each)
@@ -33,7 +34,7 @@ def answer_stats(state: KVState, meter: ByteMeter, first_step: int, queries: int
     for t in meter.tiers(since=decode_from):
         c = meter.totals(tier=t, since=decode_from)
         per_step[t] = {"logical": c.logical / steps if steps else 0.0, "physical": c.physical / steps if steps else 0.0}
-        if t == "disk" and getattr(state.tier, "remote", False):
+        if t == "disk" and remote:
             per_step[t].update({"network": c.net_bytes / steps if steps else 0.0, "network_gets": c.net_gets / steps if steps else 0.0})
     index_per_step = meter.index_totals(since=decode_from).bytes / steps if steps else 0.0
     layers, heads = state.num_layers, state.num_kv_heads
