@@ -126,7 +126,8 @@ def report_reclaimed(reclaimed: list) -> None:
 @user_errors_exit_2
 def ask(
     store: str = typer.Argument(..., callback=store_location, help="A store made by `rcengine prefill` (or generate --store): a folder or an s3:// URL."),
-    question: str = typer.Argument(..., help="The question, appended to the document as it is."),
+    questions: list[str] = typer.Argument(None, help="The question, appended to the document as it is; several are answered together."),
+    questions_file: Path = typer.Option(None, "--questions-file", help="Read the questions from this file, one a line (blank lines skipped)."),
     model: str = MODEL,
     method: MethodName = METHOD,
     budget: float = BUDGET,
@@ -142,19 +143,73 @@ def ask(
     device: str = DEVICE,
     trust_remote_code: bool = TRUST,
 ) -> None:
-    """Answer a question about a persisted document, without recomputing its prefill."""
+    """Answer questions about a persisted document, without recomputing its prefill.  Several
+    questions (or --questions-file) are decoded together, their answers printed in order (JSON
+    lines with --json)."""
     import rcengine
 
-    if not question.strip():
-        raise ValueError("the question is empty")
+    if questions and questions_file is not None:
+        raise ValueError("give questions or --questions-file, not both")
+    asked = read_questions(questions_file) if questions_file is not None else list(questions or ())
+    if not asked:
+        raise ValueError("give a question (or several), or --questions-file with one question a line")
+    empty = next((i for i, q in enumerate(asked) if not q.strip()), None)
+    if empty is not None:
+        raise ValueError("the question is empty" if len(asked) == 1 else f"question {empty + 1} is empty")
     quiet_transformers()
     cfg = rcengine.EngineConfig(method=method.value, budget=budget, selector=selector.value, **cache_bytes(cache_mb))
     engine = rcengine.Engine.load(model, cfg, device=device, trust_remote_code=trust_remote_code, log=note)
-    doc = engine.open(store, offload=offload.value)
     sampling = rcengine.SamplingConfig(max_new_tokens, temperature, top_p, seed, tuple(stop or ()))
-    answer = doc.ask(question, sampling, on_text=stream(as_json))
-    doc.close()
-    finish(answer, as_json)
+    with engine.open(store, offload=offload.value) as doc:
+        if len(asked) == 1 and questions_file is None:
+            answer = doc.ask(asked[0], sampling, on_text=stream(as_json))
+            finish(answer, as_json)
+            return
+        answers = doc.ask_many(asked, sampling)
+    finish_many(asked, answers, as_json)
+
+
+# A questions file is read whole before the model loads; this bounds it.
+QUESTIONS_FILE_BYTES = 1 << 20
+
+
+def read_questions(path: Path) -> list[str]:
+    """One question a line of a UTF-8 text file, blank lines skipped."""
+    check_text_file(path)
+    with open(path, "rb") as f:
+        data = f.read(QUESTIONS_FILE_BYTES + 1)
+    if len(data) > QUESTIONS_FILE_BYTES:
+        raise ValueError(f"{path} is over {QUESTIONS_FILE_BYTES >> 20} MiB: a questions file holds one question a line")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8, one question a line") from None
+    asked = [line.strip() for line in text.splitlines() if line.strip()]
+    if not asked:
+        raise ValueError(f"{path} holds no questions: write one question a line")
+    return asked
+
+
+def finish_many(questions: list[str], answers: list[Any], as_json: bool) -> None:
+    """Each answer after its question on stdout (or a JSON line each), then a one-line summary of
+    the batch on stderr."""
+    for i, (q, a) in enumerate(zip(questions, answers)):
+        if as_json:
+            line = answer_json(a)
+            line["stats"] = {k: v for k, v in a.stats.items() if k != "batch"}
+            typer.echo(json.dumps({"index": i, "question": q, **line}))
+        else:
+            typer.echo(f"Q: {q}\nA: {a.text.strip()}\n")
+    b = answers[0].stats["batch"]
+    s = answers[0].stats
+    budget = f", budget {s['budget']:g}" if s["budget"] is not None else ""
+    rate = b["tokens_per_s"]
+    typer.echo(
+        f"[{b['answers']} answers, {b['new_tokens']} new tokens in {b['decode_steps'] + 1} steps, {s['method']} on {s['offload']}{budget}: "
+        f"{b['bytes']['logical'] / 1e6:.2f} MB asked for, {b['bytes']['physical'] / 1e6:.2f} MB moved (read once for all), "
+        f"{'-' if rate is None else f'{rate:.1f}'} tokens/s]",
+        err=True,
+    )
 
 
 def answer_json(answer: Any) -> dict[str, Any]:

@@ -39,7 +39,7 @@ def decode_attention(state: KVState, layer: int, query: torch.Tensor, scale: flo
     qg = query[0].view(hkv, hq // hkv, t, d).permute(2, 0, 1, 3)  # (T, Hkv, G, d)
     anchors = [
         TokenSet(state.sink_k[layer], state.sink_v[layer]),
-        TokenSet(state.tail.k[layer], state.tail.v[layer], state.tail.visible(step.q_pos)),
+        TokenSet(state.tail.k[layer], state.tail.v[layer], state.tail.visible(step.q_pos, step.lanes if plan.lanes else None)),
     ]
     if state.probe is not None:  # evaluation only (bench-io): the queries and the anchors they see
         state.probe(layer, qg, anchors, step.q_pos)
@@ -56,7 +56,7 @@ def fusable(state: KVState, layer: int) -> bool:
     """Whether this layer's step can run as the fused kernels (see kernels.py): they read rows in
     place where the tier allows it, else from rows gathered for them (so every tier computes alike)."""
     plan = state.plan
-    if not (plan.fused and kernels.available(state.device)):
+    if not (plan.fused and kernels.available(state.device)) or plan.lanes:  # the kernels see one sequence's tail
         return False
     return not plan.method.completes or (isinstance(state.maps[layer], CentroidFeatures) and state.clusters[layer] is not None)
 
@@ -110,6 +110,7 @@ def read_mid(state: KVState, layer: int, qg: torch.Tensor) -> TokenSet:
     rows = state.device_rows(layer)
     if plan.method.name == "dense":
         if rows is not None:  # (cap, Hkv, 2, d), read in place
+            state.union_rows[layer] = cap * hkv  # read once, whatever the number of queries
             kv = rows[:cap].transpose(0, 1)[None]  # (1, Hkv, cap, 2, d)
             valid = (torch.arange(cap, device=qg.device) < state.n_mid)[None, None]  # (1, 1, cap)
             return TokenSet(kv[..., 0, :], kv[..., 1, :], valid)
@@ -126,7 +127,13 @@ def read_mid(state: KVState, layer: int, qg: torch.Tensor) -> TokenSet:
         return TokenSet(kv[..., 0, :], kv[..., 1, :], valid & (slots >= 0))
     if rows is not None:
         flat = (ids * hkv + torch.arange(hkv, device=ids.device)[:, None]).reshape(-1)  # token-major rows
-        kv = rows.view(-1, rows.shape[-2] * rows.shape[-1]).index_select(0, flat).view(t, hkv, r, 2, -1)
+        rows = rows.view(-1, rows.shape[-2] * rows.shape[-1])
+        if plan.lanes:  # several sequences' queries: each row any of them selected is read once
+            union, where = torch.unique(flat, return_inverse=True)  # host sync: eager steps only
+            state.union_rows[layer] = union.numel()
+            kv = rows.index_select(0, union)[where].view(t, hkv, r, 2, -1)
+        else:
+            kv = rows.index_select(0, flat).view(t, hkv, r, 2, -1)
         return TokenSet(kv[..., 0, :], kv[..., 1, :], valid)
     k, v = state.tier.gather(layer, ids.transpose(0, 1).reshape(hkv, t * r))  # host read: eager steps only
     return TokenSet(k.view(hkv, t, r, -1).transpose(0, 1), v.view(hkv, t, r, -1).transpose(0, 1), valid)

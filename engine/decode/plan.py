@@ -36,12 +36,13 @@ class DecodePlan:
     every_position: bool  # logits of every position (teacher forcing), or of the last
     fused: bool  # the rule through the fused kernels where they apply
     version: tuple  # the buffers it was made against (KVState.buffers_version)
+    lanes: bool = False  # the queries belong to several sequences sharing the document (StepInputs.lanes)
 
     @staticmethod
     def make(method: MethodRule, budget: float, queries: int, mid_len: int, mid_cap: int, block: int,
-             every_position: bool, fused: bool, version: tuple) -> "DecodePlan":
+             every_position: bool, fused: bool, version: tuple, lanes: bool = False) -> "DecodePlan":
         units = math.ceil(method.count(budget, mid_cap) / block) if method.selects else 0
-        return DecodePlan(method, budget, queries, mid_cap, block, units, every_position, fused, version)
+        return DecodePlan(method, budget, queries, mid_cap, block, units, every_position, fused, version, lanes)
 
     @property
     def rows(self) -> int:
@@ -59,16 +60,18 @@ class DecodePlan:
 
 class StepInputs:
     """One step's device inputs, written with one copy from a (pinned) host buffer:
-    ``ids, positions: (1, T)`` int64 and ``slots: (T,)``, the tail slots of the new tokens."""
+    ``ids, positions: (1, T)`` int64, ``slots: (T,)`` the tail slots of the new tokens and
+    ``lanes: (T,)`` the sequence of each (-1: the document's own; read by steps of several)."""
 
     def __init__(self, queries: int, device: torch.device) -> None:
         self.queries = queries
         pinned = device.type == "cuda"
-        self._host = torch.zeros(3 * queries, dtype=torch.int64, pin_memory=pinned)
-        self._dev = self._host if device.type == "cpu" else torch.zeros(3 * queries, dtype=torch.int64, device=device)
+        self._host = torch.full((4 * queries,), -1, dtype=torch.int64, pin_memory=pinned)
+        self._dev = self._host if device.type == "cpu" else self._host.to(device)
         self.ids = self._dev[:queries].view(1, queries)
         self.positions = self._dev[queries : 2 * queries].view(1, queries)
-        self.slots = self._dev[2 * queries :]
+        self.slots = self._dev[2 * queries : 3 * queries]
+        self.lanes = self._dev[3 * queries :]
 
     @property
     def q_pos(self) -> torch.Tensor:
@@ -80,6 +83,13 @@ class StepInputs:
         t = self.queries
         self._host[:t] = ids.reshape(-1)
         self._host[t : 2 * t] = torch.arange(start, start + t)
-        self._host[2 * t :] = slots
+        self._host[2 * t : 3 * t] = slots
+        if self._dev is not self._host:
+            self._dev.copy_(self._host, non_blocking=True)
+
+    def fill_lanes(self, ids: list[int], positions: list[int], slots: list[int], lanes: list[int]) -> None:
+        """A step of several sequences: token ``i`` of lane ``lanes[i]`` at ``positions[i]`` into
+        tail slot ``slots[i]``."""
+        self._host[:] = torch.tensor([*ids, *positions, *slots, *lanes], dtype=torch.int64)
         if self._dev is not self._host:
             self._dev.copy_(self._host, non_blocking=True)

@@ -6,9 +6,14 @@ written with one host-to-device copy, the forward (eager, or a replayed CUDA gra
 steps on CUDA), then host bookkeeping: the tail's count, the meter (the bytes a device-read step
 moved are known from its plan, so nothing is read back), and a spill when the tail is full.
 
-``forward(ids, positions, every_position)`` is the model call (the transformers seam supplies it):
-``ids, positions: (1, T)`` on the device -> logits ``(1, vocab)`` float32 of the last position, or
-``(1, T, vocab)`` of every position.
+``forward(ids, positions, keep)`` is the model call (the transformers seam supplies it):
+``ids, positions: (1, T)`` on the device -> logits float32: ``(1, vocab)`` of the last position
+(``keep`` False), ``(1, T, vocab)`` of every position (True), or ``(1, K, vocab)`` of the positions
+in ``keep: (K,)`` (a tensor: the last token of each sequence in a step of several).
+
+:meth:`StepRunner.run_lanes` runs a step of several sequences that share the document (batched
+questions, :mod:`.lanes`): each token attends to the document and its own sequence's tail slots,
+and the rows its queries select are read once for all of them.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from ...storage import Counters
 from .plan import DecodePlan, StepInputs
 from .state import KVState
 
-Forward = Callable[[torch.Tensor, torch.Tensor, bool], torch.Tensor]
+Forward = Callable[[torch.Tensor, torch.Tensor, "bool | torch.Tensor"], torch.Tensor]
 # Captured graphs kept per document (one per plan; a new plan is made every PLAN_HORIZON spilled
 # tokens or when a buffer grows, so two cover a plan change without recapturing back and forth).
 MAX_GRAPHS = 2
@@ -50,18 +55,10 @@ class StepRunner:
         """One forward over ``ids`` (the next T tokens, at positions ``start..``) -> logits."""
         st = self.state
         t = len(ids)
-        st.tail.reserve(st.tail.n + t)
         captured = self.use_graphs and t == 1 and not every_position and st.probe is None and st.graph_safe()
-        plan = self._plan_for(t, every_position, captured)
-        inputs = self._inputs.setdefault(t, StepInputs(t, st.device))
-        inputs.fill(torch.tensor(ids, dtype=torch.int64)[None], start, st.tail.slots_for(t))
-        st.plan, st.step = plan, inputs
-        self._in_place = bool(plan.rows) and st.reads_blocks_in_place()
-        if self._in_place:  # the disk tier's block cache: a captured step only flags the blocks it misses
-            st.tier.begin_step()
-            st.tier.cache.deferred = captured or self.defer_fills
+        inputs = self.begin(ids, start, every_position, captured)
         if captured:
-            graph, logits = self._graph(plan, inputs)
+            graph, logits = self._graph(st.plan, inputs)
             graph.replay()
         else:
             logits = self._step(inputs, every_position)
@@ -69,19 +66,78 @@ class StepRunner:
             rerun = self._fill_and_rerun(graph.replay if captured else lambda: self._step(inputs, every_position))
             if rerun is not None and not captured:
                 logits = rerun
-        st.tail.n += t
-        st.seen = start + t
-        self._meter(plan)
-        st.spill_if_full(new=t)
+        self._account(t, start)
         return logits
 
-    def _step(self, inputs: StepInputs, every_position: bool) -> torch.Tensor:
+    def begin(self, ids: list[int], start: int, every_position: bool = False, captured: bool = False,
+              deferrable: bool = True) -> StepInputs:
+        """A step's set-up before its forward: plan, inputs, the block cache's step.  A step of a
+        group of documents (one forward for all, :func:`~rcengine.engine.hf.integration.group_forward`)
+        calls this (not ``deferrable``: it cannot run again), :meth:`prelude`, the forward, then
+        :meth:`end` for each document."""
+        st = self.state
+        t = len(ids)
+        st.tail.reserve(st.tail.n + t)
+        plan = self._plan_for(t, every_position, captured)
+        inputs = self._inputs.setdefault(t, StepInputs(t, st.device))
+        inputs.fill(torch.tensor(ids, dtype=torch.int64)[None], start, st.tail.slots_for(t))
+        st.plan, st.step = plan, inputs
+        self._in_place = bool(plan.rows) and st.reads_blocks_in_place()
+        if self._in_place:  # the disk tier's block cache: a captured step only flags the blocks it misses
+            st.tier.begin_step()
+            st.tier.cache.deferred = captured or (self.defer_fills and deferrable)
+        return inputs
+
+    def end(self, t: int, start: int) -> None:
+        """After the forward of a step set up by :meth:`begin` (not deferred): finish the block
+        cache's step, then :meth:`_account`."""
+        if self._in_place:
+            self._fill_and_rerun(lambda: None)
+        self._account(t, start)
+
+    def _account(self, t: int, start: int) -> None:
+        """A step's bookkeeping: the tail's count, the meter, a spill."""
+        st = self.state
+        st.tail.n += t
+        st.seen = start + t
+        self._meter(st.plan)
+        st.spill_if_full(new=t)
+
+    def run_lanes(self, ids: list[int], positions: list[int], slots: list[int], lanes: list[int], keep: list[int]) -> torch.Tensor:
+        """One eager forward over the tokens of several sequences sharing the document: token ``i``
+        of lane ``lanes[i]`` at ``positions[i]``, written to tail slot ``slots[i]`` (the caller owns
+        the slots: nothing spills) -> logits ``(len(keep), vocab)`` float32 after the tokens ``keep``."""
+        st = self.state
+        t = len(ids)
+        plan = st.make_plan(t, False, False, lanes=True)
+        inputs = self._inputs.setdefault(t, StepInputs(t, st.device))
+        inputs.fill_lanes(ids, positions, slots, lanes)
+        st.plan, st.step = plan, inputs
+        rows = torch.tensor(keep, dtype=torch.int64, device=st.device)
+        self._in_place = bool(plan.rows) and st.reads_blocks_in_place()
+        if self._in_place:
+            st.tier.begin_step()
+            st.tier.cache.deferred = self.defer_fills
+        logits = self._step(inputs, rows)
+        if self._in_place:
+            rerun = self._fill_and_rerun(lambda: self._step(inputs, rows))
+            logits = logits if rerun is None else rerun
+        self._meter(plan)
+        return logits[0]
+
+    def _step(self, inputs: StepInputs, keep: bool | torch.Tensor) -> torch.Tensor:
         """What a step runs on the device (and what a graph captures)."""
+        self.prelude(inputs)
+        return self.forward(inputs.ids, inputs.positions, keep)
+
+    def prelude(self, inputs: StepInputs) -> None:
+        """The device work of a step before its forward: the new tokens' tail positions (and lanes)."""
         st = self.state
         if self._in_place:
             st.tier.cache.begin_step()
         st.tail.pos.index_copy_(0, inputs.slots, inputs.q_pos)
-        return self.forward(inputs.ids, inputs.positions, every_position)
+        if st.plan.lanes:
+            st.tail.lane.index_copy_(0, inputs.slots, inputs.lanes)
 
     def _fill_and_rerun(self, rerun: Callable[[], torch.Tensor | None]) -> torch.Tensor | None:
         """After a deferred run (its blocks looked up, the missing ones flagged): read the missing
@@ -152,14 +208,13 @@ class StepRunner:
             live = n if plan.method.name == "dense" else min(plan.live_units(n) * plan.block, n)
             row = tier.layout.row_bytes
             logical = heads * t * live * row
-            if self._in_place:  # the disk tier's cache, read in place: what the fills read is metered by them
-                physical, h2d = 0, logical if st.device.type == "cuda" else 0
-            else:
-                physical = heads * t * plan.rows * row
-                h2d = tier.h2d(physical)
-            c = Counters(logical=logical, physical=physical, h2d=h2d, rows=heads * t * live, gathers=1)
             for layer in range(layers):
-                meter.record(tier.name, layer, c)
+                if self._in_place:  # the disk tier's cache, read in place: what the fills read is metered by them
+                    physical, h2d = 0, logical if st.device.type == "cuda" else 0
+                else:  # several sequences: the union of their rows, read once
+                    physical = (st.union_rows[layer] if plan.lanes else heads * t * plan.rows) * row
+                    h2d = tier.h2d(physical)
+                meter.record(tier.name, layer, Counters(logical=logical, physical=physical, h2d=h2d, rows=heads * t * live, gathers=1))
         if plan.method.selects and st.selectors[0].on_device:
             nbytes = st.selectors[0].read_bytes(plan.mid_cap)
             for layer in range(layers):

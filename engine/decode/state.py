@@ -72,6 +72,7 @@ class KVState:
         self.version = 0  # bumped when maps or summaries are replaced
         self.step: StepInputs | None = None  # the running step's inputs (set by the runner)
         self.plan: DecodePlan | None = None  # the running step's plan
+        self.union_rows = [0] * layers  # rows (x KV heads) a step of several sequences read per layer: their union
         # Called by decode attention with (layer, qg, anchors, q_pos) when set: evaluation hooks in
         # (bench-io); None on the normal path (and no graph is captured while it is set).
         self.probe: Callable[..., None] | None = None
@@ -210,14 +211,15 @@ class KVState:
             return self.step_blocks() <= self.tier.cache.capacity
         return (reads_in_place or method.count(1.0, 1) == 0) and (not method.selects or self.selectors[0].on_device)
 
-    def make_plan(self, queries: int, every_position: bool, captured: bool) -> DecodePlan:
-        """The plan of a step of ``queries`` positions (captured: with room for spills)."""
+    def make_plan(self, queries: int, every_position: bool, captured: bool, lanes: bool = False) -> DecodePlan:
+        """The plan of a step of ``queries`` positions (captured: with room for spills; ``lanes``:
+        of several sequences)."""
         n = self.mid_len
         cap = n + PLAN_HORIZON if captured else n
         self.reserve(cap)
         version = self.buffers_version()
         return DecodePlan.make(self.method, self.config.budget, queries, n, cap, self.block, every_position, self.config.fused,
-                               version)
+                               version, lanes)
 
     def reserve(self, rows: int) -> None:
         if hasattr(self.tier, "reserve"):  # memory tiers' rows, the disk tier's block table

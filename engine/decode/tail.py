@@ -1,11 +1,13 @@
 """The tail anchors of every layer: a fixed-capacity ring on the compute device.
 
 ``k, v: (L, 1, Hkv, C, d)``; ``pos: (C,)`` int64 token position of each slot, -1 where empty (all
-layers hold the same positions).  New tokens are written at slots the host computes
-(:meth:`slots_for`); the oldest leave from the front (:meth:`pop_oldest`).  A query at position p
-sees the slots with ``0 <= pos <= p`` (:meth:`visible`), so the ring needs no reordering, shapes
-never change between spills, and writing is one ``index_copy_`` per layer: a step can be captured
-in a CUDA graph.  Capacity changes only in :meth:`reserve` (a new buffer: ``version`` changes).
+layers hold the same positions); ``lane: (C,)`` int64, the sequence a slot belongs to when several
+share the document (batched questions, :mod:`.lanes`), -1 for the document's own tokens.  New
+tokens are written at slots the host computes (:meth:`slots_for`); the oldest leave from the front
+(:meth:`pop_oldest`).  A query at position p sees the slots with ``0 <= pos <= p`` (:meth:`visible`;
+in a batch, only the document's and its own lane's), so the ring needs no reordering, shapes never
+change between spills, and writing is one ``index_copy_`` per layer: a step can be captured in a
+CUDA graph.  Capacity changes only in :meth:`reserve` (a new buffer: ``version`` changes).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ class TailRing:
         self.k = torch.zeros(layers, 1, heads, capacity, dim, dtype=dtype, device=device)
         self.v = torch.zeros_like(self.k)
         self.pos = torch.full((capacity,), -1, dtype=torch.int64, device=device)
+        self.lane = torch.full((capacity,), -1, dtype=torch.int64, device=device)
         self.start = 0  # slot of the oldest token
         self.n = 0  # tokens held
         self.version = 0
@@ -37,9 +40,13 @@ class TailRing:
         self.k[layer].index_copy_(2, slots, k)
         self.v[layer].index_copy_(2, slots, v)
 
-    def visible(self, q_pos: torch.Tensor) -> torch.Tensor:
-        """``(T, 1, C)`` bool: the slots a query at each of ``q_pos: (T,)`` sees."""
-        return ((self.pos >= 0) & (self.pos[None, :] <= q_pos[:, None]))[:, None, :]
+    def visible(self, q_pos: torch.Tensor, q_lane: torch.Tensor | None = None) -> torch.Tensor:
+        """``(T, 1, C)`` bool: the slots a query at each of ``q_pos: (T,)`` sees; with ``q_lane:
+        (T,)`` (a batch of sequences), only the document's slots and those of its own lane."""
+        seen = (self.pos >= 0) & (self.pos[None, :] <= q_pos[:, None])
+        if q_lane is not None:
+            seen &= (self.lane < 0) | (self.lane[None, :] == q_lane[:, None])
+        return seen[:, None, :]
 
     def append(self, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> None:
         """Tokens of every layer ``(L, 1, Hkv, m, d)`` at ``positions: (m,)``, outside a step."""
@@ -74,6 +81,7 @@ class TailRing:
         if n < self.n:
             slots = ((self.start + torch.arange(n, self.n)) % self.capacity).to(self.pos.device)
             self.pos.index_fill_(0, slots, -1)
+            self.lane.index_fill_(0, slots, -1)
             self.n = n
 
     def reserve(self, tokens: int) -> None:
@@ -85,6 +93,7 @@ class TailRing:
         self.k = self.k.new_zeros(layers, 1, heads, tokens, dim)
         self.v = torch.zeros_like(self.k)
         self.pos = self.pos.new_full((tokens,), -1)
+        self.lane = self.lane.new_full((tokens,), -1)  # lanes live within one batch, which reserves first
         n, self.start, self.n = self.n, 0, 0
         self.version += 1
         if n:

@@ -31,6 +31,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from ..decode.layer import decode_attention, prefill_attention
 from ..decode.runner import Forward
 from .cache import RCCache
+from .group import GroupCache
 
 ATTN_IMPLEMENTATION = "rcengine"
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
@@ -76,6 +77,9 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
             capture(module.layer_idx, query, key, value)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if cache.phase == "group":  # several documents: each span of the step's queries attends to its own
+        parts = [decode_attention(c.state, module.layer_idx, query[:, :, a:b], scale) for c, (a, b) in zip(cache.members, cache.spans)]
+        return torch.cat(parts, dim=1), None
     if cache.phase == "prefill":
         k, v = cache.prefill[module.layer_idx].view()
         return prefill_attention(k, v, query, scale), None
@@ -124,21 +128,36 @@ def kv_shape(config) -> tuple[int, int, int]:  # noqa: ANN001
     return config.num_hidden_layers, kv, head_dim
 
 
-def model_call(model: PreTrainedModel, input_ids: torch.Tensor, cache, every_position: bool = False,  # noqa: ANN001
+def model_call(model: PreTrainedModel, input_ids: torch.Tensor, cache, keep: bool | torch.Tensor = False,  # noqa: ANN001
                position_ids: torch.Tensor | None = None):  # noqa: ANN201 (the model's output)
-    """The model's forward with its cache under whichever argument name this release takes."""
-    return model(input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=0 if every_position else 1,
+    """The model's forward with its cache under whichever argument name this release takes; logits
+    of the last position (``keep`` False), of every one (True), or of the positions ``keep: (K,)``."""
+    logits_to_keep = keep if isinstance(keep, torch.Tensor) else 0 if keep else 1
+    return model(input_ids=input_ids, position_ids=position_ids, use_cache=True, logits_to_keep=logits_to_keep,
                  **{CACHE_ARG: cache})
 
 
 def rc_forward(model: PreTrainedModel, cache: RCCache) -> Forward:
-    """The decode runner's model call: ``(ids, positions (1, T), every_position) -> logits`` float32,
-    ``(1, vocab)`` of the last position or ``(1, T, vocab)`` of each."""
+    """The decode runner's model call: ``(ids, positions (1, T), keep) -> logits`` float32: ``(1,
+    vocab)`` of the last position (``keep`` False), ``(1, T, vocab)`` of each (True), ``(1, K,
+    vocab)`` of the positions in ``keep: (K,)``."""
 
-    def forward(ids: torch.Tensor, positions: torch.Tensor, every_position: bool) -> torch.Tensor:
+    def forward(ids: torch.Tensor, positions: torch.Tensor, keep: bool | torch.Tensor) -> torch.Tensor:
         with active(cache):
-            logits = model_call(model, ids, cache, every_position, positions).logits
-        return logits.float() if every_position else logits[:, -1].float()
+            logits = model_call(model, ids, cache, keep, positions).logits
+        return logits[:, -1].float() if keep is False else logits.float()
+
+    return forward
+
+
+def group_forward(model: PreTrainedModel, cache: GroupCache) -> Callable[[torch.Tensor, torch.Tensor, list[tuple[int, int]]], torch.Tensor]:
+    """The model call of a step of several documents: ``(ids, positions (1, T), spans) -> logits
+    (T, vocab)`` float32 of every token, ``spans[i]`` the tokens of ``cache.members[i]``."""
+
+    def forward(ids: torch.Tensor, positions: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+        cache.spans = spans
+        with active(cache):
+            return model_call(model, ids, cache, True, positions).logits[0].float()
 
     return forward
 
@@ -172,7 +191,7 @@ def reference_logits(model: PreTrainedModel, prefix: list[int], continuations: l
     with torch.no_grad():
         outs = []
         for cont in continuations:
-            out = model_call(model, torch.tensor([cont], device=device), cache, every_position=True)
+            out = model_call(model, torch.tensor([cont], device=device), cache, keep=True)
             outs.append(out.logits[0].float())
             cache.crop(-len(cont))  # negative: tokens to remove (5.17 and later; positive meant a length before)
     return outs

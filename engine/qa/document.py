@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -17,6 +17,7 @@ import torch
 
 from ...storage import Artifact, ByteMeter, CorruptChunkError, KVTier, StoreReplacedError
 from ...storage.temporaries import Scratch
+from ..decode.lanes import Lanes
 from ..decode.runner import StepRunner
 from ..config import EngineConfig
 from ..hf.cache import RCCache
@@ -24,6 +25,7 @@ from ..hf.integration import rc_forward
 from ..hf.loader import LoadedModel
 from ..rule.feature_maps import EstimatorSpec
 from ..sampling import SamplingConfig
+from .batch import batch_stats, decode_batch
 from .generation import generate_tokens
 from .inputs import sampling_config
 from .stats import answer_stats
@@ -151,6 +153,40 @@ class Document:
         stats = answer_stats(self.state, self.meter, first_step, len(ids) + out.steps, out.steps, self.prefill_ms,
                              question_ms, out.decode_s)
         return Answer(out.text, out.tokens, self.tokens + len(ids), len(out.tokens), stats)
+
+    def ask_many(self, questions: Sequence[str | list[int]], sampling: SamplingConfig | None = None) -> list[Answer]:
+        """Answer several questions about the document together -> their answers, in order.  Each
+        question is asked of the document as :meth:`ask` would (the same tokens, greedy, within
+        float tolerance), but every step serves all answers still going: the weights are read once
+        per step for all of them, and the document's rows they select once for their union.  Each
+        answer's ``stats`` holds its share of the batch's reads, and ``stats["batch"]`` the batch's
+        (the same dict for all): per tier and per step, bytes asked for (summed over answers) and
+        moved (their union)."""
+        self._check_open()
+        if isinstance(questions, (str, bytes)) or not isinstance(questions, Sequence):
+            raise TypeError(f"questions must be a list of questions (text or token ids), not {type(questions).__name__}")
+        if not questions:
+            raise ValueError("questions is empty: give at least one question")
+        ids = [self._tokens(q, f"question {i + 1}") for i, q in enumerate(questions)]
+        sampling = sampling_config(sampling)
+        for q in ids:
+            self.engine.check_length(self.tokens + len(q), sampling.max_new_tokens)
+        sizes = [len(q) + sampling.max_new_tokens for q in ids]
+        lm = self.engine.lm
+        with self._reading(), self._scratch_tail(sum(sizes)), torch.no_grad():
+            run = decode_batch(self.runner, lm.tokenizer, lm.eos_token_ids, self.meter, ids, self.tokens, sampling,
+                               Lanes(self.state.tail, sizes))
+        new_tokens = sum(len(s.tokens) for s in run.streams)
+        batch = batch_stats(self.meter, run, new_tokens)
+        total, decoding = sum(run.queries), sum(run.steps)
+        answers = []
+        for b, (q, stream, queries, steps) in enumerate(zip(ids, run.streams, run.queries, run.steps)):
+            share = (queries / total, steps / decoding if decoding else 0.0)
+            stats = answer_stats(self.state, self.meter, run.first_step, queries, steps, self.prefill_ms, 1e3 * run.question_s,
+                                 run.decode_s_of(b), share)
+            stats["batch"] = batch
+            answers.append(Answer(stream.text, stream.tokens, self.tokens + len(q), len(stream.tokens), stats))
+        return answers
 
     def logits(self, continuation: str | list[int]) -> torch.Tensor:
         """Teacher-forced next-token logits ``(T, vocab)`` float32 after each of the ``T`` tokens of

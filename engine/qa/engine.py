@@ -38,7 +38,9 @@ from ..hf.loader import LoadedModel, load_model
 from ..progress import progress
 from ..rule.feature_maps import EstimatorSpec
 from ..sampling import SamplingConfig
+from .batch import Member, decode_group, group_stats
 from .document import Answer, Document
+from .stats import answer_stats
 from .inputs import flag, sampling_config, store_path, token_ids
 from .persist import persist, restore
 
@@ -271,6 +273,37 @@ class Engine:
             return doc.continue_prompt(sampling, on_text)
         finally:
             doc.close()
+
+    def generate_many(self, prompts: Sequence[str | list[int]], sampling: SamplingConfig | None = None) -> list[Answer]:
+        """Prefill several prompts and continue them together: each step is one forward over one
+        token per prompt still going (the weights read once for all), each attending to its own
+        document.  The same tokens as :meth:`generate` on each (greedy, within float tolerance).
+        Each answer's ``stats`` are its own document's; ``stats["batch"]`` the group's."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts must be a list of prompts (text or token ids), not {type(prompts).__name__}")
+        if not prompts:
+            raise ValueError("prompts is empty: give at least one prompt")
+        ids = [self.token_ids(p, f"prompt {i + 1}") for i, p in enumerate(prompts)]
+        sampling = sampling_config(sampling)
+        for p in ids:
+            self.check_length(len(p), sampling.max_new_tokens)
+        with contextlib.ExitStack() as docs:
+            members = []
+            for p in ids:
+                doc = docs.enter_context(self.prefill(p))
+                members.append((doc, Member(doc.runner, doc.cache, doc.last_logits, doc.tokens)))
+            firsts = [doc.meter.step + 1 for doc, _ in members]
+            with torch.no_grad():
+                run = decode_group(self.lm.model, self.lm.tokenizer, self.lm.eos_token_ids, [m for _, m in members], sampling)
+            answers = []
+            for i, ((doc, _), stream) in enumerate(zip(members, run.streams)):
+                stats = answer_stats(doc.state, doc.meter, firsts[i], run.steps[i], run.steps[i], doc.prefill_ms, 0.0,
+                                     run.decode_s_of(i))
+                answers.append(Answer(stream.text, stream.tokens, doc.tokens, len(stream.tokens), stats))
+        batch = group_stats([a.stats for a in answers], run, sum(a.new_tokens for a in answers))
+        for a in answers:
+            a.stats["batch"] = batch
+        return answers
 
     def check_length(self, prompt_tokens: int, new_tokens: int) -> None:
         if prompt_tokens + new_tokens > self.lm.max_positions:
