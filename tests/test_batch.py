@@ -14,6 +14,7 @@ from cli_run import rc
 from conftest import logit_tolerance
 from rcengine.engine.config import EngineConfig
 from rcengine.engine.decode.lanes import Lanes
+from rcengine.engine.decode.layer import union_read
 from rcengine.engine.decode.tail import TailRing
 from rcengine.engine.qa.engine import Engine
 from rcengine.engine.sampling import SamplingConfig
@@ -54,6 +55,15 @@ def test_tail_lanes_see_the_document_and_themselves_only():
         lanes.take(0, 2)
     tail.truncate(3)
     assert tail.n == 3 and (tail.lane == -1).all() and (tail.pos[3:] == -1).all()
+
+
+def test_union_read_reads_each_distinct_row_once(gen):
+    rows = torch.randn(50, 6, generator=gen)
+    for m in (1, 7, 40, 120):
+        flat = torch.randint(0, 45, (m,), generator=gen)
+        got, count = union_read(rows, flat, 45)
+        assert torch.equal(got, rows[flat])  # a full read, in the order asked
+        assert int(count) == flat.unique().numel()
 
 
 @pytest.mark.parametrize("method,offload,selector", [

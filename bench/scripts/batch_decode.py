@@ -30,6 +30,7 @@ import torch
 from ...engine.config import EngineConfig
 from ...engine.demo import demo_prompt
 from ...engine.qa.engine import Engine
+from ...engine.rule.feature_maps import EstimatorSpec
 from ...engine.sampling import SamplingConfig
 
 QUESTIONS = [
@@ -121,7 +122,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/out"))
     args = ap.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    cfg = EngineConfig(method=args.method, budget=args.budget, offload="disk", estimator=args.estimator)
+    cfg = EngineConfig(method=args.method, budget=args.budget, offload="disk", estimator=EstimatorSpec(args.estimator))
     engine = Engine.load(args.model, cfg, show_progress=False)
     demo = demo_prompt(engine.lm.name)
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, stop=demo.stop)

@@ -110,7 +110,7 @@ def read_mid(state: KVState, layer: int, qg: torch.Tensor) -> TokenSet:
     rows = state.device_rows(layer)
     if plan.method.name == "dense":
         if rows is not None:  # (cap, Hkv, 2, d), read in place
-            state.union_rows[layer] = cap * hkv  # read once, whatever the number of queries
+            state.union_rows[layer] = torch.tensor(cap * hkv)  # read once, whatever the number of queries
             kv = rows[:cap].transpose(0, 1)[None]  # (1, Hkv, cap, 2, d)
             valid = (torch.arange(cap, device=qg.device) < state.n_mid)[None, None]  # (1, 1, cap)
             return TokenSet(kv[..., 0, :], kv[..., 1, :], valid)
@@ -129,11 +129,23 @@ def read_mid(state: KVState, layer: int, qg: torch.Tensor) -> TokenSet:
         flat = (ids * hkv + torch.arange(hkv, device=ids.device)[:, None]).reshape(-1)  # token-major rows
         rows = rows.view(-1, rows.shape[-2] * rows.shape[-1])
         if plan.lanes:  # several sequences' queries: each row any of them selected is read once
-            union, where = torch.unique(flat, return_inverse=True)  # host sync: eager steps only
-            state.union_rows[layer] = union.numel()
-            kv = rows.index_select(0, union)[where].view(t, hkv, r, 2, -1)
+            kv, state.union_rows[layer] = union_read(rows, flat, cap * hkv)
+            kv = kv.view(t, hkv, r, 2, -1)
         else:
             kv = rows.index_select(0, flat).view(t, hkv, r, 2, -1)
         return TokenSet(kv[..., 0, :], kv[..., 1, :], valid)
     k, v = state.tier.gather(layer, ids.transpose(0, 1).reshape(hkv, t * r))  # host read: eager steps only
     return TokenSet(k.view(hkv, t, r, -1).transpose(0, 1), v.view(hkv, t, r, -1).transpose(0, 1), valid)
+
+
+def union_read(rows: torch.Tensor, flat: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows: (>= total, F)`` read at ``flat: (M,)`` (ids < ``total``, repeats allowed), each
+    distinct row once -> the rows in ``flat``'s order ``(M, F)``, and how many distinct rows were
+    read (a device scalar).  Static shapes and no host sync (a step of several sequences can be
+    captured): the distinct ids are marked, compacted into M slots (the slots past their count
+    read row 0 again), read, and scattered back by rank."""
+    mark = torch.zeros(total, dtype=torch.bool, device=flat.device)
+    mark[flat] = True
+    union = torch.nonzero_static(mark, size=flat.numel(), fill_value=0).view(-1)  # (M,) distinct ids first
+    rank = mark.cumsum(0) - 1  # (total,) each marked id's slot in ``union``
+    return rows.index_select(0, union)[rank[flat]], mark.sum()

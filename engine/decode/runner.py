@@ -208,11 +208,12 @@ class StepRunner:
             live = n if plan.method.name == "dense" else min(plan.live_units(n) * plan.block, n)
             row = tier.layout.row_bytes
             logical = heads * t * live * row
+            union = torch.stack([u.to(st.device) for u in st.union_rows]).tolist() if plan.lanes else None  # after the step: one copy
             for layer in range(layers):
                 if self._in_place:  # the disk tier's cache, read in place: what the fills read is metered by them
                     physical, h2d = 0, logical if st.device.type == "cuda" else 0
                 else:  # several sequences: the union of their rows, read once
-                    physical = (st.union_rows[layer] if plan.lanes else heads * t * plan.rows) * row
+                    physical = (union[layer] if plan.lanes else heads * t * plan.rows) * row
                     h2d = tier.h2d(physical)
                 meter.record(tier.name, layer, Counters(logical=logical, physical=physical, h2d=h2d, rows=heads * t * live, gathers=1))
         if plan.method.selects and st.selectors[0].on_device:

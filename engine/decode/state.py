@@ -72,7 +72,8 @@ class KVState:
         self.version = 0  # bumped when maps or summaries are replaced
         self.step: StepInputs | None = None  # the running step's inputs (set by the runner)
         self.plan: DecodePlan | None = None  # the running step's plan
-        self.union_rows = [0] * layers  # rows (x KV heads) a step of several sequences read per layer: their union
+        # Rows (x KV heads) a step of several sequences read per layer, their union: device scalars.
+        self.union_rows: list[torch.Tensor] = [torch.zeros((), dtype=torch.int64)] * layers
         # Called by decode attention with (layer, qg, anchors, q_pos) when set: evaluation hooks in
         # (bench-io); None on the normal path (and no graph is captured while it is set).
         self.probe: Callable[..., None] | None = None
