@@ -16,7 +16,11 @@ device memory held for the KV side (anchors, selection state, summaries).  A pro
 steps at the longest length goes to ``profile.txt``.  Every length and variant runs under its own
 deadline; results are written after each row.
 
-    python bench/scripts/gpu_decode.py [--lengths 8192,32768,131072] [--million] [--tokens 32] [--out DIR]
+Batched decode: at ``--batch-lengths``, ``--batch`` questions of one document answered together
+(``ask_many``) against one at a time, and ``--documents`` 32K documents continued together
+(``generate_many``) against one at a time: aggregate decode tokens per second and their ratio.
+
+    python bench/scripts/gpu_decode.py [--lengths 8192,32768,131072] [--million] [--tokens 32] [--batch 16] [--documents 4] [--out DIR]
 """
 
 from __future__ import annotations
@@ -142,10 +146,55 @@ def run_length(lm, n: int, args, report: Report, deadline: float) -> None:  # no
             row["pcie_floor_ms"] = 1e3 * physical / PCIE_BYTES_PER_S
             row["vs_pcie_floor"] = row["ms_per_token"] / row["pcie_floor_ms"]
         report.add(row)
+    if args.batch and n in args.batch_lengths:
+        for selector in ("block", "exact"):
+            if time.perf_counter() > deadline:
+                report.note(f"{n} tokens: deadline reached before the batch of {args.batch}, {selector}")
+                break
+            doc.configure(method="rc", budget=0.01, selector=selector, fused=True)
+            doc.runner.use_graphs = True
+            report.add({"tokens": n, "variant": f"rc 1% {selector}, {args.batch} questions together (ask_many)",
+                        "tier": "cpu (pinned, zero-copy)", **time_batch(doc, ids, args.batch, args.tokens, args.rounds)})
     if args.profile and n == max(args.lengths):
         profile(doc, question, Path(args.out) / "profile.txt")
     doc.close()
     torch.cuda.empty_cache()
+
+
+def time_batch(doc: Document, ids: list[int], count: int, tokens: int, rounds: int) -> dict:
+    """``count`` different questions (slices of the document) answered one at a time, then together:
+    decode tokens per second of each, and their ratio."""
+    questions = [ids[-QUESTION_TOKENS * (i + 1) :][:QUESTION_TOKENS] for i in range(count)]
+    sampling = SamplingConfig(max_new_tokens=tokens + 1, ignore_eos=True)
+    one = time_variant(doc, questions[0], tokens, rounds)["ms_per_token"]
+    doc.ask_many(questions, sampling)  # warm-up
+    rates, batch = [], None
+    for _ in range(rounds):
+        answers = doc.ask_many(questions, sampling)
+        batch = answers[0].stats["batch"]
+        rates.append(count * batch["decode_steps"] / (batch["timings_ms"]["decode"] / 1e3))
+    steps = batch["per_step"][1:]
+    return {"ms_per_token": one, "batch": count, "ms_per_step_together": batch["timings_ms"]["decode_per_step"],
+            "tokens_per_s_alone": 1e3 / one, "tokens_per_s_together": statistics.median(rates),
+            "speedup": statistics.median(rates) * one / 1e3,
+            "kv_bytes_per_step_together": {"asked_for": statistics.mean(s["logical"] for s in steps),
+                                           "moved_once": statistics.mean(s["physical"] for s in steps)}}
+
+
+def run_documents(lm, n: int, count: int, args, report: Report) -> None:  # noqa: ANN001
+    """``count`` documents of ``n`` tokens continued one at a time, then together (generate_many)."""
+    vocab = lm.model.config.vocab_size
+    prompts = [torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n + i)).tolist() for i in range(count)]
+    engine = Engine(lm, EngineConfig(method="rc", budget=0.01, offload="cpu", selector="block"), show_progress=False)
+    sampling = SamplingConfig(max_new_tokens=args.tokens + 1, ignore_eos=True)
+    alone = [engine.generate(p, sampling) for p in prompts]
+    together = engine.generate_many(prompts, sampling)
+    ms_alone = statistics.mean(a.stats["timings_ms"]["decode_per_token"] for a in alone)
+    batch = together[0].stats["batch"]
+    rate = count * batch["decode_steps"] / (batch["timings_ms"]["decode"] / 1e3)
+    report.add({"tokens": n, "variant": f"rc 1% block, {count} documents together (generate_many)", "tier": "cpu (pinned, zero-copy)",
+                "ms_per_token": ms_alone, "tokens_per_s_alone": 1e3 / ms_alone, "tokens_per_s_together": rate,
+                "speedup": rate * ms_alone / 1e3, "same_tokens": [a.token_ids for a in alone] == [a.token_ids for a in together]})
 
 
 def profile(doc: Document, question: list[int], path: Path) -> None:
@@ -247,10 +296,14 @@ def main() -> None:
     parser.add_argument("--dense-tokens", type=int, default=8, help="decode steps per timed dense answer")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--batch", type=int, default=16, help="questions answered together (ask_many) at --batch-lengths (0: skip)")
+    parser.add_argument("--batch-lengths", default="32768,131072")
+    parser.add_argument("--documents", type=int, default=4, help="documents of 32K continued together (generate_many; 0: skip)")
     parser.add_argument("--budget-s", type=float, default=540, help="stop starting work after this long")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = parser.parse_args()
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
+    args.batch_lengths = [int(x) for x in args.batch_lengths.split(",") if x]
     start = time.perf_counter()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     positions = max([*args.lengths, args.million + 4096]) + 4096
@@ -265,6 +318,12 @@ def main() -> None:
             run_length(lm, n, args, report, time.perf_counter() + share * (i + 1.5))
         except Exception as e:  # one length's failure must not lose the others' results
             report.note(f"{n} tokens failed: {type(e).__name__}: {e}")
+        torch.cuda.empty_cache()
+    if args.documents:
+        try:
+            run_documents(lm, 32768, args.documents, args, report)
+        except Exception as e:
+            report.note(f"{args.documents} documents together failed: {type(e).__name__}: {e}")
         torch.cuda.empty_cache()
     if args.million:
         try:
