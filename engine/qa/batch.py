@@ -11,6 +11,7 @@ on its own; the document's rows that the step's queries select are read once for
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,10 @@ from ..hf.group import GroupCache
 from ..hf.integration import group_forward
 from ..sampling import SamplingConfig
 from .generation import TokenStream
+
+
+def _nothing(n: int = 1) -> None:
+    """No progress to show."""
 
 
 @dataclass
@@ -50,9 +55,9 @@ class BatchRun:
 
 
 def decode_batch(runner: StepRunner, tokenizer, eos: set[int], meter: ByteMeter, questions: list[list[int]],  # noqa: ANN001
-                 start: int, sampling: SamplingConfig, lanes: Lanes) -> BatchRun:
+                 start: int, sampling: SamplingConfig, lanes: Lanes, advance: Callable[[int], None] = _nothing) -> BatchRun:
     """Answer ``questions`` (token ids) appended at position ``start`` of the document, lane ``b``
-    for question ``b``."""
+    for question ``b``; ``advance(n)`` as ``n`` answers finish."""
     device = runner.state.device
     streams = [TokenStream(tokenizer, eos, sampling, device) for _ in questions]
     ids, positions, slots, owners, last = [], [], [], [], []
@@ -68,6 +73,7 @@ def decode_batch(runner: StepRunner, tokenizer, eos: set[int], meter: ByteMeter,
     tokens = _sample(streams, logits)
     run.question_s = time.perf_counter() - t0
     nxt = [s.take(tok) for s, tok in zip(streams, tokens)]
+    advance(nxt.count(None))
     position = [start + len(q) for q in questions]
     while True:
         going = [b for b, tok in enumerate(nxt) if tok is not None]
@@ -85,6 +91,7 @@ def decode_batch(runner: StepRunner, tokenizer, eos: set[int], meter: ByteMeter,
             position[b] += 1
             run.steps[b] += 1
             run.queries[b] += 1
+        advance(sum(nxt[b] is None for b in going))
 
 
 def _sample(streams: list[TokenStream], logits: torch.Tensor) -> list[int]:
@@ -132,7 +139,8 @@ class Member:
     start: int
 
 
-def decode_group(model, tokenizer, eos: set[int], members: list[Member], sampling: SamplingConfig) -> BatchRun:  # noqa: ANN001
+def decode_group(model, tokenizer, eos: set[int], members: list[Member], sampling: SamplingConfig,  # noqa: ANN001
+                 advance: Callable[[int], None] = _nothing) -> BatchRun:
     """Continue several prefilled documents together: each step is one forward over one token per
     document still going, each document's attention over its own state (:mod:`..hf.group`).  The
     documents' own meters count their reads, a step at a time (``first_step`` is unused: each
@@ -143,6 +151,7 @@ def decode_group(model, tokenizer, eos: set[int], members: list[Member], samplin
     forward = group_forward(model, group)
     run = BatchRun(streams, [0] * len(members), [0] * len(members), 0)
     nxt = [s.take(tok) for s, tok in zip(streams, _sample(streams, torch.cat([m.logits for m in members])))]
+    advance(nxt.count(None))
     position = [m.start for m in members]
     while True:
         going = [i for i, tok in enumerate(nxt) if tok is not None]
@@ -169,6 +178,7 @@ def decode_group(model, tokenizer, eos: set[int], members: list[Member], samplin
             position[i] += 1
             run.steps[i] += 1
             run.queries[i] += 1
+        advance(sum(nxt[i] is None for i in going))
 
 
 def group_stats(answers: list[dict[str, Any]], run: BatchRun, new_tokens: int) -> dict[str, Any]:

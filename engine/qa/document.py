@@ -23,6 +23,7 @@ from ..config import EngineConfig
 from ..hf.cache import RCCache
 from ..hf.integration import rc_forward
 from ..hf.loader import LoadedModel
+from ..progress import progress
 from ..rule.feature_maps import EstimatorSpec
 from ..sampling import SamplingConfig
 from .batch import batch_stats, decode_batch
@@ -173,9 +174,10 @@ class Document:
             self.engine.check_length(self.tokens + len(q), sampling.max_new_tokens)
         sizes = [len(q) + sampling.max_new_tokens for q in ids]
         lm = self.engine.lm
-        with self._reading(), self._scratch_tail(sum(sizes)), torch.no_grad():
+        show = self.engine.show_progress
+        with self._reading(), self._scratch_tail(sum(sizes)), torch.no_grad(), progress("questions", len(ids), "answers", show) as advance:
             run = decode_batch(self.runner, lm.tokenizer, lm.eos_token_ids, self.meter, ids, self.tokens, sampling,
-                               Lanes(self.state.tail, sizes))
+                               Lanes(self.state.tail, sizes), advance)
         new_tokens = sum(len(s.tokens) for s in run.streams)
         batch = batch_stats(self.meter, run, new_tokens)
         total, decoding = sum(run.queries), sum(run.steps)

@@ -293,8 +293,9 @@ class Engine:
                 doc = docs.enter_context(self.prefill(p))
                 members.append((doc, Member(doc.runner, doc.cache, doc.last_logits, doc.tokens)))
             firsts = [doc.meter.step + 1 for doc, _ in members]
-            with torch.no_grad():
-                run = decode_group(self.lm.model, self.lm.tokenizer, self.lm.eos_token_ids, [m for _, m in members], sampling)
+            with torch.no_grad(), progress("prompts", len(ids), "answers", self.show_progress) as advance:
+                run = decode_group(self.lm.model, self.lm.tokenizer, self.lm.eos_token_ids, [m for _, m in members], sampling,
+                                   advance)
             answers = []
             for i, ((doc, _), stream) in enumerate(zip(members, run.streams)):
                 stats = answer_stats(doc.state, doc.meter, firsts[i], run.steps[i], run.steps[i], doc.prefill_ms, 0.0,
