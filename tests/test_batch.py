@@ -120,6 +120,28 @@ def test_ask_many_answers_as_one_at_a_time(model, method, offload):
     assert batch["per_step"][0]["answers"] == len(QUESTIONS)
 
 
+@pytest.mark.parametrize("offload", ["cpu", "disk"])
+def test_padded_steps_answer_and_read_as_unpadded(model, offload):
+    """Decode steps padded to bucket sizes (what captured steps run: copies of the first token in a
+    lane no answer sees) give the same answers, and the padding reads and meters nothing."""
+    sampling = SamplingConfig(max_new_tokens=10, ignore_eos=True)
+    questions = QUESTIONS[:3]  # 3 answers: steps of 4 queries
+    runs = {}
+    for padded in (False, True):
+        engine = _engine(model, method="rc", offload=offload)
+        with engine.prefill(_ids(7, DOC_LEN)) as doc:
+            doc.runner.pad_lanes = padded
+            calls = []
+            run_lanes = doc.runner.run_lanes
+            doc.runner.run_lanes = lambda ids, *a, **kw: calls.append(len(ids)) or run_lanes(ids, *a, **kw)
+            runs[padded] = (doc.ask_many(questions, sampling), calls)
+    (plain, plain_calls), (padded, padded_calls) = runs[False], runs[True]
+    assert plain_calls[1:] == [3] * 9 and padded_calls[1:] == [4] * 9
+    assert [a.token_ids for a in padded] == [a.token_ids for a in plain]
+    steps = lambda answers: [(s["logical"], s["physical"]) for s in answers[0].stats["batch"]["per_step"]]  # noqa: E731
+    assert steps(padded) == steps(plain)
+
+
 def test_each_answer_stops_on_its_own(model):
     """A stop string that ends one answer early ends only that one, as it would alone; seeded
     sampling draws what each question draws alone."""

@@ -71,3 +71,24 @@ def test_captured_steps_equal_eager_steps(tiny_llama, method, selector, monkeypa
     assert out[True][0] == out[False][0]
     assert out[True][2] == out[False][2]  # the same bytes metered
     assert out[False][1] == 0 and out[True][1] >= 2  # re-planned and recaptured as the mid-region grew
+
+
+@pytest.mark.parametrize("offload,selector", [("cpu", "exact"), ("cpu", "block"), ("disk", "block")])
+def test_captured_batch_steps_equal_eager_ones(tiny_llama, offload, selector):
+    """Questions answered together with CUDA graphs (one per batch-size bucket, padded steps)
+    give the answers and bytes of eager, unpadded steps."""
+    from rcengine import Engine, EngineConfig, SamplingConfig
+
+    ids = torch.randint(3, 300, (400,), generator=torch.Generator().manual_seed(5)).tolist()
+    questions = [torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 4, 15, 2, 7)]
+    out = {}
+    for graphs in (False, True):
+        cfg = EngineConfig(method="rc", budget=0.05, selector=selector, offload=offload, sink=4, tail=16, spill=4, graphs=graphs)
+        engine = Engine.load(tiny_llama, cfg, device="cuda", dtype=torch.float32, show_progress=False)
+        with engine.prefill(ids) as doc:
+            doc.runner.capture_lanes = graphs
+            answers = doc.ask_many(questions, SamplingConfig(max_new_tokens=12))
+            out[graphs] = ([a.token_ids for a in answers], [a.stats["bytes"]["logical"] for a in answers], doc.runner.captures)
+    assert out[True][0] == out[False][0]
+    assert out[True][1] == out[False][1]
+    assert out[False][2] == 0 and out[True][2] >= 1

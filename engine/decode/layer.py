@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ..rule.attention import Completion, TokenSet, normalize, rc_state
 from ..rule.feature_maps import CentroidFeatures
 from . import kernels
+from .lanes import PAD_LANE
 from .selectors import unit_blocks
 from .state import KVState
 
@@ -118,6 +119,8 @@ def read_mid(state: KVState, layer: int, qg: torch.Tensor) -> TokenSet:
         return TokenSet(k[None], v[None])
     ids, valid = state.selectors[layer].select(qg, cap, plan.units, state.live, state.n_mid)  # (T, Hkv, R)
     ids = ids.clamp(max=max(cap - 1, 0))  # padding past the mid-region stays inside the buffers
+    if plan.lanes:  # padding tokens read what the step's first token reads: nothing more
+        ids = torch.where((state.step.lanes == PAD_LANE)[:, None, None], ids[:1], ids)
     r = ids.shape[-1]
     if rows is None and state.reads_blocks_in_place():  # the disk tier's block cache, read in place
         tier = state.tier

@@ -29,8 +29,9 @@ from .state import KVState
 
 Forward = Callable[[torch.Tensor, torch.Tensor, "bool | torch.Tensor"], torch.Tensor]
 # Captured graphs kept per document (one per plan; a new plan is made every PLAN_HORIZON spilled
-# tokens or when a buffer grows, so two cover a plan change without recapturing back and forth).
-MAX_GRAPHS = 2
+# tokens or when a buffer grows, so two cover a plan change without recapturing back and forth;
+# batched steps add one per batch-size bucket).
+MAX_GRAPHS = 8
 # Warm-up runs before a capture (cuBLAS handles, allocator pools); a step's writes are idempotent.
 WARMUP_RUNS = 2
 
@@ -40,9 +41,10 @@ class StepRunner:
         self.state = state
         self.forward = forward
         self.use_graphs = use_graphs and state.device.type == "cuda"
-        self._plan: DecodePlan | None = None
+        self._plans: dict[tuple[int, bool], DecodePlan] = {}  # captured plans, by (queries, lanes)
         self._inputs: dict[int, StepInputs] = {}
-        self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
+        # Per plan and inputs: the graph, its logits, and the union counts it writes (steps of several sequences).
+        self._graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, list[torch.Tensor]]] = OrderedDict()
         self._pool = None
         self.captures = 0  # graphs captured so far (for the benchmarks)
         self.reruns = 0  # steps run again after reading blocks they missed (disk tier)
@@ -50,6 +52,12 @@ class StepRunner:
         # runs (as a graph must), instead of layer by layer: for tests of that path on any machine.
         self.defer_fills = False
         self._in_place = False  # the running step reads the disk tier's block cache in place
+        # Steps of several sequences padded to bucket sizes as captured ones are, without capturing:
+        # for tests of that path on any machine.
+        self.pad_lanes = False
+        # Steps of several sequences as CUDA graphs, one per batch-size bucket: off until the GPU
+        # machine has run tests/test_gpu.py's batched test and measured it (eager steps meanwhile).
+        self.capture_lanes = False
 
     def run(self, ids: list[int], start: int, every_position: bool = False) -> torch.Tensor:
         """One forward over ``ids`` (the next T tokens, at positions ``start..``) -> logits."""
@@ -103,27 +111,44 @@ class StepRunner:
         self._meter(st.plan)
         st.spill_if_full(new=t)
 
-    def run_lanes(self, ids: list[int], positions: list[int], slots: list[int], lanes: list[int], keep: list[int]) -> torch.Tensor:
-        """One eager forward over the tokens of several sequences sharing the document: token ``i``
-        of lane ``lanes[i]`` at ``positions[i]``, written to tail slot ``slots[i]`` (the caller owns
-        the slots: nothing spills) -> logits ``(len(keep), vocab)`` float32 after the tokens ``keep``."""
+    def run_lanes(self, ids: list[int], positions: list[int], slots: list[int], lanes: list[int], keep: list[int] | None = None,
+                  real: int | None = None) -> torch.Tensor:
+        """One forward over the tokens of several sequences sharing the document: token ``i`` of
+        lane ``lanes[i]`` at ``positions[i]``, written to tail slot ``slots[i]`` (the caller owns the
+        slots: nothing spills) -> logits float32 ``(len(keep), vocab)`` after the tokens ``keep``,
+        or ``(T, vocab)`` after each (``keep`` None: a decode step, captured as a CUDA graph per
+        query count where the device allows).  ``real``: tokens that are answers' (the first ones;
+        the rest pad the step to its captured shape and are not metered).  A captured step's
+        logits are its graph's output: read them before the next step."""
         st = self.state
         t = len(ids)
-        plan = st.make_plan(t, False, False, lanes=True)
+        captured = keep is None and self.capture_lanes and self.use_graphs and st.probe is None and st.graph_safe(t)
+        plan = self._plan_for(t, False, captured, lanes=True)
         inputs = self._inputs.setdefault(t, StepInputs(t, st.device))
         inputs.fill_lanes(ids, positions, slots, lanes)
         st.plan, st.step = plan, inputs
-        rows = torch.tensor(keep, dtype=torch.int64, device=st.device)
+        rows = True if keep is None else torch.tensor(keep, dtype=torch.int64, device=st.device)
         self._in_place = bool(plan.rows) and st.reads_blocks_in_place()
         if self._in_place:
             st.tier.begin_step()
-            st.tier.cache.deferred = self.defer_fills
-        logits = self._step(inputs, rows)
+            st.tier.cache.deferred = captured or self.defer_fills
+        if captured:
+            graph, logits = self._graph(plan, inputs, keep=True)
+            graph.replay()
+        else:
+            logits = self._step(inputs, rows)
         if self._in_place:
-            rerun = self._fill_and_rerun(lambda: self._step(inputs, rows))
-            logits = logits if rerun is None else rerun
-        self._meter(plan)
+            rerun = self._fill_and_rerun(graph.replay if captured else lambda: self._step(inputs, rows))
+            if rerun is not None and not captured:
+                logits = rerun
+        self._meter(plan, t if real is None else real)
         return logits[0]
+
+    @property
+    def pads_lanes(self) -> bool:
+        """Whether decode steps of several sequences are padded to :func:`~.lanes.bucket` sizes
+        (their shapes captured once each), or run at their own size."""
+        return (self.capture_lanes and self.use_graphs and self.state.graph_safe()) or self.pad_lanes
 
     def _step(self, inputs: StepInputs, keep: bool | torch.Tensor) -> torch.Tensor:
         """What a step runs on the device (and what a graph captures)."""
@@ -162,47 +187,50 @@ class StepRunner:
             tier.cache.deferred = False
         return last
 
-    def _plan_for(self, queries: int, every_position: bool, captured: bool) -> DecodePlan:
-        st, p = self.state, self._plan
+    def _plan_for(self, queries: int, every_position: bool, captured: bool, lanes: bool = False) -> DecodePlan:
+        st = self.state
+        p = self._plans.get((queries, lanes))
         n = st.mid_len
-        if (captured and p is not None and p.queries == queries and not p.every_position and p.covers(n)
-                and p.method == st.method and p.budget == st.config.budget and p.fused == st.config.fused
-                and p.version == st.buffers_version()):
+        if (captured and p is not None and not p.every_position and p.covers(n) and p.method == st.method
+                and p.budget == st.config.budget and p.fused == st.config.fused and p.version == st.buffers_version()):
             return p
-        plan = st.make_plan(queries, every_position, captured)
+        plan = st.make_plan(queries, every_position, captured, lanes)
         if captured:
-            self._plan = plan
+            self._plans[queries, lanes] = plan
         return plan
 
-    def _graph(self, plan: DecodePlan, inputs: StepInputs) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _graph(self, plan: DecodePlan, inputs: StepInputs, keep: bool = False) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         key = (plan, id(inputs))
         if key in self._graphs:
             self._graphs.move_to_end(key)
-            return self._graphs[key]
+            graph, logits, unions = self._graphs[key]
+            self.state.union_rows = list(unions)  # the counts this graph's replays write
+            return graph, logits
         while len(self._graphs) >= MAX_GRAPHS:
             self._graphs.popitem(last=False)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(WARMUP_RUNS):
-                self._step(inputs, False)
+                self._step(inputs, keep)
         torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._step(inputs, False)
-        self._graphs[key] = (graph, logits)
+            logits = self._step(inputs, keep)
+        self._graphs[key] = (graph, logits, list(self.state.union_rows))
         self.captures += 1
         return graph, logits
 
-    def _meter(self, plan: DecodePlan) -> None:
+    def _meter(self, plan: DecodePlan, queries: int | None = None) -> None:
         """Record what the step read where the device read it (host-read tiers and the FAISS
         index meter themselves): per layer, the rows the rule asked for (logical) and the rows the
         plan moved (physical), and the selection state the selector scanned."""
         st = self.state
         tier, meter = st.tier, st.meter
-        layers, heads, t = st.num_layers, st.num_kv_heads, plan.queries
+        layers, heads = st.num_layers, st.num_kv_heads
+        t = plan.queries if queries is None else queries  # padding tokens ask for nothing
         n = st.mid_len
         if plan.rows and (self._in_place or st.device_rows(0) is not None):
             live = n if plan.method.name == "dense" else min(plan.live_units(n) * plan.block, n)
@@ -223,4 +251,4 @@ class StepRunner:
 
     def drop_graphs(self) -> None:
         self._graphs.clear()
-        self._plan = None
+        self._plans.clear()

@@ -203,13 +203,14 @@ class KVState:
         live = math.ceil(self.method.count(self.config.budget, n) / self.block) if self.method.selects else 0
         self.live.fill_(live)
 
-    def graph_safe(self) -> bool:
-        """Whether a step runs on the device alone (no host read, no host selection), so that it
-        can be captured: the tier is read in place and the selector works on the device."""
+    def graph_safe(self, queries: int = 1) -> bool:
+        """Whether a step of ``queries`` tokens runs on the device alone (no host read, no host
+        selection), so that it can be captured: the tier is read in place and the selector works
+        on the device."""
         method = self.method
         reads_in_place = self.device_rows(0) is not None
         if self.reads_blocks_in_place():  # a captured step needs all of its blocks resident at once
-            return self.step_blocks() <= self.tier.cache.capacity
+            return queries * self.step_blocks() <= self.tier.cache.capacity
         return (reads_in_place or method.count(1.0, 1) == 0) and (not method.selects or self.selectors[0].on_device)
 
     def make_plan(self, queries: int, every_position: bool, captured: bool, lanes: bool = False) -> DecodePlan:

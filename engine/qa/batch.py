@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ...storage import ByteMeter
-from ..decode.lanes import Lanes
+from ..decode.lanes import PAD_LANE, Lanes, bucket
 from ..decode.runner import StepRunner
 from ..hf.cache import RCCache
 from ..hf.group import GroupCache
@@ -81,9 +81,12 @@ def decode_batch(runner: StepRunner, tokenizer, eos: set[int], meter: ByteMeter,
             return run
         meter.next_step()
         t0 = time.perf_counter()
-        logits = runner.run_lanes([nxt[b] for b in going], [position[b] for b in going], [lanes.take(b, 1)[0] for b in going],
-                                  going, list(range(len(going))))
-        tokens = _sample([streams[b] for b in going], logits)  # waits for the step: it is timed whole
+        k = len(going)
+        pad = bucket(k) - k if runner.pads_lanes else 0  # copies of the first token, in no answer's lane
+        logits = runner.run_lanes([nxt[b] for b in going] + [nxt[going[0]]] * pad,
+                                  [position[b] for b in going] + [position[going[0]]] * pad,
+                                  [lanes.take(b, 1)[0] for b in going] + lanes.pad_slots(pad), going + [PAD_LANE] * pad, real=k)
+        tokens = _sample([streams[b] for b in going], logits[:k])  # waits for the step: it is timed whole
         run.step_s.append(time.perf_counter() - t0)
         run.step_answers.append(len(going))
         for b, tok in zip(going, tokens):

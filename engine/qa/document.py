@@ -17,7 +17,7 @@ import torch
 
 from ...storage import Artifact, ByteMeter, CorruptChunkError, KVTier, StoreReplacedError
 from ...storage.temporaries import Scratch
-from ..decode.lanes import Lanes
+from ..decode.lanes import Lanes, bucket
 from ..decode.runner import StepRunner
 from ..config import EngineConfig
 from ..hf.cache import RCCache
@@ -173,11 +173,13 @@ class Document:
         for q in ids:
             self.engine.check_length(self.tokens + len(q), sampling.max_new_tokens)
         sizes = [len(q) + sampling.max_new_tokens for q in ids]
+        pad = bucket(len(ids)) - 1 if self.runner.pads_lanes else 0  # slots of padding tokens (captured steps)
         lm = self.engine.lm
         show = self.engine.show_progress
-        with self._reading(), self._scratch_tail(sum(sizes)), torch.no_grad(), progress("questions", len(ids), "answers", show) as advance:
+        with self._reading(), self._scratch_tail(sum(sizes) + pad), torch.no_grad(), \
+                progress("questions", len(ids), "answers", show) as advance:
             run = decode_batch(self.runner, lm.tokenizer, lm.eos_token_ids, self.meter, ids, self.tokens, sampling,
-                               Lanes(self.state.tail, sizes), advance)
+                               Lanes(self.state.tail, sizes, pad), advance)
         new_tokens = sum(len(s.tokens) for s in run.streams)
         batch = batch_stats(self.meter, run, new_tokens)
         total, decoding = sum(run.queries), sum(run.steps)
