@@ -22,8 +22,10 @@ pytestmark = pytest.mark.skipif(not kernels.available(DEVICE), reason="needs CUD
 
 @pytest.mark.parametrize("method", ["dense", "topk", "rc", "sink-tail"])
 @pytest.mark.parametrize("unit", [1, 4])
-@pytest.mark.parametrize("t", [1, 3])
-def test_fused_kernels_match_the_rule(gen, method, unit, t):
+@pytest.mark.parametrize("t,lanes", [(1, False), (3, False), (3, True)])
+def test_fused_kernels_match_the_rule(gen, method, unit, t, lanes):
+    """``lanes``: three queries of two sequences sharing the document's tail slots, each with slots
+    of its own the other must not see."""
     hkv, g, d, sink, ring, cap, n, centroids = 2, 4, 32, 3, 24, 200, 173, 8
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
@@ -33,6 +35,10 @@ def test_fused_kernels_match_the_rule(gen, method, unit, t):
     tail_pos = torch.full((ring,), -1, dtype=torch.int64)
     tail_pos[5:20] = torch.arange(500, 515)  # 15 held tokens; queries at 512.. see some of them
     q_pos = torch.arange(512, 512 + t)
+    tail_lane = torch.full((ring,), -1, dtype=torch.int64)
+    q_lane = torch.tensor([0, 1, 0][:t])
+    if lanes:
+        tail_lane[12:16], tail_lane[16:20] = 0, 1  # the newest held tokens belong to one sequence or the other
     rows = rnd(cap, hkv, 2, d)
     k_mid = rows[:n, :, 0].transpose(0, 1)[None]  # (1, Hkv, n, d)
     v_mid = rows[:n, :, 1].transpose(0, 1)[None]
@@ -55,12 +61,13 @@ def test_fused_kernels_match_the_rule(gen, method, unit, t):
         centroids=fmap.centroids.to(DEVICE) if completes else None,
         summary=Summary(**{k: v.to(DEVICE) for k, v in summary.state_dict().items()}) if completes else None,
         clusters=clusters.to(DEVICE) if completes else None,
+        tail_lane=tail_lane.to(DEVICE) if lanes else None, q_lane=q_lane.to(DEVICE) if lanes else None,
     )
     # The reference: the rule in float64 on the same (rounded) inputs.
     f64 = lambda x: to(x).double().cpu()  # noqa: E731
     q64 = f64(qg)
     for i in range(t):
-        seen = (tail_pos >= 0) & (tail_pos <= q_pos[i])
+        seen = (tail_pos >= 0) & (tail_pos <= q_pos[i]) & ((tail_lane < 0) | (tail_lane == q_lane[i]))
         anchors = [TokenSet(f64(sink_k)[None], f64(sink_v)[None]), TokenSet(f64(tail_k)[None][:, :, seen], f64(tail_v)[None][:, :, seen])]
         retrieved = None
         if dense:

@@ -48,10 +48,12 @@ class _CompileOnly:
         return launch
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("method", ["dense", "sink-tail", "topk", "rc"])
-@pytest.mark.parametrize("unit", [1, 16])
-def test_fused_kernels_compile_for_sm90(monkeypatch, dtype, method, unit):
+@pytest.mark.parametrize("dtype,method,unit,lanes", [
+    *[(dtype, method, unit, False) for dtype in (torch.bfloat16, torch.float32) for method in ("dense", "sink-tail", "topk", "rc")
+      for unit in (1, 16)],
+    (torch.bfloat16, "rc", 1, True), (torch.bfloat16, "rc", 16, True), (torch.bfloat16, "topk", 16, True),
+])
+def test_fused_kernels_compile_for_sm90(monkeypatch, dtype, method, unit, lanes):
     partial, combine = _CompileOnly(kernels._partial_kernel), _CompileOnly(kernels._combine_kernel)
     monkeypatch.setattr(kernels, "_partial_kernel", partial)
     monkeypatch.setattr(kernels, "_combine_kernel", combine)
@@ -69,6 +71,7 @@ def test_fused_kernels_compile_for_sm90(monkeypatch, dtype, method, unit):
         z((), dt=torch.int64), z((), dt=torch.int64), dense, d**-0.5,
         centroids=fmap.centroids if completes else None, summary=summary if completes else None,
         clusters=z(hkv, cap, dt=torch.int32) if completes else None,
+        tail_lane=z(160, dt=torch.int64) if lanes else None, q_lane=z(1, dt=torch.int64) if lanes else None,
     )
     assert partial.compiled == combine.compiled == 1
 

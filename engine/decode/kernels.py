@@ -73,11 +73,12 @@ if triton is not None:
 
     @triton.jit
     def _partial_kernel(
-        q_ptr, sink_k, sink_v, tail_k, tail_v, tail_pos, q_pos, rows, ids, n_mid_ptr, live_ptr,
+        q_ptr, sink_k, sink_v, tail_k, tail_v, tail_pos, q_pos, tail_lane, q_lane, rows, ids, n_mid_ptr, live_ptr,
         cent_ptr, beta_ptr, clusters, part_m, part_l, part_acc, part_lam, part_lamv, table,
         scale, HKV, S, C, R, U, CAP, CR, CHUNK, NS, NB, PB,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, UNIT: tl.constexpr, DENSE: tl.constexpr,
         COMPLETE: tl.constexpr, CRP: tl.constexpr, IEEE: tl.constexpr, BN: tl.constexpr, SLOTTED: tl.constexpr,
+        LANES: tl.constexpr,
     ):
         pid = tl.program_id(0)  # query position t and KV head h
         sl = tl.program_id(1)  # slice of the mid tokens
@@ -99,10 +100,15 @@ if triton is not None:
                 v = tl.load(sink_v + (h * S + n[:, None]) * D + offs_d[None, :], mask=ok[:, None], other=0.0)
                 m_i, l_i, acc = _online(q, k, v, ok, m_i, l_i, acc, scale, IEEE)
             qp = tl.load(q_pos + t)
+            if LANES:  # several sequences: the document's slots (lane -1) and the query's own lane's
+                ql = tl.load(q_lane + t)
             for n0 in range(0, C, BN):
                 n = n0 + offs_n
                 pos = tl.load(tail_pos + n, mask=n < C, other=-1)
                 ok = (pos >= 0) & (pos <= qp)
+                if LANES:
+                    lane = tl.load(tail_lane + n, mask=n < C, other=-1)
+                    ok = ok & ((lane < 0) | (lane == ql))
                 k = tl.load(tail_k + (h * C + n[:, None]) * D + offs_d[None, :], mask=ok[:, None], other=0.0)
                 v = tl.load(tail_v + (h * C + n[:, None]) * D + offs_d[None, :], mask=ok[:, None], other=0.0)
                 m_i, l_i, acc = _online(q, k, v, ok, m_i, l_i, acc, scale, IEEE)
@@ -274,7 +280,8 @@ def fused_attention(
     tail_pos: torch.Tensor, q_pos: torch.Tensor, rows: torch.Tensor | None, ids: torch.Tensor | None, unit: int,
     rows_read: int, n_mid: torch.Tensor, live: torch.Tensor, dense: bool, scale: float,
     centroids: torch.Tensor | None = None, summary=None, clusters: torch.Tensor | None = None,  # noqa: ANN001 (a Summary)
-    table: torch.Tensor | None = None, table_block: int = 1,
+    table: torch.Tensor | None = None, table_block: int = 1, tail_lane: torch.Tensor | None = None,
+    q_lane: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One layer's decode attention for ``qg: (T, Hkv, G, d)`` -> ``(T, Hkv, G, d)`` in qg's dtype.
 
@@ -288,7 +295,10 @@ def fused_attention(
       v_max``) and ``clusters: (Hkv, cap)`` the centroid of every mid row;
     - a block cache instead (the disk tier): ``rows: (slots, table_block, 2, d)``, each slot one
       KV head's block of ``table_block`` rows, and ``table: (Hkv, blocks)`` int32 the slot of each
-      block, -1 where it is not resident (its rows then count as not retrieved).
+      block, -1 where it is not resident (its rows then count as not retrieved);
+    - several sequences sharing the document (batched questions): ``tail_lane: (C,)`` the lane of
+      each tail slot (-1: the document's) and ``q_lane: (T,)`` each query's; a query sees the
+      document's slots and its own lane's.
     """
     t, hkv, g, d = qg.shape
     dev = qg.device
@@ -321,12 +331,14 @@ def fused_attention(
     cap = clusters.shape[1] if complete else 1
     # Pointers a variant never reads still fix its argument types: stand-ins of the real dtypes.
     _partial_kernel[(t * hkv, ns)](
-        qg, sink_k, sink_v, tail_k, tail_v, tail_pos, q_pos, rows if rows is not None else sink_k,
+        qg, sink_k, sink_v, tail_k, tail_v, tail_pos, q_pos, tail_lane if tail_lane is not None else tail_pos,
+        q_lane if q_lane is not None else q_pos, rows if rows is not None else sink_k,
         ids if ids is not None else dummy_i, n_mid, live, cent, beta, clusters if complete else dummy_i,
         part_m, part_l, part_acc, part_lam, part_lamv, table if table is not None else dummy_t,
         scale, hkv, s_len, c_len, r, ids.shape[-1] if ids is not None else 0, cap, cr, chunk, ns,
         table.shape[1] if table is not None else 1, table_block,
         G=g, GP=gp, D=d, UNIT=unit, DENSE=dense, COMPLETE=complete, CRP=crp, IEEE=ieee, BN=BLOCK_N, SLOTTED=table is not None,
+        LANES=tail_lane is not None,
     )
     out = torch.empty_like(qg)
     _combine_kernel[(t * hkv,)](

@@ -57,8 +57,8 @@ def fusable(state: KVState, layer: int) -> bool:
     """Whether this layer's step can run as the fused kernels (see kernels.py): they read rows in
     place where the tier allows it, else from rows gathered for them (so every tier computes alike)."""
     plan = state.plan
-    if not (plan.fused and kernels.available(state.device)) or plan.lanes:  # the kernels see one sequence's tail
-        return False
+    if not (plan.fused and kernels.available(state.device)) or (plan.lanes and plan.method.name == "dense"):
+        return False  # (dense steps of several sequences read the mid-region once, through the PyTorch rule)
     return not plan.method.completes or (isinstance(state.maps[layer], CentroidFeatures) and state.clusters[layer] is not None)
 
 
@@ -75,11 +75,26 @@ def fused_decode(state: KVState, layer: int, qg: torch.Tensor, scale: float) -> 
         rows = torch.stack([k, v], dim=2).transpose(0, 1).contiguous()  # (cap, Hkv, 2, d)
     elif plan.method.selects and plan.units:
         sel = state.selectors[layer]
-        if rows is not None and sel.on_device:  # rows read in place, by unit id
+        if rows is not None and sel.on_device and plan.lanes:  # several sequences: their union read once, for the kernels
+            tok, valid = sel.select(qg, cap, plan.units, live, n_mid)  # (T, Hkv, R)
+            tok = _pad_reads_first(state, tok.clamp(max=max(cap - 1, 0)))
+            r = tok.shape[-1]
+            flat = (tok * hkv + torch.arange(hkv, device=tok.device)[:, None]).reshape(-1)  # (T Hkv R,) token-major rows
+            kv, state.union_rows[layer] = union_read(rows.view(-1, rows.shape[-2] * rows.shape[-1]), flat, cap * hkv)
+            rows = kv.view(t, hkv, r, 2, -1).transpose(1, 2).reshape(t * r, hkv, 2, -1)  # (T R, Hkv, 2, d)
+            local = (torch.arange(t, device=tok.device)[:, None, None] * r + torch.arange(r, device=tok.device)).expand(t, hkv, r)
+            ids = torch.where(valid, local, t * r)  # invalid ones point past the gathered rows
+            n_mid = torch.full((), t * r, dtype=torch.int64, device=tok.device)
+            live = torch.full((), r, dtype=torch.int64, device=tok.device)
+            if clusters is not None:
+                clusters = clusters.gather(1, tok.transpose(0, 1).reshape(hkv, t * r).to(clusters.device))
+        elif rows is not None and sel.on_device:  # rows read in place, by unit id
             ids, unit = sel.choose(qg, cap, plan.units, n_mid), sel.block
         elif state.reads_blocks_in_place():  # the disk tier: blocks read in place from its block cache
             tier = state.tier
             ids, unit = sel.choose(qg, cap, plan.units, n_mid), sel.block
+            if plan.lanes:
+                ids = _pad_reads_first(state, ids)
             tier.resolve(layer, *unit_blocks(ids, unit, tier.block_tokens, live, n_mid))
             rows, table, table_block = tier.cache.view, tier.cache.table[layer], tier.block_tokens
         else:  # a host read (eager steps only): gather, then point the kernels at the gathered rows
@@ -100,6 +115,7 @@ def fused_decode(state: KVState, layer: int, qg: torch.Tensor, scale: float) -> 
         step.q_pos, rows if rows_read else None, ids, unit, rows_read, n_mid, live, plan.method.name == "dense", scale,
         centroids=state.maps[layer].centroids if completes else None, summary=state.summaries[layer] if completes else None,
         clusters=clusters, table=table, table_block=table_block,
+        tail_lane=state.tail.lane if plan.lanes else None, q_lane=step.lanes if plan.lanes else None,
     )
 
 
@@ -119,8 +135,8 @@ def read_mid(state: KVState, layer: int, qg: torch.Tensor) -> TokenSet:
         return TokenSet(k[None], v[None])
     ids, valid = state.selectors[layer].select(qg, cap, plan.units, state.live, state.n_mid)  # (T, Hkv, R)
     ids = ids.clamp(max=max(cap - 1, 0))  # padding past the mid-region stays inside the buffers
-    if plan.lanes:  # padding tokens read what the step's first token reads: nothing more
-        ids = torch.where((state.step.lanes == PAD_LANE)[:, None, None], ids[:1], ids)
+    if plan.lanes:
+        ids = _pad_reads_first(state, ids)
     r = ids.shape[-1]
     if rows is None and state.reads_blocks_in_place():  # the disk tier's block cache, read in place
         tier = state.tier
@@ -152,3 +168,10 @@ def union_read(rows: torch.Tensor, flat: torch.Tensor, total: int) -> tuple[torc
     union = torch.nonzero_static(mark, size=flat.numel(), fill_value=0).view(-1)  # (M,) distinct ids first
     rank = mark.cumsum(0) - 1  # (total,) each marked id's slot in ``union``
     return rows.index_select(0, union)[rank[flat]], mark.sum()
+
+
+def _pad_reads_first(state: KVState, ids: torch.Tensor) -> torch.Tensor:
+    """``ids: (T, ...)`` with the rows of a step's padding tokens (lane ``PAD_LANE``) replaced by
+    its first token's: padding reads nothing more than the step does."""
+    pad = (state.step.lanes == PAD_LANE).view(-1, *([1] * (ids.dim() - 1)))
+    return torch.where(pad, ids[:1], ids)
