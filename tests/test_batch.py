@@ -214,7 +214,7 @@ def test_batched_calls_refuse_bad_input(model):
     with engine.prefill(_ids(7, 200)) as doc:
         with pytest.raises(TypeError, match="list of questions"):
             doc.ask_many("one question")
-        with pytest.raises(ValueError, match="at least one question"):
+        with pytest.raises(ValueError, match="questions is empty"):
             doc.ask_many([])
         with pytest.raises(ValueError, match="question 2 is empty"):
             doc.ask_many(["fine", "  "])

@@ -65,16 +65,23 @@ class StepRunner:
         t = len(ids)
         captured = self.use_graphs and t == 1 and not every_position and st.probe is None and st.graph_safe()
         inputs = self.begin(ids, start, every_position, captured)
+        logits = self._execute(inputs, every_position, captured)
+        self._account(t, start)
+        return logits
+
+    def _execute(self, inputs: StepInputs, keep: bool | torch.Tensor, captured: bool) -> torch.Tensor:
+        """The set-up step's forward: its graph replayed (``captured``) or run eagerly; then, on the
+        disk tier's block cache, the missing blocks read and the step run again until it finds
+        them all."""
         if captured:
-            graph, logits = self._graph(st.plan, inputs)
+            graph, logits = self._graph(self.state.plan, inputs, keep)
             graph.replay()
         else:
-            logits = self._step(inputs, every_position)
+            logits = self._step(inputs, keep)
         if self._in_place:
-            rerun = self._fill_and_rerun(graph.replay if captured else lambda: self._step(inputs, every_position))
+            rerun = self._fill_and_rerun(graph.replay if captured else lambda: self._step(inputs, keep))
             if rerun is not None and not captured:
                 logits = rerun
-        self._account(t, start)
         return logits
 
     def begin(self, ids: list[int], start: int, every_position: bool = False, captured: bool = False,
@@ -132,15 +139,7 @@ class StepRunner:
         if self._in_place:
             st.tier.begin_step()
             st.tier.cache.deferred = captured or self.defer_fills
-        if captured:
-            graph, logits = self._graph(plan, inputs, keep=True)
-            graph.replay()
-        else:
-            logits = self._step(inputs, rows)
-        if self._in_place:
-            rerun = self._fill_and_rerun(graph.replay if captured else lambda: self._step(inputs, rows))
-            if rerun is not None and not captured:
-                logits = rerun
+        logits = self._execute(inputs, rows, captured)
         self._meter(plan, t if real is None else real)
         return logits[0]
 

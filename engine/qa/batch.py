@@ -48,6 +48,19 @@ class BatchRun:
     def decode_s(self) -> float:
         return sum(self.step_s)
 
+    def stepped(self, going: list[int], tokens: list[int], nxt: list[int | None], position: list[int], seconds: float,
+                advance: Callable[[int], None]) -> None:
+        """After a decode step of the answers ``going``: each takes its token (``nxt[b]``: the one to
+        feed next, None once it is done) and moves on a position; the step's time and size are kept."""
+        self.step_s.append(seconds)
+        self.step_answers.append(len(going))
+        for b, tok in zip(going, tokens):
+            nxt[b] = self.streams[b].take(tok)
+            position[b] += 1
+            self.steps[b] += 1
+            self.queries[b] += 1
+        advance(sum(nxt[b] is None for b in going))
+
     def decode_s_of(self, answer: int) -> float:
         """Time of the steps answer ``answer`` took part in (its first ``steps[answer]``: answers
         only leave a batch)."""
@@ -87,14 +100,7 @@ def decode_batch(runner: StepRunner, tokenizer, eos: set[int], meter: ByteMeter,
                                   [position[b] for b in going] + [position[going[0]]] * pad,
                                   [lanes.take(b, 1)[0] for b in going] + lanes.pad_slots(pad), going + [PAD_LANE] * pad, real=k)
         tokens = _sample([streams[b] for b in going], logits[:k])  # waits for the step: it is timed whole
-        run.step_s.append(time.perf_counter() - t0)
-        run.step_answers.append(len(going))
-        for b, tok in zip(going, tokens):
-            nxt[b] = streams[b].take(tok)
-            position[b] += 1
-            run.steps[b] += 1
-            run.queries[b] += 1
-        advance(sum(nxt[b] is None for b in going))
+        run.stepped(going, tokens, nxt, position, time.perf_counter() - t0, advance)
 
 
 def _sample(streams: list[TokenStream], logits: torch.Tensor) -> list[int]:
@@ -174,14 +180,7 @@ def decode_group(model, tokenizer, eos: set[int], members: list[Member], samplin
         tokens = _sample([streams[i] for i in going], logits)
         for i in going:
             members[i].runner.end(1, position[i])
-        run.step_s.append(time.perf_counter() - t0)
-        run.step_answers.append(len(going))
-        for i, tok in zip(going, tokens):
-            nxt[i] = streams[i].take(tok)
-            position[i] += 1
-            run.steps[i] += 1
-            run.queries[i] += 1
-        advance(sum(nxt[i] is None for i in going))
+        run.stepped(going, tokens, nxt, position, time.perf_counter() - t0, advance)
 
 
 def group_stats(answers: list[dict[str, Any]], run: BatchRun, new_tokens: int) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from ..rule.feature_maps import EstimatorSpec
 from ..sampling import SamplingConfig
 from .batch import batch_stats, decode_batch
 from .generation import generate_tokens
-from .inputs import sampling_config
+from .inputs import sampling_config, several
 from .stats import answer_stats
 
 
@@ -164,11 +164,7 @@ class Document:
         (the same dict for all): per tier and per step, bytes asked for (summed over answers) and
         moved (their union)."""
         self._check_open()
-        if isinstance(questions, (str, bytes)) or not isinstance(questions, Sequence):
-            raise TypeError(f"questions must be a list of questions (text or token ids), not {type(questions).__name__}")
-        if not questions:
-            raise ValueError("questions is empty: give at least one question")
-        ids = [self._tokens(q, f"question {i + 1}") for i, q in enumerate(questions)]
+        ids = [self._tokens(q, f"question {i + 1}") for i, q in enumerate(several(questions, "questions"))]
         sampling = sampling_config(sampling)
         for q in ids:
             self.engine.check_length(self.tokens + len(q), sampling.max_new_tokens)

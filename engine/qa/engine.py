@@ -41,7 +41,7 @@ from ..sampling import SamplingConfig
 from .batch import Member, decode_group, group_stats
 from .document import Answer, Document
 from .stats import answer_stats
-from .inputs import flag, sampling_config, store_path, token_ids
+from .inputs import flag, sampling_config, several, store_path, token_ids
 from .persist import persist, restore
 
 
@@ -279,11 +279,7 @@ class Engine:
         token per prompt still going (the weights read once for all), each attending to its own
         document.  The same tokens as :meth:`generate` on each (greedy, within float tolerance).
         Each answer's ``stats`` are its own document's; ``stats["batch"]`` the group's."""
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
-            raise TypeError(f"prompts must be a list of prompts (text or token ids), not {type(prompts).__name__}")
-        if not prompts:
-            raise ValueError("prompts is empty: give at least one prompt")
-        ids = [self.token_ids(p, f"prompt {i + 1}") for i, p in enumerate(prompts)]
+        ids = [self.token_ids(p, f"prompt {i + 1}") for i, p in enumerate(several(prompts, "prompts"))]
         sampling = sampling_config(sampling)
         for p in ids:
             self.check_length(len(p), sampling.max_new_tokens)

@@ -37,6 +37,15 @@ def token_ids(value: object, tokenize: Callable[[str], list[int]], vocab_size: i
     return ids
 
 
+def several(value: object, what: str) -> list:
+    """A non-empty list (or other sequence) of ``what`` (questions, prompts): not one text."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise TypeError(f"{what} must be a list of {what} (text or token ids), not {type(value).__name__}")
+    if not value:
+        raise ValueError(f"{what} is empty: give at least one of them")
+    return list(value)
+
+
 def sampling_config(value: object) -> SamplingConfig:
     """A :class:`SamplingConfig` (None: the defaults)."""
     if value is None:
