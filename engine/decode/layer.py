@@ -75,20 +75,7 @@ def fused_decode(state: KVState, layer: int, qg: torch.Tensor, scale: float) -> 
         rows = torch.stack([k, v], dim=2).transpose(0, 1).contiguous()  # (cap, Hkv, 2, d)
     elif plan.method.selects and plan.units:
         sel = state.selectors[layer]
-        if rows is not None and sel.on_device and plan.lanes:  # several sequences: their union read once, for the kernels
-            tok, valid = sel.select(qg, cap, plan.units, live, n_mid)  # (T, Hkv, R)
-            tok = _pad_reads_first(state, tok.clamp(max=max(cap - 1, 0)))
-            r = tok.shape[-1]
-            flat = (tok * hkv + torch.arange(hkv, device=tok.device)[:, None]).reshape(-1)  # (T Hkv R,) token-major rows
-            kv, state.union_rows[layer] = union_read(rows.view(-1, rows.shape[-2] * rows.shape[-1]), flat, cap * hkv)
-            rows = kv.view(t, hkv, r, 2, -1).transpose(1, 2).reshape(t * r, hkv, 2, -1)  # (T R, Hkv, 2, d)
-            local = (torch.arange(t, device=tok.device)[:, None, None] * r + torch.arange(r, device=tok.device)).expand(t, hkv, r)
-            ids = torch.where(valid, local, t * r)  # invalid ones point past the gathered rows
-            n_mid = torch.full((), t * r, dtype=torch.int64, device=tok.device)
-            live = torch.full((), r, dtype=torch.int64, device=tok.device)
-            if clusters is not None:
-                clusters = clusters.gather(1, tok.transpose(0, 1).reshape(hkv, t * r).to(clusters.device))
-        elif rows is not None and sel.on_device:  # rows read in place, by unit id
+        if rows is not None and sel.on_device and not plan.lanes:  # rows read in place, by unit id
             ids, unit = sel.choose(qg, cap, plan.units, n_mid), sel.block
         elif state.reads_blocks_in_place():  # the disk tier: blocks read in place from its block cache
             tier = state.tier
@@ -97,16 +84,26 @@ def fused_decode(state: KVState, layer: int, qg: torch.Tensor, scale: float) -> 
                 ids = _pad_reads_first(state, ids)
             tier.resolve(layer, *unit_blocks(ids, unit, tier.block_tokens, live, n_mid))
             rows, table, table_block = tier.cache.view, tier.cache.table[layer], tier.block_tokens
-        else:  # a host read (eager steps only): gather, then point the kernels at the gathered rows
+        else:  # gathered, then the kernels pointed at the gathered rows: a host read (eager steps only),
+            # or the rows of several sequences' queries read in place, their union once
             tok, valid = sel.select(qg, cap, plan.units, live, n_mid)  # (T, Hkv, R)
             tok = tok.clamp(max=max(cap - 1, 0))
+            if plan.lanes:
+                tok = _pad_reads_first(state, tok)
             r = tok.shape[-1]
-            flat = tok.transpose(0, 1).reshape(hkv, t * r)
-            k, v = state.tier.gather(layer, flat)  # (Hkv, T R, d)
-            rows = torch.stack([k, v], dim=2).transpose(0, 1).contiguous()  # (T R, Hkv, 2, d)
+            flat = tok.transpose(0, 1).reshape(hkv, t * r)  # (Hkv, T R)
+            if rows is not None and plan.lanes:
+                token_major = (flat * hkv + torch.arange(hkv, device=flat.device)[:, None]).reshape(-1)
+                kv, state.union_rows[layer] = union_read(rows.view(-1, rows.shape[-2] * rows.shape[-1]), token_major, cap * hkv)
+                kv = kv.view(hkv, t * r, 2, -1)
+            else:
+                k, v = state.tier.gather(layer, flat)  # (Hkv, T R, d)
+                kv = torch.stack([k, v], dim=2)
+            rows = kv.transpose(0, 1).contiguous()  # (T R, Hkv, 2, d)
             local = (torch.arange(t, device=tok.device)[:, None, None] * r + torch.arange(r, device=tok.device)).expand(t, hkv, r)
             ids = torch.where(valid, local, t * r)  # invalid ones point past the gathered rows
-            n_mid, live = torch.tensor(t * r, device=tok.device), torch.tensor(r, device=tok.device)
+            n_mid = torch.full((), t * r, dtype=torch.int64, device=tok.device)
+            live = torch.full((), r, dtype=torch.int64, device=tok.device)
             if clusters is not None:
                 clusters = clusters.gather(1, flat.to(clusters.device))
     completes = plan.method.completes
@@ -127,7 +124,8 @@ def read_mid(state: KVState, layer: int, qg: torch.Tensor) -> TokenSet:
     rows = state.device_rows(layer)
     if plan.method.name == "dense":
         if rows is not None:  # (cap, Hkv, 2, d), read in place
-            state.union_rows[layer] = torch.tensor(cap * hkv)  # read once, whatever the number of queries
+            if plan.lanes:  # read once, whatever the number of queries
+                state.union_rows[layer] = torch.tensor(cap * hkv)
             kv = rows[:cap].transpose(0, 1)[None]  # (1, Hkv, cap, 2, d)
             valid = (torch.arange(cap, device=qg.device) < state.n_mid)[None, None]  # (1, 1, cap)
             return TokenSet(kv[..., 0, :], kv[..., 1, :], valid)

@@ -93,12 +93,19 @@ class StepRunner:
         st = self.state
         t = len(ids)
         st.tail.reserve(st.tail.n + t)
-        plan = self._plan_for(t, every_position, captured)
-        inputs = self._inputs.setdefault(t, StepInputs(t, st.device))
+        inputs = self._prepare(t, every_position, captured, False, deferrable)
         inputs.fill(torch.tensor(ids, dtype=torch.int64)[None], start, st.tail.slots_for(t))
+        return inputs
+
+    def _prepare(self, t: int, every_position: bool, captured: bool, lanes: bool, deferrable: bool = True) -> StepInputs:
+        """The plan and inputs of a step of ``t`` tokens, made the running step's; the block cache's
+        step begun (a captured or deferrable one only flags the blocks it misses)."""
+        st = self.state
+        plan = self._plan_for(t, every_position, captured, lanes)
+        inputs = self._inputs.setdefault(t, StepInputs(t, st.device))
         st.plan, st.step = plan, inputs
         self._in_place = bool(plan.rows) and st.reads_blocks_in_place()
-        if self._in_place:  # the disk tier's block cache: a captured step only flags the blocks it misses
+        if self._in_place:
             st.tier.begin_step()
             st.tier.cache.deferred = captured or (self.defer_fills and deferrable)
         return inputs
@@ -130,17 +137,11 @@ class StepRunner:
         st = self.state
         t = len(ids)
         captured = keep is None and self.capture_lanes and self.use_graphs and st.probe is None and st.graph_safe(t)
-        plan = self._plan_for(t, False, captured, lanes=True)
-        inputs = self._inputs.setdefault(t, StepInputs(t, st.device))
+        inputs = self._prepare(t, False, captured, True)
         inputs.fill_lanes(ids, positions, slots, lanes)
-        st.plan, st.step = plan, inputs
         rows = True if keep is None else torch.tensor(keep, dtype=torch.int64, device=st.device)
-        self._in_place = bool(plan.rows) and st.reads_blocks_in_place()
-        if self._in_place:
-            st.tier.begin_step()
-            st.tier.cache.deferred = captured or self.defer_fills
         logits = self._execute(inputs, rows, captured)
-        self._meter(plan, t if real is None else real)
+        self._meter(st.plan, t if real is None else real)
         return logits[0]
 
     @property
