@@ -121,6 +121,8 @@ def run_length(lm, n: int, args, report: Report, deadline: float) -> None:  # no
                 "prefill_s": prefill_s, "kv_side_device_bytes": kv_bytes})
     for layer in cache.layers:  # back to the prefill's own length (the stock decode appended tokens)
         layer.keys, layer.values = layer.keys[:, :, :n], layer.values[:, :, :n]
+    if args.device_dense:
+        device_dense(lm, ids, cache, logits, stock, args, report)
     engine = Engine(lm, EngineConfig(method="rc", budget=0.01, offload="cpu", selector="exact"), show_progress=False)
     t0 = time.perf_counter()
     doc = engine.adopt(ids, [(layer.keys, layer.values) for layer in cache.layers], logits)
@@ -147,18 +149,67 @@ def run_length(lm, n: int, args, report: Report, deadline: float) -> None:  # no
             row["vs_pcie_floor"] = row["ms_per_token"] / row["pcie_floor_ms"]
         report.add(row)
     if args.batch and n in args.batch_lengths:
-        for selector in ("block", "exact"):
+        for selector, captured in (("block", False), ("block", True), ("exact", True)):
             if time.perf_counter() > deadline:
                 report.note(f"{n} tokens: deadline reached before the batch of {args.batch}, {selector}")
                 break
             doc.configure(method="rc", budget=0.01, selector=selector, fused=True)
             doc.runner.use_graphs = True
-            report.add({"tokens": n, "variant": f"rc 1% {selector}, {args.batch} questions together (ask_many)",
-                        "tier": "cpu (pinned, zero-copy)", **time_batch(doc, ids, args.batch, args.tokens, args.rounds)})
+            doc.runner.capture_lanes = captured
+            name = f"rc 1% {selector}, {args.batch} questions together (ask_many, {'CUDA graph per bucket' if captured else 'eager'})"
+            try:
+                report.add({"tokens": n, "variant": name, "tier": "cpu (pinned, zero-copy)",
+                            **time_batch(doc, ids, args.batch, args.tokens, args.rounds)})
+            except Exception as e:  # a failed variant must not lose the others
+                report.note(f"{n} tokens, {name} failed: {type(e).__name__}: {e}")
+        doc.runner.capture_lanes = False
     if args.profile and n == max(args.lengths):
-        profile(doc, question, Path(args.out) / "profile.txt")
+        doc.configure(method="rc", budget=0.01, selector="exact", fused=True)
+        profile(doc, question, Path(args.out) / "profile.txt", "rc 1 % exact")
+        doc.configure(method="rc", budget=0.01, selector="block", fused=True)
+        profile(doc, question, Path(args.out) / "profile_block.txt", "rc 1 % block")
     doc.close()
     torch.cuda.empty_cache()
+
+
+def hbm_bytes_per_s() -> float:
+    """Device memory read bandwidth, measured: a sum over a 4 GiB buffer (best of five)."""
+    x = torch.ones(1 << 31, dtype=torch.bfloat16, device="cuda")
+    best = math.inf
+    for _ in range(5):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        x.sum()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    del x
+    torch.cuda.empty_cache()
+    return (1 << 31) * 2 / best
+
+
+def device_dense(lm, ids: list[int], cache, logits: torch.Tensor, stock: float, args, report: Report) -> None:  # noqa: ANN001
+    """``--offload device --method dense``: the KV in device memory, every row read each step, beside its
+    floor: the weights a token reads (all but the embedding table) and all the KV, once, at the
+    measured HBM bandwidth."""
+    n = len(ids)
+    engine = Engine(lm, EngineConfig(method="dense", offload="device"), show_progress=False)
+    doc = engine.adopt(ids, [(layer.keys, layer.values) for layer in cache.layers], logits)
+    try:
+        row = {"tokens": n, "variant": "dense, KV on the device (--offload device)", "tier": "device",
+               **time_variant(doc, ids[-QUESTION_TOKENS:], args.tokens, args.rounds)}
+        weights = sum(p.numel() * p.element_size() for name, p in lm.model.named_parameters() if "embed_tokens" not in name)
+        kv = doc.state.mid_len * doc.state.num_layers * doc.state.num_kv_heads * doc.state.tier.layout.row_bytes
+        bw = hbm_bytes_per_s()
+        row.update({"weight_bytes": weights, "kv_bytes": kv, "hbm_bytes_per_s": bw, "hbm_floor_ms": 1e3 * (weights + kv) / bw})
+        row["vs_hbm_floor"] = row["ms_per_token"] / row["hbm_floor_ms"]
+        row["vs_stock"] = row["ms_per_token"] / stock
+        report.add(row)
+        if args.profile:
+            profile(doc, ids[-QUESTION_TOKENS:], Path(args.out) / f"profile_device_dense_{n}.txt", "dense, device")
+    finally:
+        doc.close()
+        del doc
+        torch.cuda.empty_cache()
 
 
 def time_batch(doc: Document, ids: list[int], count: int, tokens: int, rounds: int) -> dict:
@@ -197,19 +248,18 @@ def run_documents(lm, n: int, count: int, args, report: Report) -> None:  # noqa
                 "speedup": rate * ms_alone / 1e3, "same_tokens": [a.token_ids for a in alone] == [a.token_ids for a in together]})
 
 
-def profile(doc: Document, question: list[int], path: Path) -> None:
-    """Kernel times of rc-exact decode steps, captured (graphs) and eager, one table each."""
+def profile(doc: Document, question: list[int], path: Path, label: str) -> None:
+    """Kernel times of the document's decode steps as configured, captured (graphs) and eager, one table each."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    doc.configure(method="rc", budget=0.01, selector="exact", fused=True)
     parts = []
     for graphs in (True, False):
         doc.runner.use_graphs = graphs
         doc.ask(question, SamplingConfig(max_new_tokens=3, ignore_eos=True))
         with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             doc.ask(question[-1:], SamplingConfig(max_new_tokens=9, ignore_eos=True))
-        parts.append(f"== rc 1 % exact, {'CUDA graphs' if graphs else 'eager'}, 8 decode steps (and one 1-token question step)\n"
+        parts.append(f"== {label}, {'CUDA graphs' if graphs else 'eager'}, 8 decode steps (and one 1-token question step)\n"
                      + prof.key_averages().table(sort_by="cuda_time_total", row_limit=40))
     path.write_text("\n\n".join(parts))
     doc.runner.use_graphs = True
@@ -299,6 +349,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="questions answered together (ask_many) at --batch-lengths (0: skip)")
     parser.add_argument("--batch-lengths", default="32768,131072")
     parser.add_argument("--documents", type=int, default=4, help="documents of 32K continued together (generate_many; 0: skip)")
+    parser.add_argument("--device-dense", type=int, default=1, help="also dense with the KV on the device (0: skip)")
     parser.add_argument("--budget-s", type=float, default=540, help="stop starting work after this long")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = parser.parse_args()
