@@ -23,9 +23,11 @@ pytestmark = pytest.mark.skipif(not kernels.available(DEVICE), reason="needs CUD
 @pytest.mark.parametrize("method", ["dense", "topk", "rc", "sink-tail"])
 @pytest.mark.parametrize("unit", [1, 4])
 @pytest.mark.parametrize("t,lanes", [(1, False), (3, False), (3, True)])
-def test_fused_kernels_match_the_rule(gen, method, unit, t, lanes):
+@pytest.mark.parametrize("resident", [False, True])
+def test_fused_kernels_match_the_rule(gen, method, unit, t, lanes, resident):
     """``lanes``: three queries of two sequences sharing the document's tail slots, each with slots
-    of its own the other must not see."""
+    of its own the other must not see.  ``resident``: rows in device memory, split into as many
+    slices as fill the device (on the CPU: one slice of many blocks) instead of up to MAX_SLICES."""
     hkv, g, d, sink, ring, cap, n, centroids = 2, 4, 32, 3, 24, 200, 173, 8
     dtype = torch.bfloat16 if DEVICE.type == "cuda" else torch.float32
     rnd = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
@@ -61,7 +63,7 @@ def test_fused_kernels_match_the_rule(gen, method, unit, t, lanes):
         centroids=fmap.centroids.to(DEVICE) if completes else None,
         summary=Summary(**{k: v.to(DEVICE) for k, v in summary.state_dict().items()}) if completes else None,
         clusters=clusters.to(DEVICE) if completes else None,
-        tail_lane=tail_lane.to(DEVICE) if lanes else None, q_lane=q_lane.to(DEVICE) if lanes else None,
+        tail_lane=tail_lane.to(DEVICE) if lanes else None, q_lane=q_lane.to(DEVICE) if lanes else None, resident=resident,
     )
     # The reference: the rule in float64 on the same (rounded) inputs.
     f64 = lambda x: to(x).double().cpu()  # noqa: E731

@@ -20,6 +20,7 @@ two (``tests/test_gpu.py``; on the CPU through Triton's interpreter when it is i
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -30,6 +31,9 @@ from ...storage.triton_support import available, tl, triton  # noqa: F401 (avail
 from ..rule.attention import RESIDUAL_DROP_FRACTION
 
 BLOCK_N = 32  # tokens per inner step of a program
+# Rows in device memory: programs in all per multiprocessor (split-K as in flash-decoding; more
+# slices only add partial states for the combine to read).
+RESIDENT_WAVES = 4
 MAX_SLICES = 1024  # slices of the mid tokens per (position, KV head): one block of rows each at 1 % and 128K, so that every program's PCIe reads are in flight at once
 
 
@@ -149,13 +153,13 @@ if triton is not None:
                 lam = tl.dot(w, tl.trans(onehot), input_precision="ieee")
                 lam_s += tl.sum(lam, axis=1)
                 lam_v += tl.dot(lam, v.to(tl.float32), input_precision="ieee")
-        out = pid * NS + sl
-        tl.store(part_m + out * GP + offs_g, m_i)
-        tl.store(part_l + out * GP + offs_g, l_i)
-        tl.store(part_acc + (out * GP + offs_g[:, None]) * D + offs_d[None, :], acc)
+        out = pid * NS + sl  # partial states of the G real query rows only (the padding is not stored)
+        tl.store(part_m + out * G + offs_g, m_i, mask=gmask)
+        tl.store(part_l + out * G + offs_g, l_i, mask=gmask)
+        tl.store(part_acc + (out * G + offs_g[:, None]) * D + offs_d[None, :], acc, mask=gmask[:, None])
         if COMPLETE:
-            tl.store(part_lam + out * GP + offs_g, lam_s)
-            tl.store(part_lamv + (out * GP + offs_g[:, None]) * D + offs_d[None, :], lam_v)
+            tl.store(part_lam + out * G + offs_g, lam_s, mask=gmask)
+            tl.store(part_lamv + (out * G + offs_g[:, None]) * D + offs_d[None, :], lam_v, mask=gmask[:, None])
 
     @triton.jit
     def _combine_kernel(
@@ -172,7 +176,8 @@ if triton is not None:
         m = tl.full([GP], float("-inf"), tl.float32)
         for s0 in range(0, NS, SB):
             sm = (s0 + offs_s) < NS
-            ms = tl.load(part_m + (pid * NS + s0 + offs_s[:, None]) * GP + offs_g[None, :], mask=sm[:, None], other=float("-inf"))
+            ok = sm[:, None] & gmask[None, :]
+            ms = tl.load(part_m + (pid * NS + s0 + offs_s[:, None]) * G + offs_g[None, :], mask=ok, other=float("-inf"))
             m = tl.maximum(m, tl.max(ms, axis=0))
         m_ref = tl.where(m == float("-inf"), 0.0, m)
         den = tl.zeros([GP], tl.float32)
@@ -181,16 +186,17 @@ if triton is not None:
         lam_v = tl.zeros([GP, D], tl.float32)
         for s0 in range(0, NS, SB):
             sm = (s0 + offs_s) < NS
+            ok = sm[:, None] & gmask[None, :]  # (SB, GP)
             part = pid * NS + s0 + offs_s  # (SB,)
-            f = tl.exp(tl.load(part_m + part[:, None] * GP + offs_g[None, :], mask=sm[:, None], other=float("-inf")) - m_ref[None, :])
-            den += tl.sum(f * tl.load(part_l + part[:, None] * GP + offs_g[None, :], mask=sm[:, None], other=0.0), axis=0)
-            acc = tl.load(part_acc + (part[:, None, None] * GP + offs_g[None, :, None]) * D + offs_d[None, None, :],
-                          mask=sm[:, None, None], other=0.0)
+            f = tl.exp(tl.load(part_m + part[:, None] * G + offs_g[None, :], mask=ok, other=float("-inf")) - m_ref[None, :])
+            den += tl.sum(f * tl.load(part_l + part[:, None] * G + offs_g[None, :], mask=ok, other=0.0), axis=0)
+            acc = tl.load(part_acc + (part[:, None, None] * G + offs_g[None, :, None]) * D + offs_d[None, None, :],
+                          mask=ok[:, :, None], other=0.0)
             num += tl.sum(f[:, :, None] * acc, axis=0)
             if COMPLETE:
-                lam_s += tl.sum(tl.load(part_lam + part[:, None] * GP + offs_g[None, :], mask=sm[:, None], other=0.0), axis=0)
-                lam_v += tl.sum(tl.load(part_lamv + (part[:, None, None] * GP + offs_g[None, :, None]) * D + offs_d[None, None, :],
-                                        mask=sm[:, None, None], other=0.0), axis=0)
+                lam_s += tl.sum(tl.load(part_lam + part[:, None] * G + offs_g[None, :], mask=ok, other=0.0), axis=0)
+                lam_v += tl.sum(tl.load(part_lamv + (part[:, None, None] * G + offs_g[None, :, None]) * D + offs_d[None, None, :],
+                                        mask=ok[:, :, None], other=0.0), axis=0)
         if COMPLETE:  # the summary's estimate of the unread tokens (completion_state), merged
             q = tl.load(q_ptr + (pid * G + offs_g[:, None]) * D + offs_d[None, :], mask=gmask[:, None], other=0.0)
             w, alpha = _weights(q, cent_ptr, beta_ptr, h, CR, D, CRP)
@@ -271,6 +277,11 @@ def selection_scores(qg: torch.Tensor, a: torch.Tensor, n: int, n_mid: torch.Ten
     return out
 
 
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def _pow2(x: int, at_least: int = 16) -> int:
     return max(at_least, 1 << max(0, (x - 1).bit_length()))
 
@@ -281,7 +292,7 @@ def fused_attention(
     rows_read: int, n_mid: torch.Tensor, live: torch.Tensor, dense: bool, scale: float,
     centroids: torch.Tensor | None = None, summary=None, clusters: torch.Tensor | None = None,  # noqa: ANN001 (a Summary)
     table: torch.Tensor | None = None, table_block: int = 1, tail_lane: torch.Tensor | None = None,
-    q_lane: torch.Tensor | None = None,
+    q_lane: torch.Tensor | None = None, resident: bool = False,
 ) -> torch.Tensor:
     """One layer's decode attention for ``qg: (T, Hkv, G, d)`` -> ``(T, Hkv, G, d)`` in qg's dtype.
 
@@ -298,7 +309,9 @@ def fused_attention(
       block, -1 where it is not resident (its rows then count as not retrieved);
     - several sequences sharing the document (batched questions): ``tail_lane: (C,)`` the lane of
       each tail slot (-1: the document's) and ``q_lane: (T,)`` each query's; a query sees the
-      document's slots and its own lane's.
+      document's slots and its own lane's;
+    - ``resident``: the rows are in device memory (split into about RESIDENT_WAVES programs per
+      multiprocessor; host rows read over PCIe into up to MAX_SLICES slices each).
     """
     t, hkv, g, d = qg.shape
     dev = qg.device
@@ -313,14 +326,15 @@ def fused_attention(
     ieee = qg.dtype == torch.float32
     gp = _pow2(g)
     r = rows_read if rows is not None else 0
-    chunk = BLOCK_N * max(1, math.ceil(r / (BLOCK_N * MAX_SLICES)))
+    slices = MAX_SLICES if not resident else max(1, math.ceil(RESIDENT_WAVES * _multiprocessors(dev) / (t * hkv)))
+    chunk = BLOCK_N * max(1, math.ceil(r / (BLOCK_N * slices)))
     ns = max(1, math.ceil(r / chunk))
     f32 = dict(dtype=torch.float32, device=dev)
-    part_m = torch.empty(t * hkv, ns, gp, **f32)
-    part_l = torch.empty(t * hkv, ns, gp, **f32)
-    part_acc = torch.empty(t * hkv, ns, gp, d, **f32)
-    part_lam = torch.empty(t * hkv, ns, gp, **f32) if complete else part_m
-    part_lamv = torch.empty(t * hkv, ns, gp, d, **f32) if complete else part_acc
+    part_m = torch.empty(t * hkv, ns, g, **f32)
+    part_l = torch.empty(t * hkv, ns, g, **f32)
+    part_acc = torch.empty(t * hkv, ns, g, d, **f32)
+    part_lam = torch.empty(t * hkv, ns, g, **f32) if complete else part_m
+    part_lamv = torch.empty(t * hkv, ns, g, d, **f32) if complete else part_acc
     dummy_i = torch.zeros(1, dtype=torch.int64, device=dev)
     dummy_t = torch.zeros(1, dtype=torch.int32, device=dev)
     table = table.contiguous() if table is not None else None

@@ -69,10 +69,11 @@ def fused_decode(state: KVState, layer: int, qg: torch.Tensor, scale: float) -> 
     rows = state.device_rows(layer)
     n_mid, live, rows_read, ids, unit = state.n_mid, state.live, plan.rows, None, 1
     table, table_block = None, 1
+    resident = state.rows_resident()  # the rows the kernels read are in device memory
     clusters = state.clusters[layer] if plan.method.completes else None
     if plan.method.name == "dense" and rows is None and cap:  # a host read (eager steps only)
         k, v = state.tier.gather(layer, torch.arange(cap).expand(hkv, cap))
-        rows = torch.stack([k, v], dim=2).transpose(0, 1).contiguous()  # (cap, Hkv, 2, d)
+        rows, resident = torch.stack([k, v], dim=2).transpose(0, 1).contiguous(), True  # (cap, Hkv, 2, d)
     elif plan.method.selects and plan.units:
         sel = state.selectors[layer]
         if rows is not None and sel.on_device and not plan.lanes:  # rows read in place, by unit id
@@ -99,7 +100,7 @@ def fused_decode(state: KVState, layer: int, qg: torch.Tensor, scale: float) -> 
             else:
                 k, v = state.tier.gather(layer, flat)  # (Hkv, T R, d)
                 kv = torch.stack([k, v], dim=2)
-            rows = kv.transpose(0, 1).contiguous()  # (T R, Hkv, 2, d)
+            rows, resident = kv.transpose(0, 1).contiguous(), True  # (T R, Hkv, 2, d)
             local = (torch.arange(t, device=tok.device)[:, None, None] * r + torch.arange(r, device=tok.device)).expand(t, hkv, r)
             ids = torch.where(valid, local, t * r)  # invalid ones point past the gathered rows
             n_mid = torch.full((), t * r, dtype=torch.int64, device=tok.device)
@@ -112,7 +113,7 @@ def fused_decode(state: KVState, layer: int, qg: torch.Tensor, scale: float) -> 
         step.q_pos, rows if rows_read else None, ids, unit, rows_read, n_mid, live, plan.method.name == "dense", scale,
         centroids=state.maps[layer].centroids if completes else None, summary=state.summaries[layer] if completes else None,
         clusters=clusters, table=table, table_block=table_block,
-        tail_lane=state.tail.lane if plan.lanes else None, q_lane=step.lanes if plan.lanes else None,
+        tail_lane=state.tail.lane if plan.lanes else None, q_lane=step.lanes if plan.lanes else None, resident=resident,
     )
 
 

@@ -167,6 +167,10 @@ class KVState:
     def mid_len(self) -> int:
         return self.tier.num_rows(0)
 
+    def rows_resident(self) -> bool:
+        """Whether the mid rows are in the compute device's own memory (the device tier)."""
+        return isinstance(self.tier, MemoryTier) and self.tier.storage_device == self.tier.compute_device
+
     def device_rows(self, layer: int) -> torch.Tensor | None:
         """The layer's mid rows as the compute device reads them in place ``(capacity, Hkv, 2, d)``,
         or None where the tier is read on the host (disk; pinned memory without zero-copy)."""
