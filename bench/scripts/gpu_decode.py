@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ...engine.config import EngineConfig
+from ...engine.decode import kernels
 from ...engine.decode.state import PLAN_HORIZON, KVState
 from ...engine.hf.cache import RCCache
 from ...engine.hf.integration import model_call, stock_prefill
@@ -51,6 +52,7 @@ from .synthetic import SHAPE_8B, random_llama
 VARIANTS = [("dense", None, "exact", True, True), ("topk", 0.01, "exact", True, True), ("topk", 0.01, "block", True, True),
             ("rc", 0.01, "exact", True, True), ("rc", 0.01, "block", True, True), ("rc", 0.01, "exact", True, False),
             ("rc", 0.01, "exact", False, True)]
+RESIDENT_WAVES = kernels.RESIDENT_WAVES  # the kernels' default, restored after the comparison
 PCIE_BYTES_PER_S = 55e9  # pinned host-to-device bandwidth measured on the GPU machine
 QUESTION_TOKENS = 16
 
@@ -194,19 +196,26 @@ def device_dense(lm, ids: list[int], cache, logits: torch.Tensor, stock: float, 
     n = len(ids)
     engine = Engine(lm, EngineConfig(method="dense", offload="device"), show_progress=False)
     doc = engine.adopt(ids, [(layer.keys, layer.values) for layer in cache.layers], logits)
+    weights = sum(p.numel() * p.element_size() for name, p in lm.model.named_parameters() if "embed_tokens" not in name)
+    kv = doc.state.mid_len * doc.state.num_layers * doc.state.num_kv_heads * doc.state.tier.layout.row_bytes
+    bw = hbm_bytes_per_s()
     try:
-        row = {"tokens": n, "variant": "dense, KV on the device (--offload device)", "tier": "device",
-               **time_variant(doc, ids[-QUESTION_TOKENS:], args.tokens, args.rounds)}
-        weights = sum(p.numel() * p.element_size() for name, p in lm.model.named_parameters() if "embed_tokens" not in name)
-        kv = doc.state.mid_len * doc.state.num_layers * doc.state.num_kv_heads * doc.state.tier.layout.row_bytes
-        bw = hbm_bytes_per_s()
-        row.update({"weight_bytes": weights, "kv_bytes": kv, "hbm_bytes_per_s": bw, "hbm_floor_ms": 1e3 * (weights + kv) / bw})
-        row["vs_hbm_floor"] = row["ms_per_token"] / row["hbm_floor_ms"]
-        row["vs_stock"] = row["ms_per_token"] / stock
-        report.add(row)
-        if args.profile:
-            profile(doc, ids[-QUESTION_TOKENS:], Path(args.out) / f"profile_device_dense_{n}.txt", "dense, device")
+        # The split of the rows over the kernels' programs: about RESIDENT_WAVES programs per
+        # multiprocessor, against the host tier's up to MAX_SLICES slices (RESIDENT_WAVES 0).
+        for waves in (0, kernels.RESIDENT_WAVES):
+            kernels.RESIDENT_WAVES = waves
+            doc.runner.drop_graphs()
+            split = f"{waves} programs per multiprocessor" if waves else f"up to {kernels.MAX_SLICES} slices"
+            row = {"tokens": n, "variant": f"dense, KV on the device (--offload device), {split}", "tier": "device",
+                   **time_variant(doc, ids[-QUESTION_TOKENS:], args.tokens, args.rounds)}
+            row.update({"weight_bytes": weights, "kv_bytes": kv, "hbm_bytes_per_s": bw, "hbm_floor_ms": 1e3 * (weights + kv) / bw})
+            row["vs_hbm_floor"] = row["ms_per_token"] / row["hbm_floor_ms"]
+            row["vs_stock"] = row["ms_per_token"] / stock
+            report.add(row)
+            if args.profile:
+                profile(doc, ids[-QUESTION_TOKENS:], Path(args.out) / f"profile_device_dense_{n}_{waves}.txt", f"dense, device, {split}")
     finally:
+        kernels.RESIDENT_WAVES = RESIDENT_WAVES
         doc.close()
         del doc
         torch.cuda.empty_cache()

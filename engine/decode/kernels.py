@@ -32,7 +32,7 @@ from ..rule.attention import RESIDUAL_DROP_FRACTION
 
 BLOCK_N = 32  # tokens per inner step of a program
 # Rows in device memory: programs in all per multiprocessor (split-K as in flash-decoding; more
-# slices only add partial states for the combine to read).
+# slices only add partial states for the combine to read).  0: as host rows (the benchmarks' comparison).
 RESIDENT_WAVES = 4
 MAX_SLICES = 1024  # slices of the mid tokens per (position, KV head): one block of rows each at 1 % and 128K, so that every program's PCIe reads are in flight at once
 
@@ -326,7 +326,7 @@ def fused_attention(
     ieee = qg.dtype == torch.float32
     gp = _pow2(g)
     r = rows_read if rows is not None else 0
-    slices = MAX_SLICES if not resident else max(1, math.ceil(RESIDENT_WAVES * _multiprocessors(dev) / (t * hkv)))
+    slices = MAX_SLICES if not (resident and RESIDENT_WAVES) else max(1, math.ceil(RESIDENT_WAVES * _multiprocessors(dev) / (t * hkv)))
     chunk = BLOCK_N * max(1, math.ceil(r / (BLOCK_N * slices)))
     ns = max(1, math.ceil(r / chunk))
     f32 = dict(dtype=torch.float32, device=dev)
