@@ -33,8 +33,10 @@ def _ids(seed: int, n: int) -> list[int]:
 
 
 def _engine(path: Path, **kw) -> Engine:
+    """float32 on every device: the tests compare greedy tokens decoded two ways, which bfloat16's
+    rounding of near-ties would make differ on the GPU."""
     base = {"sink": 4, "tail": 16, "spill": 4, "budget": 0.05}
-    return Engine.load(path, EngineConfig(**(base | kw)), show_progress=False)
+    return Engine.load(path, EngineConfig(**(base | kw)), dtype=torch.float32, show_progress=False)
 
 
 QUESTIONS = [_ids(8, 9), _ids(9, 4), _ids(10, 15), _ids(11, 1)]
@@ -89,7 +91,7 @@ def test_lane_logits_match_each_question_alone(model, method, offload, selector)
         with torch.no_grad():
             got = doc.runner.run_lanes(ids, positions, slots, owners, list(range(len(ids))))
         st.tail.truncate(n)
-    tol = logit_tolerance(torch.float32)
+    tol = logit_tolerance(engine.lm.dtype)
     start = 0
     for q, ref in zip(QUESTIONS, alone):
         torch.testing.assert_close(got[start : start + len(q)], ref, atol=tol, rtol=tol)
@@ -169,6 +171,7 @@ def test_the_union_of_selected_rows_is_read_once(model):
     for method in ("rc", "dense"):
         engine = _engine(model, method=method, offload="cpu")
         with engine.prefill(_ids(7, DOC_LEN)) as doc:
+            doc.runner.use_graphs = False  # exact plans on every device (a captured plan reads padding for spills to come)
             one = doc.ask(QUESTIONS[2], sampling)
             two = doc.ask_many([QUESTIONS[2], QUESTIONS[2]], sampling)
             mid = doc.state.mid_len
@@ -205,7 +208,10 @@ def test_generate_many_continues_each_prompt_as_alone(model, method, offload):
         assert [a.token_ids for a in together] == [a.token_ids for a in alone]
         for a, b in zip(together, alone):
             assert a.stats["bytes"]["logical"] == b.stats["bytes"]["logical"]
-            assert a.stats["bytes"]["physical"] == b.stats["bytes"]["physical"]
+            # Moved: as alone, or less where alone ran captured steps (whose plans read padding for spills to come).
+            if engine.lm.device.type == "cpu":
+                assert a.stats["bytes"]["physical"] == b.stats["bytes"]["physical"]
+            assert a.stats["bytes"]["physical"] <= b.stats["bytes"]["physical"]
         assert together[0].stats["batch"]["answers"] == 3
 
 

@@ -163,7 +163,7 @@ def union_read(rows: torch.Tensor, flat: torch.Tensor, total: int) -> tuple[torc
     captured): the distinct ids are marked, compacted into M slots (the slots past their count
     read row 0 again), read, and scattered back by rank."""
     mark = torch.zeros(total, dtype=torch.bool, device=flat.device)
-    mark[flat] = True
+    mark.index_fill_(0, flat, True)  # (a scalar fill: no host tensor to copy inside a captured graph)
     union = torch.nonzero_static(mark, size=flat.numel(), fill_value=0).view(-1)  # (M,) distinct ids first
     rank = mark.cumsum(0) - 1  # (total,) each marked id's slot in ``union``
     return rows.index_select(0, union)[rank[flat]], mark.sum()

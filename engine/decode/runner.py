@@ -252,3 +252,4 @@ class StepRunner:
     def drop_graphs(self) -> None:
         self._graphs.clear()
         self._plans.clear()
+        self._pool = None  # the pool goes with its last graph: a capture into it after that fails in the allocator
