@@ -57,6 +57,13 @@ PCIE_BYTES_PER_S = 55e9  # pinned host-to-device bandwidth measured on the GPU m
 QUESTION_TOKENS = 16
 
 
+def variant_key(method: str, selector: str, graphs: bool, fused: bool) -> str:
+    """The name ``--variants`` picks a row of VARIANTS by: dense, topk-exact, rc-block, rc-pytorch, rc-eager..."""
+    if method == "dense":
+        return "dense"
+    return f"{method}-" + ("eager" if not graphs else "pytorch" if not fused else selector)
+
+
 class Report:
     def __init__(self, path: Path, meta: dict) -> None:
         self.path, self.data = path, {"meta": meta, "rows": [], "notes": []}
@@ -135,6 +142,8 @@ def run_length(lm, n: int, args, report: Report, deadline: float) -> None:  # no
     report.note(f"{n} tokens: stock prefill {prefill_s:.1f} s; offloading it ({mid_kv / 1e9:.2f} GB of mid KV to pinned host "
                 f"memory, exact selection state, centroid summaries) {adopt_s:.1f} s")
     for method, budget, selector, graphs, fused in VARIANTS:
+        if args.variants and variant_key(method, selector, graphs, fused) not in args.variants:
+            continue
         if time.perf_counter() > deadline:
             report.note(f"{n} tokens: deadline reached before {method} {selector}")
             break
@@ -363,12 +372,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="questions answered together (ask_many) at --batch-lengths (0: skip)")
     parser.add_argument("--batch-lengths", default="32768,131072")
     parser.add_argument("--documents", type=int, default=4, help="documents of 32K continued together (generate_many; 0: skip)")
+    parser.add_argument("--variants", default="", help="rows of batch 1 to time (default: all): dense,topk-exact,topk-block,"
+                        "rc-exact,rc-block,rc-pytorch,rc-eager")
     parser.add_argument("--device-dense", type=int, default=1, help="also dense with the KV on the device (0: skip)")
     parser.add_argument("--budget-s", type=float, default=540, help="stop starting work after this long")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = parser.parse_args()
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
     args.batch_lengths = [int(x) for x in args.batch_lengths.split(",") if x]
+    args.variants = {x for x in args.variants.split(",") if x}
+    known = {variant_key(m, s, g, f) for m, _, s, g, f in VARIANTS}
+    if args.variants - known:
+        parser.error(f"unknown variants {sorted(args.variants - known)}: use some of {sorted(known)}")
     start = time.perf_counter()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     positions = max([*args.lengths, args.million + 4096]) + 4096
