@@ -158,6 +158,7 @@ def run_length(lm, n: int, args, report: Report, deadline: float) -> None:  # no
             row["vs_pcie_floor"] = row["ms_per_token"] / row["pcie_floor_ms"]
         report.add(row)
     if args.batch and n in args.batch_lengths:
+        default = doc.runner.capture_lanes
         for selector, captured in (("block", False), ("block", True), ("exact", True)):
             if time.perf_counter() > deadline:
                 report.note(f"{n} tokens: deadline reached before the batch of {args.batch}, {selector}")
@@ -171,7 +172,7 @@ def run_length(lm, n: int, args, report: Report, deadline: float) -> None:  # no
                             **time_batch(doc, ids, args.batch, args.tokens, args.rounds)})
             except Exception as e:  # a failed variant must not lose the others
                 report.note(f"{n} tokens, {name} failed: {type(e).__name__}: {e}")
-        doc.runner.capture_lanes = False
+        doc.runner.capture_lanes = default
     if args.profile and n == max(args.lengths):
         doc.configure(method="rc", budget=0.01, selector="exact", fused=True)
         profile(doc, question, Path(args.out) / "profile.txt", "rc 1 % exact")

@@ -55,9 +55,9 @@ class StepRunner:
         # Steps of several sequences padded to bucket sizes as captured ones are, without capturing:
         # for tests of that path on any machine.
         self.pad_lanes = False
-        # Steps of several sequences as CUDA graphs, one per batch-size bucket: off until the GPU
-        # machine has run tests/test_gpu.py's batched test and measured it (eager steps meanwhile).
-        self.capture_lanes = False
+        # Steps of several sequences as CUDA graphs, one per batch-size bucket (16 questions at 32K
+        # on the H200: 6.1x one at a time captured, 2.7x eager; bench/RESULTS.md).
+        self.capture_lanes = True
 
     def run(self, ids: list[int], start: int, every_position: bool = False) -> torch.Tensor:
         """One forward over ``ids`` (the next T tokens, at positions ``start..``) -> logits."""
