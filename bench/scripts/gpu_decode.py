@@ -208,9 +208,9 @@ def device_dense(lm, ids: list[int], cache, logits: torch.Tensor, stock: float, 
     kv = doc.state.mid_len * doc.state.num_layers * doc.state.num_kv_heads * doc.state.tier.layout.row_bytes
     bw = hbm_bytes_per_s()
     try:
-        # The split of the rows over the kernels' programs: about RESIDENT_WAVES programs per
-        # multiprocessor, against the host tier's up to MAX_SLICES slices (RESIDENT_WAVES 0).
-        for waves in (0, kernels.RESIDENT_WAVES):
+        # --waves: the splits of the rows over the kernels' programs, side by side (about W programs
+        # per multiprocessor; 0: the host tier's up to MAX_SLICES slices).
+        for waves in args.waves:
             kernels.RESIDENT_WAVES = waves
             doc.runner.drop_graphs()
             split = f"{waves} programs per multiprocessor" if waves else f"up to {kernels.MAX_SLICES} slices"
@@ -325,6 +325,8 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=4, help="documents of 32K continued together (generate_many; 0: skip)")
     parser.add_argument("--variants", default="", help="rows of batch 1 to time (default: all): dense,topk-exact,topk-block,"
                         "rc-exact,rc-block,rc-pytorch,rc-eager")
+    parser.add_argument("--waves", default=f"0,{kernels.RESIDENT_WAVES}",
+                        help="splits of the device rows to time side by side: programs per multiprocessor (0: up to MAX_SLICES slices)")
     parser.add_argument("--device-dense", type=int, default=1, help="also dense with the KV on the device (0: skip)")
     parser.add_argument("--budget-s", type=float, default=540, help="stop starting work after this long")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
@@ -332,6 +334,7 @@ def main() -> None:
     args.lengths = [int(x) for x in args.lengths.split(",") if x]
     args.batch_lengths = [int(x) for x in args.batch_lengths.split(",") if x]
     args.variants = {x for x in args.variants.split(",") if x}
+    args.waves = [int(x) for x in args.waves.split(",") if x]
     known = {variant_key(m, s, g, f) for m, _, s, g, f in VARIANTS}
     if args.variants - known:
         parser.error(f"unknown variants {sorted(args.variants - known)}: use some of {sorted(known)}")
