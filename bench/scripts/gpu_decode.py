@@ -12,8 +12,11 @@ bytes read per step are those of 32 distinct layers).
 
 Per variant: ms per decoded token (median of rounds, each after a warm-up answer that captures
 its graphs), bytes per step by tier (KV read, logical and physical, and selection reads), and the
-device memory held for the KV side (anchors, selection state, summaries).  A profile of rc-exact
-steps at the longest length goes to ``profile.txt``.  Every length and variant runs under its own
+device memory held for the KV side (anchors, selection state, summaries).  Beside them, dense
+with the KV on the device (``--offload device``) against its HBM floor, for each split of its rows
+in ``--waves``.  With ``--profile``: rc-exact and rc-block steps at the longest length
+(``profile.txt``, ``profile_block.txt``) and the device-dense steps
+(``profile_device_dense_N_W.txt``).  Every length and variant runs under its own
 deadline; results are written after each row.
 
 Batched decode: at ``--batch-lengths``, ``--batch`` questions of one document answered together
@@ -50,7 +53,6 @@ from .synthetic import SHAPE_8B, random_llama
 VARIANTS = [("dense", None, "exact", True, True), ("topk", 0.01, "exact", True, True), ("topk", 0.01, "block", True, True),
             ("rc", 0.01, "exact", True, True), ("rc", 0.01, "block", True, True), ("rc", 0.01, "exact", True, False),
             ("rc", 0.01, "exact", False, True)]
-RESIDENT_WAVES = kernels.RESIDENT_WAVES  # the kernels' default, restored after the comparison
 PCIE_BYTES_PER_S = 55e9  # pinned host-to-device bandwidth measured on the GPU machine
 QUESTION_TOKENS = 16
 
@@ -207,6 +209,7 @@ def device_dense(lm, ids: list[int], cache, logits: torch.Tensor, stock: float, 
     weights = sum(p.numel() * p.element_size() for name, p in lm.model.named_parameters() if "embed_tokens" not in name)
     kv = doc.state.mid_len * doc.state.num_layers * doc.state.num_kv_heads * doc.state.tier.layout.row_bytes
     bw = hbm_bytes_per_s()
+    default = kernels.RESIDENT_WAVES
     try:
         # --waves: the splits of the rows over the kernels' programs, side by side (about W programs
         # per multiprocessor; 0: the host tier's up to MAX_SLICES slices).
@@ -223,7 +226,7 @@ def device_dense(lm, ids: list[int], cache, logits: torch.Tensor, stock: float, 
             if args.profile:
                 profile(doc, ids[-QUESTION_TOKENS:], Path(args.out) / f"profile_device_dense_{n}_{waves}.txt", f"dense, device, {split}")
     finally:
-        kernels.RESIDENT_WAVES = RESIDENT_WAVES
+        kernels.RESIDENT_WAVES = default
         doc.close()
         del doc
         torch.cuda.empty_cache()
