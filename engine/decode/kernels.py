@@ -8,11 +8,13 @@ buffer (zero-copy host memory or device memory) by row id, without gathering the
    online softmax over its slice (slice 0 also over the sink and the visible tail), in float32,
    and, with completion, the retrieved tokens' share of the summary (``sum lambda_j`` and ``sum
    lambda_j v_j`` with ``lambda_j = w[cluster(j)]``), written as partial states;
-2. ``_combine_kernel``, one program per (query position, KV head): the log-sum-exp merge of the
-   partials, the summary's estimate of the unread tokens with the retrieved share subtracted and the
-   safety checks of ``completion_state``, the merge of the two, one normalisation.
+2. ``_combine_kernel``, one program per query row (position, KV head, query head of its group):
+   the log-sum-exp merge of the partials in one pass, the summary's estimate of the unread tokens
+   with the retrieved share subtracted (under the centroid weights the partial kernel used, stored
+   by its slice 0) and the safety checks of ``completion_state``, the merge of the two, one
+   normalisation.
 
-Each program serves the G query heads of its KV head (padded to 16 rows for the tensor cores).
+Each partial program serves the G query heads of its KV head (padded to 16 rows for the tensor cores).
 Everything is fixed by the plan (static shapes) and read from device tensors, so the kernels run
 inside a captured CUDA graph.  The generic PyTorch rule stays the reference: the tests compare the
 two (``tests/test_gpu.py``; on the CPU through Triton's interpreter when it is installed).
@@ -34,6 +36,7 @@ BLOCK_N = 32  # tokens per inner step of a program
 # Rows in device memory: programs in all per multiprocessor (split-K as in flash-decoding; more
 # slices only add partial states for the combine to read).  0: as host rows (the benchmarks' comparison).
 RESIDENT_WAVES = 4
+COMBINE_BLOCK = 16  # partial states a combine program merges per step (a (16, d) float32 tile)
 MAX_SLICES = 1024  # slices of the mid tokens per (position, KV head): one block of rows each at 1 % and 128K, so that every program's PCIe reads are in flight at once
 
 
@@ -78,7 +81,7 @@ if triton is not None:
     @triton.jit
     def _partial_kernel(
         q_ptr, sink_k, sink_v, tail_k, tail_v, tail_pos, q_pos, tail_lane, q_lane, rows, ids, n_mid_ptr, live_ptr,
-        cent_ptr, beta_ptr, clusters, part_m, part_l, part_acc, part_lam, part_lamv, table,
+        cent_ptr, beta_ptr, clusters, part_m, part_l, part_acc, part_lam, part_lamv, part_w, part_alpha, table,
         scale, HKV, S, C, R, U, CAP, CR, CHUNK, NS, NB, PB,
         G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, UNIT: tl.constexpr, DENSE: tl.constexpr,
         COMPLETE: tl.constexpr, CRP: tl.constexpr, IEEE: tl.constexpr, BN: tl.constexpr, SLOTTED: tl.constexpr,
@@ -160,69 +163,72 @@ if triton is not None:
         if COMPLETE:
             tl.store(part_lam + out * G + offs_g, lam_s, mask=gmask)
             tl.store(part_lamv + (out * G + offs_g[:, None]) * D + offs_d[None, :], lam_v, mask=gmask[:, None])
+            if sl == 0:  # the weights every slice used (the same code on the same q), for the combine
+                tl.store(part_w + (pid * G + offs_g[:, None]) * CRP + offs_c[None, :], w, mask=gmask[:, None])
+                tl.store(part_alpha + pid * G + offs_g, alpha, mask=gmask)
 
     @triton.jit
     def _combine_kernel(
-        q_ptr, out_ptr, part_m, part_l, part_acc, part_lam, part_lamv, cent_ptr, beta_ptr, s_ptr, u_ptr, vmax_ptr,
+        out_ptr, part_m, part_l, part_acc, part_lam, part_lamv, part_w, part_alpha, s_ptr, u_ptr, vmax_ptr,
         HKV, CR, NS, drop,
-        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, COMPLETE: tl.constexpr, CRP: tl.constexpr, SB: tl.constexpr,
+        G: tl.constexpr, D: tl.constexpr, COMPLETE: tl.constexpr, CRP: tl.constexpr, SB: tl.constexpr,
     ):
-        pid = tl.program_id(0)
+        row = tl.program_id(0)  # one query row: position t, KV head h, query head g of h's group
+        pid = row // G
+        g = row % G
         h = pid % HKV
-        offs_g = tl.arange(0, GP)
         offs_d = tl.arange(0, D)
-        gmask = offs_g < G
         offs_s = tl.arange(0, SB)
-        m = tl.full([GP], float("-inf"), tl.float32)
+        # One pass over the partial states, SB at a time, with a running max (all G*T*Hkv rows in
+        # parallel: the merge is a few dependent loads per row, not a loop per KV head).
+        m = tl.max(tl.full([SB], float("-inf"), tl.float32), axis=0)
+        den = tl.sum(tl.zeros([SB], tl.float32), axis=0)
+        num = tl.zeros([D], tl.float32)
+        lam_s = tl.sum(tl.zeros([SB], tl.float32), axis=0)
+        lam_v = tl.zeros([D], tl.float32)
         for s0 in range(0, NS, SB):
             sm = (s0 + offs_s) < NS
-            ok = sm[:, None] & gmask[None, :]
-            ms = tl.load(part_m + (pid * NS + s0 + offs_s[:, None]) * G + offs_g[None, :], mask=ok, other=float("-inf"))
-            m = tl.maximum(m, tl.max(ms, axis=0))
-        m_ref = tl.where(m == float("-inf"), 0.0, m)
-        den = tl.zeros([GP], tl.float32)
-        num = tl.zeros([GP, D], tl.float32)
-        lam_s = tl.zeros([GP], tl.float32)
-        lam_v = tl.zeros([GP, D], tl.float32)
-        for s0 in range(0, NS, SB):
-            sm = (s0 + offs_s) < NS
-            ok = sm[:, None] & gmask[None, :]  # (SB, GP)
-            part = pid * NS + s0 + offs_s  # (SB,)
-            f = tl.exp(tl.load(part_m + part[:, None] * G + offs_g[None, :], mask=ok, other=float("-inf")) - m_ref[None, :])
-            den += tl.sum(f * tl.load(part_l + part[:, None] * G + offs_g[None, :], mask=ok, other=0.0), axis=0)
-            acc = tl.load(part_acc + (part[:, None, None] * G + offs_g[None, :, None]) * D + offs_d[None, None, :],
-                          mask=ok[:, :, None], other=0.0)
-            num += tl.sum(f[:, :, None] * acc, axis=0)
+            idx = (pid * NS + s0 + offs_s) * G + g  # (SB,)
+            ms = tl.load(part_m + idx, mask=sm, other=float("-inf"))
+            m_new = tl.maximum(m, tl.max(ms, axis=0))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            fa = tl.exp(m - m_ref)
+            f = tl.exp(ms - m_ref)
+            den = den * fa + tl.sum(f * tl.load(part_l + idx, mask=sm, other=0.0), axis=0)
+            acc = tl.load(part_acc + idx[:, None] * D + offs_d[None, :], mask=sm[:, None], other=0.0)
+            num = num * fa + tl.sum(f[:, None] * acc, axis=0)
+            m = m_new
             if COMPLETE:
-                lam_s += tl.sum(tl.load(part_lam + part[:, None] * G + offs_g[None, :], mask=ok, other=0.0), axis=0)
-                lam_v += tl.sum(tl.load(part_lamv + (part[:, None, None] * G + offs_g[None, :, None]) * D + offs_d[None, None, :],
-                                        mask=ok[:, :, None], other=0.0), axis=0)
+                lam_s += tl.sum(tl.load(part_lam + idx, mask=sm, other=0.0), axis=0)
+                lam_v += tl.sum(tl.load(part_lamv + idx[:, None] * D + offs_d[None, :], mask=sm[:, None], other=0.0), axis=0)
         if COMPLETE:  # the summary's estimate of the unread tokens (completion_state), merged
-            q = tl.load(q_ptr + (pid * G + offs_g[:, None]) * D + offs_d[None, :], mask=gmask[:, None], other=0.0)
-            w, alpha = _weights(q, cent_ptr, beta_ptr, h, CR, D, CRP)
             offs_c = tl.arange(0, CRP)
             cmask = offs_c < CR
+            # the centroid weights exactly as the partial kernel used them (so den_all - lam_s
+            # subtracts like from like)
+            w = tl.load(part_w + (pid * G + g) * CRP + offs_c, mask=cmask, other=0.0)
+            alpha = tl.load(part_alpha + pid * G + g)
             u = tl.load(u_ptr + h * CR + offs_c, mask=cmask, other=0.0)
             summ = tl.load(s_ptr + (h * CR + offs_c[:, None]) * D + offs_d[None, :], mask=cmask[:, None], other=0.0)
-            den_all = tl.sum(w * u[None, :], axis=1)
+            den_all = tl.sum(w * u, axis=0)
             den_u = den_all - lam_s
-            num_u = tl.dot(w, summ, input_precision="ieee") - lam_v
+            num_u = tl.sum(w[:, None] * summ, axis=0) - lam_v
             ok = (den_u > 0) & (den_u > drop * den_all) & (alpha > float("-inf"))
             den_safe = tl.where(ok, den_u, 1.0)
-            norm = tl.sqrt(tl.sum(num_u * num_u, axis=1)) / den_safe
+            norm = tl.sqrt(tl.sum(num_u * num_u, axis=0)) / den_safe
             vmax = tl.load(vmax_ptr + h)
             shrink = tl.where(norm > vmax, vmax / tl.maximum(norm, 1e-30), 1.0)
-            num_u = tl.where(ok[:, None], num_u * shrink[:, None], 0.0)
+            num_u = tl.where(ok, num_u * shrink, 0.0)
             den_u = tl.where(ok, den_u, 0.0)
             m_u = tl.where(ok, alpha, float("-inf"))
             top = tl.maximum(m, m_u)
             top_ref = tl.where(top == float("-inf"), 0.0, top)
             fa = tl.exp(m - top_ref)
             fb = tl.exp(m_u - top_ref)
-            num = num * fa[:, None] + num_u * fb[:, None]
+            num = num * fa + num_u * fb
             den = den * fa + den_u * fb
-        o = tl.where(den[:, None] > 0, num / tl.maximum(den, 1e-38)[:, None], 0.0)
-        tl.store(out_ptr + (pid * G + offs_g[:, None]) * D + offs_d[None, :], o.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+        o = tl.where(den > 0, num / tl.maximum(den, 1e-38), 0.0)
+        tl.store(out_ptr + row * D + offs_d, o.to(out_ptr.dtype.element_ty))
 
 
 if triton is not None:
@@ -335,11 +341,13 @@ def fused_attention(
     part_acc = torch.empty(t * hkv, ns, g, d, **f32)
     part_lam = torch.empty(t * hkv, ns, g, **f32) if complete else part_m
     part_lamv = torch.empty(t * hkv, ns, g, d, **f32) if complete else part_acc
+    cr = centroids.shape[-2] if complete else 1
+    crp = _pow2(cr)
+    part_w = torch.empty(t * hkv, g, crp, **f32) if complete else part_m
+    part_alpha = torch.empty(t * hkv, g, **f32) if complete else part_m
     dummy_i = torch.zeros(1, dtype=torch.int64, device=dev)
     dummy_t = torch.zeros(1, dtype=torch.int32, device=dev)
     table = table.contiguous() if table is not None else None
-    cr = centroids.shape[-2] if complete else 1
-    crp = _pow2(cr)
     cent = centroids.reshape(hkv, cr, d).contiguous() if complete else part_acc
     beta = summary.beta.reshape(hkv, cr).contiguous() if complete else part_m
     cap = clusters.shape[1] if complete else 1
@@ -348,19 +356,19 @@ def fused_attention(
         qg, sink_k, sink_v, tail_k, tail_v, tail_pos, q_pos, tail_lane if tail_lane is not None else tail_pos,
         q_lane if q_lane is not None else q_pos, rows if rows is not None else sink_k,
         ids if ids is not None else dummy_i, n_mid, live, cent, beta, clusters if complete else dummy_i,
-        part_m, part_l, part_acc, part_lam, part_lamv, table if table is not None else dummy_t,
+        part_m, part_l, part_acc, part_lam, part_lamv, part_w, part_alpha, table if table is not None else dummy_t,
         scale, hkv, s_len, c_len, r, ids.shape[-1] if ids is not None else 0, cap, cr, chunk, ns,
         table.shape[1] if table is not None else 1, table_block,
         G=g, GP=gp, D=d, UNIT=unit, DENSE=dense, COMPLETE=complete, CRP=crp, IEEE=ieee, BN=BLOCK_N, SLOTTED=table is not None,
         LANES=tail_lane is not None,
     )
     out = torch.empty_like(qg)
-    _combine_kernel[(t * hkv,)](
-        qg, out, part_m, part_l, part_acc, part_lam, part_lamv, cent, beta,
+    _combine_kernel[(t * hkv * g,)](
+        out, part_m, part_l, part_acc, part_lam, part_lamv, part_w, part_alpha,
         summary.S.reshape(hkv, cr, d).contiguous() if complete else part_acc,
         summary.u.reshape(hkv, cr).contiguous() if complete else part_m,
         summary.v_max.reshape(hkv).contiguous() if complete else part_m,
         hkv, cr, ns, RESIDUAL_DROP_FRACTION,
-        G=g, GP=gp, D=d, COMPLETE=complete, CRP=crp, SB=4,  # partial states merged four at a time
+        G=g, D=d, COMPLETE=complete, CRP=crp, SB=COMBINE_BLOCK,
     )
     return out
