@@ -92,3 +92,23 @@ def test_captured_batch_steps_equal_eager_ones(tiny_llama, offload, selector):
     assert out[True][0] == out[False][0]
     assert out[True][1] == out[False][1]
     assert out[False][2] == 0 and out[True][2] >= 1
+
+
+@pytest.mark.parametrize("offload", ["cpu", "device"])
+def test_captured_group_steps_equal_eager_ones(tiny_llama, offload):
+    """Documents continued together with CUDA graphs (one per set of documents and plans; the
+    tails spill, so plans change and steps are recaptured) give the tokens and bytes of eager
+    steps."""
+    from rcengine import Engine, EngineConfig, SamplingConfig
+
+    prompts = [torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (300, 420, 260)]
+    out = {}
+    for graphs in (False, True):
+        cfg = EngineConfig(method="rc", budget=0.05, selector="block", offload=offload, sink=4, tail=16, spill=4, graphs=graphs)
+        engine = Engine.load(tiny_llama, cfg, device="cuda", dtype=torch.float32, show_progress=False)
+        answers = engine.generate_many(prompts, SamplingConfig(max_new_tokens=14, ignore_eos=True))
+        out[graphs] = ([a.token_ids for a in answers], [a.stats["bytes"]["logical"] for a in answers],
+                       answers[0].stats["batch"]["graphs_captured"])
+    assert out[True][0] == out[False][0]
+    assert out[True][1] == out[False][1]
+    assert out[False][2] == 0 and out[True][2] >= 2  # recaptured as the plans changed

@@ -55,8 +55,9 @@ class StepRunner:
         # Steps of several sequences padded to bucket sizes as captured ones are, without capturing:
         # for tests of that path on any machine.
         self.pad_lanes = False
-        # Steps of several sequences as CUDA graphs, one per batch-size bucket (16 questions at 32K
-        # on the H200: 6.1x one at a time captured, 2.7x eager; bench/RESULTS.md).
+        # Steps of several sequences as CUDA graphs: questions of the document, one per batch-size
+        # bucket (16 questions at 32K on the H200: 6.1x one at a time captured, 2.7x eager;
+        # bench/RESULTS.md); a group of documents whose runner this is (generate_many), per set.
         self.capture_lanes = True
 
     def run(self, ids: list[int], start: int, every_position: bool = False) -> torch.Tensor:
@@ -208,17 +209,9 @@ class StepRunner:
             return graph, logits
         while len(self._graphs) >= MAX_GRAPHS:
             self._graphs.popitem(last=False)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(WARMUP_RUNS):
-                self._step(inputs, keep)
-        torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._step(inputs, keep)
+        graph, logits = capture(lambda: self._step(inputs, keep), self._pool)
         self._graphs[key] = (graph, logits, list(self.state.union_rows))
         self.captures += 1
         return graph, logits
@@ -253,3 +246,18 @@ class StepRunner:
         self._graphs.clear()
         self._plans.clear()
         self._pool = None  # the pool goes with its last graph: a capture into it after that fails in the allocator
+
+
+def capture(step: Callable[[], torch.Tensor], pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:  # noqa: ANN001 (a graph pool handle)
+    """``step`` (idempotent device work over static buffers) run WARMUP_RUNS times on a side
+    stream, then captured into a CUDA graph in ``pool`` -> (the graph, the output its replays write)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(WARMUP_RUNS):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = step()
+    return graph, out

@@ -11,6 +11,7 @@ on its own; the document's rows that the step's queries select are read once for
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 
 from ...storage import ByteMeter
 from ..decode.lanes import PAD_LANE, Lanes, bucket
-from ..decode.runner import StepRunner
+from ..decode.runner import MAX_GRAPHS, StepRunner, capture
 from ..hf.cache import RCCache
 from ..hf.group import GroupCache
 from ..hf.integration import group_forward
@@ -43,6 +44,7 @@ class BatchRun:
     step_answers: list[int] = field(default_factory=list)  # per batch decode step: answers in it
     step_s: list[float] = field(default_factory=list)  # per batch decode step: its time
     question_s: float = 0.0
+    captures: int = 0  # CUDA graphs captured for the batch's steps (a group of documents')
 
     @property
     def decode_s(self) -> float:
@@ -148,16 +150,32 @@ class Member:
     start: int
 
 
+def group_captures(members: list[Member]) -> bool:
+    """Whether a group's decode steps run as CUDA graphs: every document's step runs on the
+    device alone (as a single document's captured step does) and none reads the disk tier's
+    block cache in place (its misses are filled between runs of a step, which a group's step,
+    run once, cannot do)."""
+    return all(m.runner.use_graphs and m.runner.capture_lanes and m.runner.state.probe is None
+               and m.runner.state.graph_safe() and not m.runner.state.reads_blocks_in_place() for m in members)
+
+
 def decode_group(model, tokenizer, eos: set[int], members: list[Member], sampling: SamplingConfig,  # noqa: ANN001
                  advance: Callable[[int], None] = _nothing) -> BatchRun:
     """Continue several prefilled documents together: each step is one forward over one token per
     document still going, each document's attention over its own state (:mod:`..hf.group`).  The
     documents' own meters count their reads, a step at a time (``first_step`` is unused: each
-    answer's first step is its meter's step before the loop, plus one)."""
+    answer's first step is its meter's step before the loop, plus one).
+
+    Where the device allows (:func:`group_captures`), a step is a CUDA graph: one per set of
+    documents still going and their plans (a document that stops, or a plan that changes, makes
+    a new one; MAX_GRAPHS are kept)."""
     device = members[0].runner.state.device
     streams = [TokenStream(tokenizer, eos, sampling, device) for _ in members]
     group = GroupCache([m.cache for m in members])
     forward = group_forward(model, group)
+    captured = group_captures(members)
+    graphs: OrderedDict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = OrderedDict()
+    pool = torch.cuda.graph_pool_handle() if captured else None
     run = BatchRun(streams, [0] * len(members), [0] * len(members), 0)
     nxt = [s.take(tok) for s, tok in zip(streams, _sample(streams, torch.cat([m.logits for m in members])))]
     advance(nxt.count(None))
@@ -171,12 +189,28 @@ def decode_group(model, tokenizer, eos: set[int], members: list[Member], samplin
         for i in going:
             runner = members[i].runner
             runner.state.meter.next_step()
-            inputs.append(runner.begin([nxt[i]], position[i], deferrable=False))
-            runner.prelude(inputs[-1])
+            inputs.append(runner.begin([nxt[i]], position[i], captured=captured, deferrable=False))
         group.members = [members[i].cache for i in going]
-        ids = torch.cat([x.ids for x in inputs], dim=1)
-        positions = torch.cat([x.positions for x in inputs], dim=1)
-        logits = forward(ids, positions, [(j, j + 1) for j in range(len(going))])  # (k, vocab)
+        spans = [(j, j + 1) for j in range(len(going))]
+
+        def step(going: list[int] = going, inputs: list = inputs, spans: list = spans) -> torch.Tensor:
+            for i, x in zip(going, inputs):
+                members[i].runner.prelude(x)
+            ids = torch.cat([x.ids for x in inputs], dim=1)
+            positions = torch.cat([x.positions for x in inputs], dim=1)
+            return forward(ids, positions, spans)  # (k, vocab)
+
+        if captured:
+            key = tuple((i, members[i].runner.state.plan, id(x)) for i, x in zip(going, inputs))
+            if key not in graphs:
+                while len(graphs) >= MAX_GRAPHS:
+                    graphs.popitem(last=False)
+                graphs[key] = capture(step, pool)
+                run.captures += 1
+            graph, logits = graphs[key]
+            graph.replay()
+        else:
+            logits = step()
         tokens = _sample([streams[i] for i in going], logits)
         for i in going:
             members[i].runner.end(1, position[i])
@@ -189,8 +223,9 @@ def group_stats(answers: list[dict[str, Any]], run: BatchRun, new_tokens: int) -
     seconds = run.decode_s
     return {
         "answers": len(answers), "decode_steps": len(run.step_answers), "step_answers": run.step_answers,
-        "bytes": {"logical": sum(a["bytes"]["logical"] for a in answers), "physical": sum(a["bytes"]["physical"] for a in answers)},
+        "graphs_captured": run.captures, "bytes": {"logical": sum(a["bytes"]["logical"] for a in answers), "physical": sum(a["bytes"]["physical"] for a in answers)},
         "timings_ms": {"decode": 1e3 * seconds,
-                       "decode_per_step": 1e3 * seconds / len(run.step_answers) if run.step_answers else None},
+                       "decode_per_step": 1e3 * seconds / len(run.step_answers) if run.step_answers else None,
+                       "per_step": [1e3 * x for x in run.step_s]},
         "new_tokens": new_tokens, "tokens_per_s": new_tokens / seconds if seconds > 0 else None,
     }
