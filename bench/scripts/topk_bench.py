@@ -1,0 +1,73 @@
+"""Top-K of the selectors on the GPU: torch.topk in one stage against selectors.top_units (two
+stages over chunks), side by side in one run, at the shapes a decode step of the 8B shape (8 KV
+heads) ranks: blocks of 16 (block selector) and single keys (exact), 1 % of 32K, 128K and 1M
+tokens, for 1 and 16 queries.  Each timing is the median of rounds of a CUDA graph of 20 calls.
+
+    python -m rcengine.bench.scripts.topk_bench [--out DIR]      # DIR/topk_bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from ...engine.decode import selectors
+
+CALLS = 20
+
+
+def time_us(fn, rounds: int = 7) -> float:  # noqa: ANN001
+    """Microseconds per call of ``fn`` (capture-safe), from CUDA graphs of CALLS calls."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(CALLS):
+            fn()
+    times = []
+    for _ in range(rounds):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / CALLS)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
+    args = parser.parse_args()
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for tokens in (32768, 131072, 1 << 20):
+        for unit in (16, 1):
+            for queries in (1, 16):
+                n = tokens // unit
+                count = max(1, math.ceil(0.01 * tokens / unit))
+                s = torch.randn(queries, 8, n, device="cuda", generator=gen)
+                one = time_us(lambda: s.topk(count, dim=-1).indices)
+                two = time_us(lambda: selectors.top_units(s, count))
+                same = bool(torch.equal(selectors.top_units(s, count).sort(-1).values, s.topk(count, dim=-1).indices.sort(-1).values))
+                rows.append({"tokens": tokens, "unit": unit, "queries": queries, "n": n, "count": count,
+                             "one_stage_us": one, "top_units_us": two, "ratio": two / one, "same_set": same})
+                print(json.dumps(rows[-1]), flush=True)
+    meta = {"date": date.today().isoformat(), "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+            "topk_chunk": selectors.TOPK_CHUNK}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "topk_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
