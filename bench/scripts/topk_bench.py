@@ -1,5 +1,6 @@
-"""Top-K of the selectors on the GPU: torch.topk in one stage against selectors.top_units (two
-stages over chunks), side by side in one run, at the shapes a decode step of the 8B shape (8 KV
+"""Top-K of the selectors on the GPU: torch.topk in one stage (what the selectors use) against a
+candidate in two stages (:func:`top_units`: the best of each chunk, then of those; exact), side by
+side in one run, at the shapes a decode step of the 8B shape (8 KV
 heads) ranks: blocks of 16 (block selector) and single keys (exact), 1 % of 32K, 128K and 1M
 tokens, for 1 and 16 queries.  Each timing is the median of rounds of a CUDA graph of 20 calls.
 
@@ -18,9 +19,25 @@ from pathlib import Path
 
 import torch
 
-from ...engine.decode import selectors
-
 CALLS = 20
+# The candidate's chunks: at least TOPK_CHUNK and 8 ``count``.  On the H100 it was slower than one
+# stage at every shape but one (blocks at 128K, one query: 0.91x), so the selectors keep torch.topk.
+TOPK_CHUNK = 1024
+
+
+def top_units(s: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices ``(..., count)`` of the ``count`` largest of ``s: (..., n)``, best first, in two
+    stages over chunks where a row has at least four (else torch.topk)."""
+    n = s.shape[-1]
+    chunk = max(TOPK_CHUNK, 1 << (8 * count - 1).bit_length())
+    if n < 4 * chunk:
+        return s.topk(count, dim=-1).indices
+    pieces = math.ceil(n / chunk)
+    padded = torch.nn.functional.pad(s, (0, pieces * chunk - n), value=-math.inf)
+    v, i = padded.view(*s.shape[:-1], pieces, chunk).topk(count, dim=-1)  # (..., pieces, count)
+    i = i + torch.arange(0, pieces * chunk, chunk, device=s.device)[:, None]
+    best = v.flatten(-2).topk(count, dim=-1).indices
+    return i.flatten(-2).gather(-1, best).clamp_max(n - 1)  # a padding entry ranks after every real one
 
 
 def time_us(fn, rounds: int = 7) -> float:  # noqa: ANN001
@@ -58,13 +75,13 @@ def main() -> None:
                 count = max(1, math.ceil(0.01 * tokens / unit))
                 s = torch.randn(queries, 8, n, device="cuda", generator=gen)
                 one = time_us(lambda: s.topk(count, dim=-1).indices)
-                two = time_us(lambda: selectors.top_units(s, count))
-                same = bool(torch.equal(selectors.top_units(s, count).sort(-1).values, s.topk(count, dim=-1).indices.sort(-1).values))
+                two = time_us(lambda: top_units(s, count))
+                same = bool(torch.equal(top_units(s, count).sort(-1).values, s.topk(count, dim=-1).indices.sort(-1).values))
                 rows.append({"tokens": tokens, "unit": unit, "queries": queries, "n": n, "count": count,
                              "one_stage_us": one, "top_units_us": two, "ratio": two / one, "same_set": same})
                 print(json.dumps(rows[-1]), flush=True)
     meta = {"date": date.today().isoformat(), "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-            "topk_chunk": selectors.TOPK_CHUNK}
+            "topk_chunk": TOPK_CHUNK}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "topk_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 

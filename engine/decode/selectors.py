@@ -89,28 +89,6 @@ def _group_max(s: torch.Tensor, t: int) -> torch.Tensor:
     return s.view(h, t, tg // t, n).amax(dim=2).transpose(0, 1)
 
 
-# Top-K over long rows in two stages: the best ``count`` of each chunk, then of those (exact: every
-# member of a row's top ``count`` is among its chunk's).  torch.topk gives a short tensor of long
-# rows few thread blocks; chunks of at least TOPK_CHUNK (and 8 ``count``) give it many.  0: one stage.
-TOPK_CHUNK = 1024
-
-
-def top_units(s: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices ``(..., count)`` of the ``count`` largest of ``s: (..., n)``, best first (as
-    ``s.topk(count).indices``, ties in any order); rows of at least four chunks in two stages."""
-    n = s.shape[-1]
-    chunk = max(TOPK_CHUNK, 1 << (8 * count - 1).bit_length()) if TOPK_CHUNK else 0
-    if not chunk or n < 4 * chunk:
-        return s.topk(count, dim=-1).indices
-    pieces = math.ceil(n / chunk)
-    padded = torch.nn.functional.pad(s, (0, pieces * chunk - n), value=-math.inf)
-    v, i = padded.view(*s.shape[:-1], pieces, chunk).topk(count, dim=-1)  # (..., pieces, count)
-    i = i + torch.arange(0, pieces * chunk, chunk, device=s.device)[:, None]
-    best = v.flatten(-2).topk(count, dim=-1).indices
-    # a padding entry is chosen only after every real one (-inf, ranked last): any real index will do
-    return i.flatten(-2).gather(-1, best).clamp_max(n - 1)
-
-
 def expand_units(units: torch.Tensor, block: int, live: torch.Tensor | int, n_mid: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen units ``(T, Hkv, count)`` of ``block`` tokens, best first -> their token ids ``(T,
     Hkv, count block)`` and which count: units ranked below ``live``, rows below ``n_mid``."""
@@ -189,7 +167,7 @@ class ExactSelector:
         if b > 1:  # a block's score is its best token's (rows past n_mid score -inf)
             blocks = math.ceil(cap / b)
             s = torch.nn.functional.pad(s, (0, blocks * b - cap), value=-math.inf).view(*s.shape[:2], blocks, b).amax(dim=-1)
-        return top_units(s, count)
+        return s.topk(count, dim=-1).indices
 
     def select(self, qg: torch.Tensor, cap: int, count: int, live: torch.Tensor | int,
                n_mid: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,14 +251,14 @@ class BlockSelector:
         blocks = math.ceil(cap / b)
         if kernels.available(qg.device) and torch.is_tensor(n_mid):
             s = kernels.selection_scores(qg, self.kmax, blocks, n_mid, b, self.kmin)  # (T, Hkv, blocks)
-            return top_units(s, count)
+            return s.topk(count, dim=-1).indices
         q = _grouped(qg).float()
         # Upper bound of q.k over a block: sum_i max(q_i hi_i, q_i lo_i) = q+ . hi + q- . lo
         s = scores_fp32(q.clamp_min(0), self.kmax[:, :blocks].transpose(1, 2)) + \
             scores_fp32(q.clamp_max(0), self.kmin[:, :blocks].transpose(1, 2))
         s = _group_max(s, t)  # (T, Hkv, blocks)
         s = s.masked_fill(torch.arange(blocks, device=s.device) * b >= n_mid, -math.inf)
-        return top_units(s, count)
+        return s.topk(count, dim=-1).indices
 
     def select(self, qg: torch.Tensor, cap: int, count: int, live: torch.Tensor | int,
                n_mid: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
