@@ -1,8 +1,8 @@
 """Top-K of the selectors on the GPU: torch.topk in one stage (what the selectors use) against a
 candidate in two stages (:func:`top_units`: the best of each chunk, then of those; exact), side by
-side in one run, at the shapes a decode step of the 8B shape (8 KV
-heads) ranks: blocks of 16 (block selector) and single keys (exact), 1 % of 32K, 128K and 1M
-tokens, for 1 and 16 queries.  Each timing is the median of rounds of a CUDA graph of 20 calls.
+side in one run, at the shapes a decode step of the 8B shape (8 KV heads) ranks: blocks of 16
+(block selector) and single keys (exact), 1 % of 32K, 128K and 1M tokens, for 1 and 16 queries.
+Each timing is the median of rounds of a CUDA graph of 20 calls.
 
     python -m rcengine.bench.scripts.topk_bench [--out DIR]      # DIR/topk_bench.json
 """

@@ -62,13 +62,17 @@ class StepRunner:
 
     def run(self, ids: list[int], start: int, every_position: bool = False) -> torch.Tensor:
         """One forward over ``ids`` (the next T tokens, at positions ``start..``) -> logits."""
-        st = self.state
         t = len(ids)
-        captured = self.use_graphs and t == 1 and not every_position and st.probe is None and st.graph_safe()
+        captured = t == 1 and not every_position and self.can_capture()
         inputs = self.begin(ids, start, every_position, captured)
         logits = self._execute(inputs, every_position, captured)
         self._account(t, start)
         return logits
+
+    def can_capture(self, queries: int = 1) -> bool:
+        """Whether a step of ``queries`` tokens may run as a CUDA graph: graphs are on, no probe is
+        set, and the step runs on the device alone (:meth:`KVState.graph_safe`)."""
+        return self.use_graphs and self.state.probe is None and self.state.graph_safe(queries)
 
     def _execute(self, inputs: StepInputs, keep: bool | torch.Tensor, captured: bool) -> torch.Tensor:
         """The set-up step's forward: its graph replayed (``captured``) or run eagerly; then, on the
@@ -137,7 +141,7 @@ class StepRunner:
         logits are its graph's output: read them before the next step."""
         st = self.state
         t = len(ids)
-        captured = keep is None and self.capture_lanes and self.use_graphs and st.probe is None and st.graph_safe(t)
+        captured = keep is None and self.capture_lanes and self.can_capture(t)
         inputs = self._prepare(t, False, captured, True)
         inputs.fill_lanes(ids, positions, slots, lanes)
         rows = True if keep is None else torch.tensor(keep, dtype=torch.int64, device=st.device)

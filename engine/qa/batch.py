@@ -155,8 +155,8 @@ def group_captures(members: list[Member]) -> bool:
     device alone (as a single document's captured step does) and none reads the disk tier's
     block cache in place (its misses are filled between runs of a step, which a group's step,
     run once, cannot do)."""
-    return all(m.runner.use_graphs and m.runner.capture_lanes and m.runner.state.probe is None
-               and m.runner.state.graph_safe() and not m.runner.state.reads_blocks_in_place() for m in members)
+    return all(m.runner.capture_lanes and m.runner.can_capture() and not m.runner.state.reads_blocks_in_place()
+               for m in members)
 
 
 def decode_group(model, tokenizer, eos: set[int], members: list[Member], sampling: SamplingConfig,  # noqa: ANN001
