@@ -42,6 +42,7 @@ import torch
 
 from ...engine.config import EngineConfig
 from ...engine.decode import kernels
+from ...engine.hf import model_ops
 from ...engine.hf.integration import model_call, stock_prefill
 from ...engine.qa.document import Document
 from ...engine.qa.engine import Engine
@@ -141,7 +142,7 @@ def run_length(lm, n: int, args, report: Report, deadline: float) -> None:  # no
     mid_kv = doc.state.mid_len * doc.state.num_layers * doc.state.num_kv_heads * doc.state.tier.layout.row_bytes
     report.note(f"{n} tokens: stock prefill {prefill_s:.1f} s; offloading it ({mid_kv / 1e9:.2f} GB of mid KV to pinned host "
                 f"memory, exact selection state, centroid summaries) {adopt_s:.1f} s")
-    for method, budget, selector, graphs, fused in VARIANTS:
+    for (method, budget, selector, graphs, fused), ops in ((v, o) for v in VARIANTS for o in args.model_ops):
         if args.variants and variant_key(method, selector, graphs, fused) not in args.variants:
             continue
         if time.perf_counter() > deadline:
@@ -149,16 +150,20 @@ def run_length(lm, n: int, args, report: Report, deadline: float) -> None:  # no
             break
         doc.configure(method=method, budget=budget if budget else 0.01, selector=selector, fused=fused)
         doc.runner.use_graphs = graphs
+        model_ops.ENABLED = ops
+        doc.runner.drop_graphs()
         tokens = args.dense_tokens if method == "dense" else args.tokens
         name = f"{method}" + (f" {budget:.0%} {selector}" if budget else "") + ("" if graphs else ", no graphs") + \
-            ("" if fused else ", PyTorch rule")
-        row = {"tokens": n, "variant": name, "tier": "cpu (pinned, zero-copy)", **time_variant(doc, question, tokens, args.rounds)}
+            ("" if fused else ", PyTorch rule") + ("" if ops else ", the model's own norm/RoPE/SiLU ops")
+        row = {"tokens": n, "variant": name, "tier": "cpu (pinned, zero-copy)", "model_ops_fused": ops,
+               **time_variant(doc, question, tokens, args.rounds)}
         row["vs_stock"] = row["ms_per_token"] / stock
         if method == "dense":
             physical = sum(row["kv_physical_bytes_per_step"].values())
             row["pcie_floor_ms"] = 1e3 * physical / PCIE_BYTES_PER_S
             row["vs_pcie_floor"] = row["ms_per_token"] / row["pcie_floor_ms"]
         report.add(row)
+    model_ops.ENABLED = True
     if args.batch and n in args.batch_lengths:
         default = doc.runner.capture_lanes
         for selector, captured in (("block", False), ("block", True), ("exact", True)):
@@ -213,20 +218,25 @@ def device_dense(lm, ids: list[int], cache, logits: torch.Tensor, stock: float, 
     try:
         # --waves: the splits of the rows over the kernels' programs, side by side (about W programs
         # per multiprocessor; 0: the host tier's up to MAX_SLICES slices).
-        for waves in args.waves:
+        # --model-ops: the decoder layer's norms, rotary embedding and SiLU product as rcengine's
+        # kernels (on) or as the model's own PyTorch code (off), side by side.
+        for waves, ops in ((w, o) for w in args.waves for o in args.model_ops):
             kernels.RESIDENT_WAVES = waves
+            model_ops.ENABLED = ops
             doc.runner.drop_graphs()
             split = f"{waves} programs per multiprocessor" if waves else f"up to {kernels.MAX_SLICES} slices"
+            split += "" if ops else ", the model's own norm/RoPE/SiLU ops"
             row = {"tokens": n, "variant": f"dense, KV on the device (--offload device), {split}", "tier": "device",
-                   **time_variant(doc, ids[-QUESTION_TOKENS:], args.tokens, args.rounds)}
+                   "model_ops_fused": ops, **time_variant(doc, ids[-QUESTION_TOKENS:], args.tokens, args.rounds)}
             row.update({"weight_bytes": weights, "kv_bytes": kv, "hbm_bytes_per_s": bw, "hbm_floor_ms": 1e3 * (weights + kv) / bw})
             row["vs_hbm_floor"] = row["ms_per_token"] / row["hbm_floor_ms"]
             row["vs_stock"] = row["ms_per_token"] / stock
             report.add(row)
-            if args.profile:
+            if args.profile and ops:
                 profile(doc, ids[-QUESTION_TOKENS:], Path(args.out) / f"profile_device_dense_{n}_{waves}.txt", f"dense, device, {split}")
     finally:
         kernels.RESIDENT_WAVES = default
+        model_ops.ENABLED = True
         doc.close()
         del doc
         torch.cuda.empty_cache()
@@ -339,6 +349,8 @@ def main() -> None:
     parser.add_argument("--waves", default=f"0,{kernels.RESIDENT_WAVES}",
                         help="splits of the device rows to time side by side: programs per multiprocessor (0: up to MAX_SLICES slices)")
     parser.add_argument("--device-dense", type=int, default=1, help="also dense with the KV on the device (0: skip)")
+    parser.add_argument("--model-ops", default="on", help="on, off or on,off (side by side): the decoder layer's norms, rotary "
+                        "embedding and SiLU product as rcengine's kernels or the model's own code (batch 1 and device dense)")
     parser.add_argument("--budget-s", type=float, default=540, help="stop starting work after this long")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/out"))
     args = parser.parse_args()
@@ -346,6 +358,7 @@ def main() -> None:
     args.batch_lengths = [int(x) for x in args.batch_lengths.split(",") if x]
     args.variants = {x for x in args.variants.split(",") if x}
     args.waves = [int(x) for x in args.waves.split(",") if x]
+    args.model_ops = [{"on": True, "off": False}[x] for x in args.model_ops.split(",") if x]
     known = {variant_key(m, s, g, f) for m, _, s, g, f in VARIANTS}
     if args.variants - known:
         parser.error(f"unknown variants {sorted(args.variants - known)}: use some of {sorted(known)}")

@@ -345,8 +345,9 @@ def fused_attention(
     crp = _pow2(cr)
     part_w = torch.empty(t * hkv, g, crp, **f32) if complete else part_m
     part_alpha = torch.empty(t * hkv, g, **f32) if complete else part_m
-    dummy_i = torch.zeros(1, dtype=torch.int64, device=dev)
-    dummy_t = torch.zeros(1, dtype=torch.int32, device=dev)
+    # (empty: stand-ins are never read, and an empty tensor launches no kernel)
+    dummy_i = torch.empty(1, dtype=torch.int64, device=dev)
+    dummy_t = torch.empty(1, dtype=torch.int32, device=dev)
     table = table.contiguous() if table is not None else None
     cent = centroids.reshape(hkv, cr, d).contiguous() if complete else part_acc
     beta = summary.beta.reshape(hkv, cr).contiguous() if complete else part_m

@@ -6,7 +6,11 @@ rcengine plugs into transformers' own extension points, with no copy of model co
   active :class:`RCCache` and computes prefill or decode attention with it;
 - a mask function registered under the same name (``AttentionMaskInterface``): it returns no mask,
   since rcengine's attention applies causality itself;
-- our Cache (cache.py), passed to the model as its cache.
+- our Cache (cache.py), passed to the model as its cache;
+- inside an rcengine step on a device Triton serves, the decoder layer's RMSNorm, rotary embedding
+  and SiLU-gate product run as one kernel each (model_ops.py: the same values, one launch instead
+  of up to ten): the norm and MLP modules' ``forward`` is routed per instance, the rotary function
+  of the model's module is wrapped; both call the model's own code outside a step.
 
 Versions: tested with transformers 5.17 (GPU machine), 5.23 and 5.24.  5.24 renamed the models'
 ``past_key_values`` argument to ``cache`` (the old name still works there, with a deprecation
@@ -19,6 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
+import types
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
@@ -30,6 +36,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from ..decode.layer import decode_attention, prefill_attention
 from ..decode.runner import Forward
+from . import model_ops
 from .cache import RCCache
 from .group import GroupCache
 
@@ -102,6 +109,59 @@ def register() -> None:
 def use_rcengine_attention(model: PreTrainedModel) -> None:
     register()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    route_model_ops(model)
+
+
+# The supported families' modules whose operations model_ops computes (their code is Llama's).
+_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm")
+_MLPS = ("LlamaMLP", "Qwen2MLP", "MistralMLP")
+_ATTENTIONS = ("LlamaAttention", "Qwen2Attention", "MistralAttention")
+
+
+def _in_step(x: torch.Tensor) -> bool:
+    return _ACTIVE.get() is not None and model_ops.usable(x)
+
+
+def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 (an RMSNorm module)
+    if _in_step(hidden_states):
+        return model_ops.rms_norm(hidden_states, self.weight, self.variance_epsilon)
+    return type(self).forward(self, hidden_states)
+
+
+def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: ANN001 (an MLP module)
+    if _in_step(x):
+        return self.down_proj(model_ops.silu_mul(self.gate_proj(x), self.up_proj(x)))
+    return type(self).forward(self, x)
+
+
+def _rotary_router(original: Callable) -> Callable:
+    def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        if not args and not kwargs and _in_step(q) and model_ops.rotary_fits(q, k, cos, sin, 1):
+            return model_ops.rotary(q, k, cos, sin)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    apply_rotary_pos_emb.__wrapped__ = original
+    apply_rotary_pos_emb.rcengine_router = True
+    return apply_rotary_pos_emb
+
+
+def route_model_ops(model: PreTrainedModel) -> None:
+    """Route ``model``'s RMSNorm and SiLU MLP modules (per instance, as bound methods, so copies of
+    the model keep theirs) and its modeling module's ``apply_rotary_pos_emb`` (once) to
+    model_ops inside rcengine steps (idempotent)."""
+    for module in model.modules():
+        name = type(module).__name__
+        if "forward" in vars(module):
+            continue
+        if name in _NORMS and hasattr(module, "variance_epsilon"):
+            module.forward = types.MethodType(_norm_forward, module)
+        elif name in _MLPS and (isinstance(module.act_fn, torch.nn.SiLU) or type(module.act_fn).__name__ == "SiLUActivation"):
+            module.forward = types.MethodType(_mlp_forward, module)
+        elif name in _ATTENTIONS:
+            source = sys.modules[type(module).__module__]
+            original = getattr(source, "apply_rotary_pos_emb", None)
+            if original is not None and not getattr(original, "rcengine_router", False):
+                source.apply_rotary_pos_emb = _rotary_router(original)
 
 
 def check_supported(config) -> None:  # noqa: ANN001 (a transformers PretrainedConfig)
