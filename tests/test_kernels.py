@@ -162,3 +162,23 @@ def test_fused_kernels_read_blocks_through_a_slot_table(gen, method, unit):
         ref = normalize(rc_state(f64(qg)[i : i + 1], anchors, d**-0.5, TokenSet(kk, vv, ok), completion))[0]
         got = out[i].double().cpu()
         assert (got - ref).abs().max() <= output_tolerance(dtype) * ref.abs().max(), (got - ref).abs().max()
+
+
+@pytest.mark.parametrize("rows,n,count", [(1, 8, 3), (8, 8192, 82), (16, 2048, 21), (3, 1000, 1000), (2, 5000, 1)])
+def test_top_units_matches_topk(gen, rows, n, count):
+    """The one-program Top-K against torch.topk: the same indices in the same order on distinct
+    scores (with a tail of -inf: rows past the mid-region); among equal scores the lower index first."""
+    s = torch.randn(rows, n, generator=gen)
+    s[:, n - n // 5 :] = -math.inf
+    s = s.to(DEVICE)
+    got = kernels.top_units(s, count)
+    want = s.topk(count, dim=-1)
+    assert got.shape == want.indices.shape and got.dtype == torch.int64
+    torch.testing.assert_close(s.gather(-1, got), want.values)  # best first, the same values
+    real = want.values > -math.inf
+    assert torch.equal(got[real], want.indices[real])
+    ties = torch.full((rows, n), 1.5, device=DEVICE)
+    ties[:, 7::11] = 2.0
+    got = kernels.top_units(ties, count).cpu()
+    top = torch.arange(n)[7::11].tolist() + [i for i in range(n) if (i - 7) % 11 or i < 7]
+    assert got.tolist() == [top[:count]] * rows

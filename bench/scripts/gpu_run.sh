@@ -6,6 +6,7 @@
 #   bash bench/scripts/gpu_run.sh tests                 # the whole test suite  ($OUT/tests.log)
 #   bash bench/scripts/gpu_run.sh decode [ARGS...]      # bench/scripts/gpu_decode.py   ($OUT/gpu_decode.json, decode.log)
 #   bash bench/scripts/gpu_run.sh tests decode [ARGS]   # both, tests first
+#   bash bench/scripts/gpu_run.sh tests topk decode ... # with bench/scripts/topk_bench.py between ($OUT/topk_bench.json, topk.log)
 #   bash bench/scripts/gpu_run.sh disk [ARGS...]        # bench/scripts/disk_decode.py on the 8B shape ($OUT/disk_decode.json, disk.log)
 #   bash bench/scripts/gpu_run.sh calibrate [ARGS...]   # bench/scripts/calibrate_time.py on the 8B shape ($OUT/calibrate_time.json, calibrate.log)
 #   bash bench/scripts/gpu_run.sh prefill [ARGS...]     # bench/scripts/prefill_writes.py on the 8B shape ($OUT/prefill_writes.json, prefill.log)
@@ -41,6 +42,11 @@ if [ "${1:-}" = tests ]; then
   if ls .whl/pytest_timeout-*.whl >/dev/null 2>&1; then session="--session-timeout=$(( ${TESTS_S:-590} - 30 ))"; fi
   timeout "${TESTS_S:-590}" python3 -m pytest -q -p no:cacheprovider --durations=30 -rfEs --tb=short $session $selected > "$OUT/tests.log" 2>&1
   echo "tests exit $?"; tail -n 30 "$OUT/tests.log"
+fi
+if [ "${1:-}" = topk ]; then
+  shift
+  timeout "${TOPK_S:-120}" python3 -m rcengine.bench.scripts.topk_bench --out "$OUT" > "$OUT/topk.log" 2>&1
+  echo "topk exit $?"; cut -c1-400 "$OUT/topk.log" | tail -n 14
 fi
 if [ "${1:-}" = decode ]; then
   shift

@@ -1,6 +1,7 @@
-"""Top-K of the selectors on the GPU: torch.topk in one stage (what the selectors use) against a
-candidate in two stages (:func:`top_units`: the best of each chunk, then of those; exact), side by
-side in one run, at the shapes a decode step of the 8B shape (8 KV heads) ranks: blocks of 16
+"""Top-K of the selectors on the GPU, side by side in one run: torch.topk, the engine's one-program
+kernel (``kernels.top_units``: bisection for the count-th score, then a sort of the chosen; rows of
+at most ``kernels.TOP_MAX``) and a candidate in two stages (:func:`two_stage_top`: the best of each
+chunk, then of those; exact), at the shapes a decode step of the 8B shape (8 KV heads) ranks: blocks of 16
 (block selector) and single keys (exact), 1 % of 32K, 128K and 1M tokens, for 1 and 16 queries.
 Each timing is the median of rounds of a CUDA graph of 20 calls.
 
@@ -19,13 +20,15 @@ from pathlib import Path
 
 import torch
 
+from ...engine.decode import kernels
+
 CALLS = 20
-# The candidate's chunks: at least TOPK_CHUNK and 8 ``count``.  On the H100 it was slower than one
-# stage at every shape but one (blocks at 128K, one query: 0.91x), so the selectors keep torch.topk.
+# The two-stage candidate's chunks: at least TOPK_CHUNK and 8 ``count``.  On the H100 it was slower
+# than one torch.topk at every shape but one (blocks at 128K, one query: 0.91x); not used.
 TOPK_CHUNK = 1024
 
 
-def top_units(s: torch.Tensor, count: int) -> torch.Tensor:
+def two_stage_top(s: torch.Tensor, count: int) -> torch.Tensor:
     """Indices ``(..., count)`` of the ``count`` largest of ``s: (..., n)``, best first, in two
     stages over chunks where a row has at least four (else torch.topk)."""
     n = s.shape[-1]
@@ -75,13 +78,19 @@ def main() -> None:
                 count = max(1, math.ceil(0.01 * tokens / unit))
                 s = torch.randn(queries, 8, n, device="cuda", generator=gen)
                 one = time_us(lambda: s.topk(count, dim=-1).indices)
-                two = time_us(lambda: top_units(s, count))
-                same = bool(torch.equal(top_units(s, count).sort(-1).values, s.topk(count, dim=-1).indices.sort(-1).values))
-                rows.append({"tokens": tokens, "unit": unit, "queries": queries, "n": n, "count": count,
-                             "one_stage_us": one, "top_units_us": two, "ratio": two / one, "same_set": same})
+                two = time_us(lambda: two_stage_top(s, count))
+                want = s.topk(count, dim=-1).indices
+                same = bool(torch.equal(two_stage_top(s, count).sort(-1).values, want.sort(-1).values))
+                row = {"tokens": tokens, "unit": unit, "queries": queries, "n": n, "count": count,
+                       "one_stage_us": one, "two_stage_us": two, "ratio": two / one, "same_set": same}
+                if n <= kernels.TOP_MAX:
+                    row["kernel_us"] = time_us(lambda: kernels.top_units(s, count))
+                    row["kernel_ratio"] = row["kernel_us"] / one
+                    row["kernel_same"] = bool(torch.equal(kernels.top_units(s, count), want))
+                rows.append(row)
                 print(json.dumps(rows[-1]), flush=True)
     meta = {"date": date.today().isoformat(), "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-            "topk_chunk": TOPK_CHUNK}
+            "topk_chunk": TOPK_CHUNK, "top_max": kernels.TOP_MAX}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "topk_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
