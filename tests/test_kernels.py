@@ -12,6 +12,7 @@ import torch
 from conftest import output_tolerance
 from rcengine.engine.decode import kernels
 from rcengine.engine.decode.selectors import expand_units
+from rcengine.engine.decode.top import top_units
 from rcengine.engine.rule.attention import Completion, TokenSet, normalize, rc_state
 from rcengine.engine.rule.feature_maps import CentroidFeatures
 from rcengine.engine.rule.summary import Summary
@@ -171,7 +172,7 @@ def test_top_units_matches_topk(gen, rows, n, count):
     s = torch.randn(rows, n, generator=gen)
     s[:, n - n // 5 :] = -math.inf
     s = s.to(DEVICE)
-    got = kernels.top_units(s, count)
+    got = top_units(s, count)
     want = s.topk(count, dim=-1)
     assert got.shape == want.indices.shape and got.dtype == torch.int64
     torch.testing.assert_close(s.gather(-1, got), want.values)  # best first, the same values
@@ -179,6 +180,6 @@ def test_top_units_matches_topk(gen, rows, n, count):
     assert torch.equal(got[real], want.indices[real])
     ties = torch.full((rows, n), 1.5, device=DEVICE)
     ties[:, 7::11] = 2.0
-    got = kernels.top_units(ties, count).cpu()
+    got = top_units(ties, count).cpu()
     top = torch.arange(n)[7::11].tolist() + [i for i in range(n) if (i - 7) % 11 or i < 7]
     assert got.tolist() == [top[:count]] * rows

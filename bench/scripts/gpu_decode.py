@@ -218,8 +218,7 @@ def device_dense(lm, ids: list[int], cache, logits: torch.Tensor, stock: float, 
     try:
         # --waves: the splits of the rows over the kernels' programs, side by side (about W programs
         # per multiprocessor; 0: the host tier's up to MAX_SLICES slices).
-        # --model-ops: the decoder layer's norms, rotary embedding and SiLU product as rcengine's
-        # kernels (on) or as the model's own PyTorch code (off), side by side.
+        # --model-ops: the layers' norms, RoPE and SiLU as rcengine's kernels (on) or the model's code (off).
         for waves, ops in ((w, o) for w in args.waves for o in args.model_ops):
             kernels.RESIDENT_WAVES = waves
             model_ops.ENABLED = ops

@@ -1,6 +1,6 @@
 """Top-K of the selectors on the GPU, side by side in one run: torch.topk, the engine's one-program
-kernel (``kernels.top_units``: bisection for the count-th score, then a sort of the chosen; rows of
-at most ``kernels.TOP_MAX``) and a candidate in two stages (:func:`two_stage_top`: the best of each
+kernel (``engine.decode.top``: bisection for the count-th score, then a sort of the chosen; rows of
+at most ``top.TOP_MAX``) and a candidate in two stages (:func:`two_stage_top`: the best of each
 chunk, then of those; exact), at the shapes a decode step of the 8B shape (8 KV heads) ranks: blocks of 16
 (block selector) and single keys (exact), 1 % of 32K, 128K and 1M tokens, for 1 and 16 queries.
 Each timing is the median of rounds of a CUDA graph of 20 calls.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ...engine.decode import kernels
+from ...engine.decode import top
 
 CALLS = 20
 # The two-stage candidate's chunks: at least TOPK_CHUNK and 8 ``count``.  On the H100 it was slower
@@ -83,14 +83,14 @@ def main() -> None:
                 same = bool(torch.equal(two_stage_top(s, count).sort(-1).values, want.sort(-1).values))
                 row = {"tokens": tokens, "unit": unit, "queries": queries, "n": n, "count": count,
                        "one_stage_us": one, "two_stage_us": two, "ratio": two / one, "same_set": same}
-                if n <= kernels.TOP_MAX:
-                    row["kernel_us"] = time_us(lambda: kernels.top_units(s, count))
+                if n <= top.TOP_MAX:
+                    row["kernel_us"] = time_us(lambda: top.top_units(s, count))
                     row["kernel_ratio"] = row["kernel_us"] / one
-                    row["kernel_same"] = bool(torch.equal(kernels.top_units(s, count), want))
+                    row["kernel_same"] = bool(torch.equal(top.top_units(s, count), want))
                 rows.append(row)
                 print(json.dumps(rows[-1]), flush=True)
     meta = {"date": date.today().isoformat(), "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
-            "topk_chunk": TOPK_CHUNK, "top_max": kernels.TOP_MAX}
+            "topk_chunk": TOPK_CHUNK, "top_max": top.TOP_MAX}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "topk_bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 

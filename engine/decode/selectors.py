@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import torch
 
 from . import kernels
+from .top import top_units
 
 if TYPE_CHECKING:
     from ...storage import KeyIndex
@@ -167,7 +168,7 @@ class ExactSelector:
         if b > 1:  # a block's score is its best token's (rows past n_mid score -inf)
             blocks = math.ceil(cap / b)
             s = torch.nn.functional.pad(s, (0, blocks * b - cap), value=-math.inf).view(*s.shape[:2], blocks, b).amax(dim=-1)
-        return kernels.top_units(s, count)
+        return top_units(s, count)
 
     def select(self, qg: torch.Tensor, cap: int, count: int, live: torch.Tensor | int,
                n_mid: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,7 +252,7 @@ class BlockSelector:
         blocks = math.ceil(cap / b)
         if kernels.available(qg.device) and torch.is_tensor(n_mid):
             s = kernels.selection_scores(qg, self.kmax, blocks, n_mid, b, self.kmin)  # (T, Hkv, blocks)
-            return kernels.top_units(s, count)
+            return top_units(s, count)
         q = _grouped(qg).float()
         # Upper bound of q.k over a block: sum_i max(q_i hi_i, q_i lo_i) = q+ . hi + q- . lo
         s = scores_fp32(q.clamp_min(0), self.kmax[:, :blocks].transpose(1, 2)) + \
