@@ -111,3 +111,21 @@ def test_captured_group_steps_equal_eager_ones(tiny_llama, offload):
     assert out[True][0] == out[False][0]
     assert out[True][1] == out[False][1]
     assert out[False][2] == 0 and out[True][2] >= 1
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_group_steps_on_side_streams_equal_one_stream(tiny_llama, graphs, monkeypatch):
+    """Each document's attention on a side stream of its own (forked and joined every layer)
+    gives the tokens and bytes of all of them on the step's stream, eager and captured."""
+    from rcengine import Engine, EngineConfig, SamplingConfig
+    from rcengine.engine.hf import group
+
+    prompts = [torch.randint(3, 300, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (300, 420, 260)]
+    out = {}
+    for streams in (False, True):
+        monkeypatch.setattr(group, "STREAMS", streams)
+        cfg = EngineConfig(method="rc", budget=0.05, selector="block", offload="cpu", sink=4, tail=16, spill=4, graphs=graphs)
+        engine = Engine.load(tiny_llama, cfg, device="cuda", dtype=torch.float32, show_progress=False)
+        answers = engine.generate_many(prompts, SamplingConfig(max_new_tokens=14, ignore_eos=True))
+        out[streams] = ([a.token_ids for a in answers], [a.stats["bytes"]["logical"] for a in answers])
+    assert out[True] == out[False]

@@ -14,14 +14,12 @@ Per variant: ms per decoded token (median of rounds, each after a warm-up answer
 its graphs), bytes per step by tier (KV read, logical and physical, and selection reads), and the
 device memory held for the KV side (anchors, selection state, summaries).  Beside them, dense
 with the KV on the device (``--offload device``) against its HBM floor, for each split of its rows
-in ``--waves``.  With ``--profile``: rc-exact and rc-block steps at the longest length
-(``profile.txt``, ``profile_block.txt``) and the device-dense steps
-(``profile_device_dense_N_W.txt``).  Every length and variant runs under its own
-deadline; results are written after each row.
+in ``--waves``.  ``--profile``: rc-exact and rc-block steps at the longest length (``profile.txt``,
+``profile_block.txt``), device dense (``profile_device_dense_N_W.txt``).  Each length and variant
+has its own deadline; results are written after each row.
 
-Batched decode: at ``--batch-lengths``, ``--batch`` questions of one document answered together
-(``ask_many``) against one at a time, and ``--documents`` 32K documents continued together
-(``generate_many``) against one at a time: aggregate decode tokens per second and their ratio.
+Batched: ``--batch`` questions of one document together (``ask_many``, at ``--batch-lengths``) and
+``--documents`` 32K documents together (``generate_many``), each against one at a time (tokens/s).
 
     python bench/scripts/gpu_decode.py [--lengths 8192,32768,131072] [--million] [--tokens 32] [--batch 16] [--documents 4] [--out DIR]
 """
@@ -42,7 +40,7 @@ import torch
 
 from ...engine.config import EngineConfig
 from ...engine.decode import kernels
-from ...engine.hf import model_ops
+from ...engine.hf import group, model_ops
 from ...engine.hf.integration import model_call, stock_prefill
 from ...engine.qa.document import Document
 from ...engine.qa.engine import Engine
@@ -223,8 +221,8 @@ def device_dense(lm, ids: list[int], cache, logits: torch.Tensor, stock: float, 
             kernels.RESIDENT_WAVES = waves
             model_ops.ENABLED = ops
             doc.runner.drop_graphs()
-            split = f"{waves} programs per multiprocessor" if waves else f"up to {kernels.MAX_SLICES} slices"
-            split += "" if ops else ", the model's own norm/RoPE/SiLU ops"
+            split = (f"{waves} programs per multiprocessor" if waves else f"up to {kernels.MAX_SLICES} slices") + \
+                ("" if ops else ", the model's own norm/RoPE/SiLU ops")
             row = {"tokens": n, "variant": f"dense, KV on the device (--offload device), {split}", "tier": "device",
                    "model_ops_fused": ops, **time_variant(doc, ids[-QUESTION_TOKENS:], args.tokens, args.rounds)}
             row.update({"weight_bytes": weights, "kv_bytes": kv, "hbm_bytes_per_s": bw, "hbm_floor_ms": 1e3 * (weights + kv) / bw})
@@ -262,10 +260,9 @@ def time_batch(doc: Document, ids: list[int], count: int, tokens: int, rounds: i
 
 
 def run_documents(lm, n: int, count: int, args, report: Report) -> None:  # noqa: ANN001
-    """``count`` documents of ``n`` tokens continued one at a time (warm: graphs captured), then
-    together (generate_many: one forward per step over the documents' caches, a CUDA graph per
-    set of documents going).  The together rate is given over all its steps (the first one
-    captures the group's graph) and over the steps after it (warm, as the one-at-a-time rows)."""
+    """``count`` documents of ``n`` tokens continued one at a time (warm), then together (generate_many;
+    a CUDA graph per set of documents going), the documents' attention on one stream and on side
+    streams: the rate over all steps (the first captures) and over the warm steps after it."""
     vocab = lm.model.config.vocab_size
     prompts = [torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n + i)).tolist() for i in range(count)]
     engine = Engine(lm, EngineConfig(method="rc", budget=0.01, offload="cpu", selector="block"), show_progress=False)
@@ -275,19 +272,22 @@ def run_documents(lm, n: int, count: int, args, report: Report) -> None:  # noqa
         with engine.prefill(p) as doc:
             doc.ask(p[-QUESTION_TOKENS:], SamplingConfig(max_new_tokens=4, ignore_eos=True))
             ms_alone.append(doc.continue_prompt(sampling).stats["timings_ms"]["decode_per_token"])
-    together = engine.generate_many(prompts, sampling)
     one = statistics.mean(ms_alone)
-    batch = together[0].stats["batch"]
-    steps = batch["decode_steps"]
-    rate = count * steps / (batch["timings_ms"]["decode"] / 1e3)
-    step_ms = batch["timings_ms"]["per_step"]
-    warm_ms = statistics.median(step_ms[1:]) if len(step_ms) > 1 else None
-    warm_rate = count * 1e3 / warm_ms if warm_ms else None
-    report.add({"tokens": n, "variant": f"rc 1% block, {count} documents together (generate_many)", "tier": "cpu (pinned, zero-copy)",
-                "ms_per_token": one, "ms_per_token_alone": ms_alone, "tokens_per_s_alone": 1e3 / one,
-                "tokens_per_s_together": rate, "speedup": rate * one / 1e3, "graphs_captured": batch["graphs_captured"],
-                "ms_per_step_together_warm": warm_ms, "tokens_per_s_together_warm": warm_rate,
-                "speedup_warm": warm_rate * one / 1e3 if warm_rate else None})
+    for streams in (False, True):  # the documents' attention on the step's stream, or each on a side stream
+        group.STREAMS = streams
+        together = engine.generate_many(prompts, sampling)
+        batch = together[0].stats["batch"]
+        rate = count * batch["decode_steps"] / (batch["timings_ms"]["decode"] / 1e3)
+        step_ms = batch["timings_ms"]["per_step"]
+        warm_ms = statistics.median(step_ms[1:]) if len(step_ms) > 1 else None
+        warm_rate = count * 1e3 / warm_ms if warm_ms else None
+        name = f"rc 1% block, {count} documents together (generate_many{', side streams' if streams else ''})"
+        report.add({"tokens": n, "variant": name, "tier": "cpu (pinned, zero-copy)",
+                    "ms_per_token": one, "ms_per_token_alone": ms_alone, "tokens_per_s_alone": 1e3 / one,
+                    "tokens_per_s_together": rate, "speedup": rate * one / 1e3, "graphs_captured": batch["graphs_captured"],
+                    "ms_per_step_together_warm": warm_ms, "tokens_per_s_together_warm": warm_rate,
+                    "speedup_warm": warm_rate * one / 1e3 if warm_rate else None})
+    group.STREAMS = True
 
 
 def profile(doc: Document, question: list[int], path: Path, label: str) -> None:

@@ -85,8 +85,7 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if cache.phase == "group":  # several documents: each span of the step's queries attends to its own
-        parts = [decode_attention(c.state, module.layer_idx, query[:, :, a:b], scale) for c, (a, b) in zip(cache.members, cache.spans)]
-        return torch.cat(parts, dim=1), None
+        return cache.attention(module.layer_idx, query, scale), None
     if cache.phase == "prefill":
         k, v = cache.prefill[module.layer_idx].view()
         return prefill_attention(k, v, query, scale), None
