@@ -9,7 +9,8 @@ kernels took 1.9 ms of a 12.3 ms step: bench/RESULTS.md).
 
 Each function here is one kernel that computes the same values in the same dtypes: it rounds to
 the model's dtype wherever the model's code does (after every elementwise operation of a bf16
-tensor), so the results equal the model's own but for the order of one sum (RMSNorm's mean).
+tensor, to nearest, by integer arithmetic: see ``_round``), so the results equal the model's own
+bit for bit but for the order of one sum (RMSNorm's mean) and the last bit of exp (SiLU).
 
 - :func:`rms_norm`: ``x (..., H)``, ``weight (H,)`` -> ``weight * (x / rms(x)).to(x.dtype)``;
 - :func:`rotary`: queries ``(B, Hq, T, d)`` and keys ``(B, Hkv, T, d)`` (any strides), ``cos,
@@ -35,22 +36,43 @@ def usable(x: torch.Tensor) -> bool:
     return ENABLED and available(x.device)
 
 
+BF16, F16, F32 = 1, 2, 0  # how a kernel rounds a float32 value to a tensor's dtype (_round's KIND)
+
+
+def _kind(dtype: torch.dtype) -> int:
+    return {torch.bfloat16: BF16, torch.float16: F16}.get(dtype, F32)
+
+
 if triton is not None:
 
     @triton.jit
-    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n, eps, BLOCK: tl.constexpr):
+    def _round(x, KIND: tl.constexpr):
+        """``x`` float32 rounded to the nearest value of the dtype KIND names (ties to even), still
+        float32.  bfloat16 by integer arithmetic on the bits: the compiler cannot fold it away with
+        the conversion back, and Triton's interpreter (which truncates its conversions) agrees."""
+        if KIND == 1:
+            b = x.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            return b.to(tl.float32, bitcast=True)
+        elif KIND == 2:
+            return x.to(tl.float16).to(tl.float32)
+        else:
+            return x
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n, eps, BLOCK: tl.constexpr, XK: tl.constexpr, OK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + row * n + offs, mask=mask, other=0.0).to(tl.float32)
         var = tl.sum(x * x, axis=0) / n
-        y = (x * tl.math.rsqrt(var + eps)).to(x_ptr.dtype.element_ty).to(tl.float32)  # hidden_states.to(input_dtype)
+        y = _round(x * tl.math.rsqrt(var + eps), XK)  # hidden_states.to(input_dtype)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * n + offs, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row * n + offs, _round(w * y, OK).to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, hq, hkv, t,
-                       sqb, sqh, sqt, skb, skh, skt, scb, sct, HALF: tl.constexpr):
+                       sqb, sqh, sqt, skb, skh, skt, scb, sct, HALF: tl.constexpr, K: tl.constexpr):
         """One program per (batch, position, head of the queries then of the keys)."""
         pid = tl.program_id(0)
         heads = hq + hkv
@@ -79,8 +101,8 @@ if triton is not None:
         x2 = x2.to(tl.float32)
         # (x * cos) + (rotate_half(x) * sin), rotate_half(x) = cat(-x2, x1), each product rounded
         # to the model's dtype and then the sum, as the model's PyTorch code does.
-        o1 = ((x1 * c1).to(ty).to(tl.float32) + (-x2 * s1).to(ty).to(tl.float32)).to(ty)
-        o2 = ((x2 * c2).to(ty).to(tl.float32) + (x1 * s2).to(ty).to(tl.float32)).to(ty)
+        o1 = _round(_round(x1 * c1, K) + _round(-x2 * s1, K), K).to(ty)
+        o2 = _round(_round(x2 * c2, K) + _round(x1 * s2, K), K).to(ty)
         if is_q:
             tl.store(qo_ptr + dst + offs, o1)
             tl.store(qo_ptr + dst + HALF + offs, o2)
@@ -89,7 +111,7 @@ if triton is not None:
             tl.store(ko_ptr + dst + HALF + offs, o2)
 
     @triton.jit
-    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr, K: tl.constexpr):
         pid = tl.program_id(0).to(tl.int64)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
@@ -97,8 +119,8 @@ if triton is not None:
         ty = g.dtype
         g = g.to(tl.float32)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        s = (g / (1.0 + tl.exp(-g))).to(ty).to(tl.float32)  # act_fn(gate) in the model's dtype
-        tl.store(out_ptr + offs, (s * u).to(ty), mask=mask)
+        s = _round(g / (1.0 + tl.exp(-g)), K)  # act_fn(gate) in the model's dtype
+        tl.store(out_ptr + offs, _round(s * u, K).to(ty), mask=mask)
 
 
 def _pow2(n: int) -> int:
@@ -114,7 +136,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     rows = x2.numel() // h if h else 0
     if rows:
         block = _pow2(h)
-        _rms_norm_kernel[(rows,)](x2, weight.contiguous(), out, h, eps, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+        _rms_norm_kernel[(rows,)](x2, weight.contiguous(), out, h, eps, BLOCK=block, XK=_kind(x.dtype), OK=_kind(out.dtype),
+                                  num_warps=8 if block >= 2048 else 4)
     return out
 
 
@@ -134,7 +157,7 @@ def rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
         scb = 0 if cos.shape[0] == 1 else cos.stride(0)
         _rotary_kernel[(b * t * (hq + hkv),)](
             q, k, cos, sin, qo, ko, hq, hkv, t, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            scb, cos.stride(1), HALF=d // 2, num_warps=1,
+            scb, cos.stride(1), HALF=d // 2, K=_kind(q.dtype), num_warps=1,
         )
     return qo, ko
 
@@ -158,5 +181,5 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     n = g.numel()
     if n:
         block = 1024
-        _silu_mul_kernel[(triton.cdiv(n, block),)](g, u, out, n, BLOCK=block, num_warps=4)
+        _silu_mul_kernel[(triton.cdiv(n, block),)](g, u, out, n, BLOCK=block, K=_kind(g.dtype), num_warps=4)
     return out
