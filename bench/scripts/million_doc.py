@@ -52,6 +52,7 @@ def million_document(lm, n: int, selector: str) -> Document:  # noqa: ANN001
             part = rows[start : start + 65536].clone()  # (m, Hkv, 2, d) in device memory
             k, v = part[:, :, 0].transpose(0, 1)[None], part[:, :, 1].transpose(0, 1)[None]
             state.selectors[layer].add(k[0])
+            state.assign_clusters(layer, k, start)  # each row's centroid: rc runs as the fused kernels, as add_mid's rows do
             state.summaries[layer].fold(state.maps[layer].key_logits(k), v)
     state.tail.append(rnd(layers, 1, heads, cfg.tail, dim), rnd(layers, 1, heads, cfg.tail, dim),
                       torch.arange(4 + n, 4 + n + cfg.tail))
