@@ -12,10 +12,7 @@ from __future__ import annotations
 import torch
 
 from ...storage.triton_support import available, tl, triton
-
-
-def _pow2(x: int, at_least: int = 2) -> int:
-    return max(at_least, 1 << max(0, (x - 1).bit_length()))
+from .kernels import _pow2
 
 
 if triton is not None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ...storage.triton_support import available, tl, triton
+from ..decode.kernels import _pow2
 
 # The switch the benchmarks flip to time the model's own operations side by side.
 ENABLED = True
@@ -123,10 +124,6 @@ if triton is not None:
         tl.store(out_ptr + offs, _round(s * u, K).to(ty), mask=mask)
 
 
-def _pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x (..., H)``, ``weight (H,)`` -> ``(..., H)`` in ``promote(weight, x)``'s dtype (as the
     model's ``weight * hidden_states.to(input_dtype)``)."""
@@ -135,7 +132,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     rows = x2.numel() // h if h else 0
     if rows:
-        block = _pow2(h)
+        block = _pow2(h, at_least=1)
         _rms_norm_kernel[(rows,)](x2, weight.contiguous(), out, h, eps, BLOCK=block, XK=_kind(x.dtype), OK=_kind(out.dtype),
                                   num_warps=8 if block >= 2048 else 4)
     return out
