@@ -183,3 +183,33 @@ def test_top_units_matches_topk(gen, rows, n, count):
     got = top_units(ties, count).cpu()
     top = torch.arange(n)[7::11].tolist() + [i for i in range(n) if (i - 7) % 11 or i < 7]
     assert got.tolist() == [top[:count]] * rows
+
+
+@pytest.mark.parametrize("unit", [1, 4, 16])
+def test_stage_units_reads_each_selected_unit_once(gen, unit):
+    """Several queries' units staged for the slot-table read: every unit some query asks for (its
+    first ``live``) has one slot holding its rows (those before n_mid), the rest none; the count is
+    the distinct (row, KV head) pairs read.  Against a full read of the rows."""
+    from rcengine.engine.decode.stage import stage_units
+
+    t, hkv, d, cap, n, count, live = 3, 2, 8, 70, 67, 5, 4
+    units = math.ceil(cap / unit)
+    rows = torch.randn(cap, hkv, 2, d, generator=gen)
+    ids = torch.stack([torch.stack([torch.randperm(units, generator=gen)[:count] for _ in range(hkv)]) for _ in range(t)])
+    ids[1, 0] = ids[0, 0]  # two queries asking for the same units
+    ids[2, 1, 0] = units - 1  # the last unit, partly past n_mid
+    staging, table, read = stage_units(rows.to(DEVICE), ids.to(DEVICE), unit, torch.tensor(live).to(DEVICE),
+                                       torch.tensor(n).to(DEVICE))
+    staging, table = staging.cpu(), table.cpu()
+    assert table.shape == (hkv, units) and table.dtype == torch.int32
+    want = 0
+    for h in range(hkv):
+        asked = set(ids[:, h, :live].flatten().tolist())
+        assert {b for b in range(units) if table[h, b] >= 0} == asked
+        slots = table[h][table[h] >= 0]
+        assert slots.unique().numel() == slots.numel() and ((slots >= h * t * count) & (slots < (h + 1) * t * count)).all()
+        for b in asked:
+            valid = max(0, min(unit, n - b * unit))
+            torch.testing.assert_close(staging[table[h, b], :valid], rows[b * unit : b * unit + valid, h], rtol=0, atol=0)
+            want += valid
+    assert int(read) == want

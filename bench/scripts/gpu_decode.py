@@ -18,8 +18,10 @@ in ``--waves``.  ``--profile``: rc-exact and rc-block steps at the longest lengt
 ``profile_block.txt``), device dense (``profile_device_dense_N_W.txt``).  Each length and variant
 has its own deadline; results are written after each row.
 
-Batched: ``--batch`` questions of one document together (``ask_many``, at ``--batch-lengths``) and
-``--documents`` 32K documents together (``generate_many``), each against one at a time (tokens/s).
+Batched (``gpu_batch.py``): ``--batch`` questions of one document together (``ask_many``, at
+``--batch-lengths``; ``--stage on,off``: the union of their units read through the staging copy or
+row by row, side by side) and ``--documents`` 32K documents together (``generate_many``), each
+against one at a time (tokens/s).
 
     python bench/scripts/gpu_decode.py [--lengths 8192,32768,131072] [--million] [--tokens 32] [--batch 16] [--documents 4] [--out DIR]
 """
@@ -40,11 +42,12 @@ import torch
 
 from ...engine.config import EngineConfig
 from ...engine.decode import kernels
-from ...engine.hf import group, model_ops
+from ...engine.hf import model_ops
 from ...engine.hf.integration import model_call, stock_prefill
 from ...engine.qa.document import Document
 from ...engine.qa.engine import Engine
 from ...engine.sampling import SamplingConfig
+from .gpu_batch import run_batch, run_documents
 from .million_doc import million_document
 from .synthetic import SHAPE_8B, random_llama
 
@@ -163,21 +166,7 @@ def run_length(lm, n: int, args, report: Report, deadline: float) -> None:  # no
         report.add(row)
     model_ops.ENABLED = True
     if args.batch and n in args.batch_lengths:
-        default = doc.runner.capture_lanes
-        for selector, captured in (("block", False), ("block", True), ("exact", True)):
-            if time.perf_counter() > deadline:
-                report.note(f"{n} tokens: deadline reached before the batch of {args.batch}, {selector}")
-                break
-            doc.configure(method="rc", budget=0.01, selector=selector, fused=True)
-            doc.runner.use_graphs = True
-            doc.runner.capture_lanes = captured
-            name = f"rc 1% {selector}, {args.batch} questions together (ask_many, {'CUDA graph per bucket' if captured else 'eager'})"
-            try:
-                report.add({"tokens": n, "variant": name, "tier": "cpu (pinned, zero-copy)",
-                            **time_batch(doc, ids, args.batch, args.tokens, args.rounds)})
-            except Exception as e:  # a failed variant must not lose the others
-                report.note(f"{n} tokens, {name} failed: {type(e).__name__}: {e}")
-        doc.runner.capture_lanes = default
+        run_batch(doc, ids, args, report, deadline, time_variant, QUESTION_TOKENS)
     if args.profile and n == max(args.lengths):
         doc.configure(method="rc", budget=0.01, selector="exact", fused=True)
         profile(doc, question, Path(args.out) / "profile.txt", "rc 1 % exact")
@@ -239,57 +228,6 @@ def device_dense(lm, ids: list[int], cache, logits: torch.Tensor, stock: float, 
         torch.cuda.empty_cache()
 
 
-def time_batch(doc: Document, ids: list[int], count: int, tokens: int, rounds: int) -> dict:
-    """``count`` different questions (slices of the document) answered one at a time, then together:
-    decode tokens per second of each, and their ratio."""
-    questions = [ids[-QUESTION_TOKENS * (i + 1) :][:QUESTION_TOKENS] for i in range(count)]
-    sampling = SamplingConfig(max_new_tokens=tokens + 1, ignore_eos=True)
-    one = time_variant(doc, questions[0], tokens, rounds)["ms_per_token"]
-    doc.ask_many(questions, sampling)  # warm-up
-    rates, batch = [], None
-    for _ in range(rounds):
-        answers = doc.ask_many(questions, sampling)
-        batch = answers[0].stats["batch"]
-        rates.append(count * batch["decode_steps"] / (batch["timings_ms"]["decode"] / 1e3))
-    steps = batch["per_step"][1:]
-    return {"ms_per_token": one, "batch": count, "ms_per_step_together": batch["timings_ms"]["decode_per_step"],
-            "tokens_per_s_alone": 1e3 / one, "tokens_per_s_together": statistics.median(rates),
-            "speedup": statistics.median(rates) * one / 1e3,
-            "kv_bytes_per_step_together": {"asked_for": statistics.mean(s["logical"] for s in steps),
-                                           "moved_once": statistics.mean(s["physical"] for s in steps)}}
-
-
-def run_documents(lm, n: int, count: int, args, report: Report) -> None:  # noqa: ANN001
-    """``count`` documents of ``n`` tokens continued one at a time (warm), then together (generate_many;
-    a CUDA graph per set of documents going), the documents' attention on one stream and on side
-    streams: the rate over all steps (the first captures) and over the warm steps after it."""
-    vocab = lm.model.config.vocab_size
-    prompts = [torch.randint(3, vocab, (n,), generator=torch.Generator().manual_seed(n + i)).tolist() for i in range(count)]
-    engine = Engine(lm, EngineConfig(method="rc", budget=0.01, offload="cpu", selector="block"), show_progress=False)
-    sampling = SamplingConfig(max_new_tokens=args.tokens + 1, ignore_eos=True)
-    ms_alone = []
-    for p in prompts:  # alone: each document's decode graph captured by a question first, then its continuation timed
-        with engine.prefill(p) as doc:
-            doc.ask(p[-QUESTION_TOKENS:], SamplingConfig(max_new_tokens=4, ignore_eos=True))
-            ms_alone.append(doc.continue_prompt(sampling).stats["timings_ms"]["decode_per_token"])
-    one = statistics.mean(ms_alone)
-    for streams in (False, True):  # the documents' attention on the step's stream, or each on a side stream
-        group.STREAMS = streams
-        together = engine.generate_many(prompts, sampling)
-        batch = together[0].stats["batch"]
-        rate = count * batch["decode_steps"] / (batch["timings_ms"]["decode"] / 1e3)
-        step_ms = batch["timings_ms"]["per_step"]
-        warm_ms = statistics.median(step_ms[1:]) if len(step_ms) > 1 else None
-        warm_rate = count * 1e3 / warm_ms if warm_ms else None
-        name = f"rc 1% block, {count} documents together (generate_many{', side streams' if streams else ''})"
-        report.add({"tokens": n, "variant": name, "tier": "cpu (pinned, zero-copy)",
-                    "ms_per_token": one, "ms_per_token_alone": ms_alone, "tokens_per_s_alone": 1e3 / one,
-                    "tokens_per_s_together": rate, "speedup": rate * one / 1e3, "graphs_captured": batch["graphs_captured"],
-                    "ms_per_step_together_warm": warm_ms, "tokens_per_s_together_warm": warm_rate,
-                    "speedup_warm": warm_rate * one / 1e3 if warm_rate else None})
-    group.STREAMS = True
-
-
 def profile(doc: Document, question: list[int], path: Path, label: str) -> None:
     """Kernel times of the document's decode steps as configured, captured (graphs) and eager, one table each."""
     from torch.profiler import ProfilerActivity
@@ -342,6 +280,10 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--batch", type=int, default=16, help="questions answered together (ask_many) at --batch-lengths (0: skip)")
     parser.add_argument("--batch-lengths", default="32768,131072")
+    parser.add_argument("--stage", default="on", help="on, off or on,off (side by side): batched questions read the union of "
+                        "their units through a staging copy (engine/decode/stage.py) or row by row (layer.union_read)")
+    parser.add_argument("--batch-variants", default="block-graph,block-eager,exact-graph",
+                        help="batched rows: selector-graph or selector-eager, for block and exact")
     parser.add_argument("--documents", type=int, default=4, help="documents of 32K continued together (generate_many; 0: skip)")
     parser.add_argument("--variants", default="", help="rows of batch 1 to time (default: all): dense,topk-exact,topk-block,"
                         "rc-exact,rc-block,rc-pytorch,rc-eager")
@@ -358,6 +300,8 @@ def main() -> None:
     args.variants = {x for x in args.variants.split(",") if x}
     args.waves = [int(x) for x in args.waves.split(",") if x]
     args.model_ops = [{"on": True, "off": False}[x] for x in args.model_ops.split(",") if x]
+    args.stage = [{"on": True, "off": False}[x] for x in args.stage.split(",") if x]
+    args.batch_variants = [tuple(x.split("-")) for x in args.batch_variants.split(",") if x]
     known = {variant_key(m, s, g, f) for m, _, s, g, f in VARIANTS}
     if args.variants - known:
         parser.error(f"unknown variants {sorted(args.variants - known)}: use some of {sorted(known)}")
@@ -380,7 +324,7 @@ def main() -> None:
         report.note(f"{args.documents} documents together: skipped, under 120 s of the budget left")
     elif args.documents:
         try:
-            run_documents(lm, 32768, args.documents, args, report)
+            run_documents(lm, 32768, args.documents, args, report, QUESTION_TOKENS)
         except Exception as e:
             report.note(f"{args.documents} documents together failed: {type(e).__name__}: {e}")
         torch.cuda.empty_cache()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..rule.attention import Completion, TokenSet, normalize, rc_state
 from ..rule.feature_maps import CentroidFeatures
-from . import kernels
+from . import kernels, stage
 from .lanes import PAD_LANE
 from .selectors import unit_blocks
 from .state import KVState
@@ -78,6 +78,10 @@ def fused_decode(state: KVState, layer: int, qg: torch.Tensor, scale: float) -> 
         sel = state.selectors[layer]
         if rows is not None and sel.on_device and not plan.lanes:  # rows read in place, by unit id
             ids, unit = sel.choose(qg, cap, plan.units, n_mid), sel.block
+        elif rows is not None and sel.on_device and stage.ENABLED:  # several sequences: their units' union read once
+            ids, unit = _pad_reads_first(state, sel.choose(qg, cap, plan.units, n_mid)), sel.block
+            rows, table, state.union_rows[layer] = stage.stage_units(rows, ids, unit, live, n_mid)
+            table_block, resident = unit, True
         elif state.reads_blocks_in_place():  # the disk tier: blocks read in place from its block cache
             tier = state.tier
             ids, unit = sel.choose(qg, cap, plan.units, n_mid), sel.block
@@ -86,7 +90,7 @@ def fused_decode(state: KVState, layer: int, qg: torch.Tensor, scale: float) -> 
             tier.resolve(layer, *unit_blocks(ids, unit, tier.block_tokens, live, n_mid))
             rows, table, table_block = tier.cache.view, tier.cache.table[layer], tier.block_tokens
         else:  # gathered, then the kernels pointed at the gathered rows: a host read (eager steps only),
-            # or the rows of several sequences' queries read in place, their union once
+            # or the rows of several sequences' queries read in place, their union once (a host selector)
             tok, valid = sel.select(qg, cap, plan.units, live, n_mid)  # (T, Hkv, R)
             tok = tok.clamp(max=max(cap - 1, 0))
             if plan.lanes:
