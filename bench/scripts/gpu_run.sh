@@ -68,3 +68,7 @@ if [ "${1:-}" = prefill ]; then
   timeout "${PREFILL_S:-540}" python3 -m rcengine.bench.scripts.prefill_writes --synthetic 8b --scratch /tmp --out "$OUT" "$@" > "$OUT/prefill.log" 2>&1
   echo "prefill exit $?"; tail -n 12 "$OUT/prefill.log" | cut -c1-700
 fi
+# At most 8 files come back from a call: the profiles travel as one.
+if ls "$OUT"/profile*.txt >/dev/null 2>&1; then
+  for f in "$OUT"/profile*.txt; do echo "##### $(basename "$f")"; cat "$f"; echo; done > "$OUT/all_profiles.txt" && rm -f "$OUT"/profile*.txt
+fi
