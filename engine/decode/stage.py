@@ -62,6 +62,7 @@ def stage_units(rows: torch.Tensor, ids: torch.Tensor, unit: int, live: torch.Te
     t, hkv, u = ids.shape
     cap, f = rows.shape[0], rows.shape[-2] * rows.shape[-1]
     nb, m, dev = -(-cap // unit), t * u, ids.device
+    units = torch.arange(nb, device=dev)  # (NB,)
     wanted = torch.arange(u, device=dev) < live  # (U,)
     chosen = torch.where(wanted, ids, nb).transpose(0, 1).reshape(hkv, m)  # (Hkv, T U); nb: a column nobody reads
     mark = torch.zeros(hkv, nb + 1, dtype=torch.int32, device=dev)
@@ -70,10 +71,10 @@ def stage_units(rows: torch.Tensor, ids: torch.Tensor, unit: int, live: torch.Te
     rank = mark.cumsum(1, dtype=torch.int32) - 1  # (Hkv, NB) each marked unit's slot within its head
     first = torch.arange(hkv, dtype=torch.int32, device=dev)[:, None] * m
     table = torch.where(mark > 0, rank + first, -1)
-    src = torch.full((hkv, m + 1), -1, dtype=torch.int64, device=dev)  # (Hkv, M + 1) the unit in each slot
-    src.scatter_(1, torch.where(mark > 0, rank, m).long(), torch.arange(nb, device=dev).expand(hkv, nb))
-    src[:, m] = -1  # (the column every unmarked unit was written to)
-    in_unit = (n_mid - torch.arange(nb, device=dev) * unit).clamp(0, unit)  # (NB,) rows of each unit before n_mid
+    # (Hkv, M + 1) the unit in each slot; every unmarked unit lands in column M, which the kernel never reads
+    src = torch.full((hkv, m + 1), -1, dtype=torch.int64, device=dev)
+    src.scatter_(1, torch.where(mark > 0, rank, m).long(), units.expand(hkv, nb))
+    in_unit = (n_mid - units * unit).clamp(0, unit)  # (NB,) rows of each unit before n_mid
     count = (mark * in_unit).sum()
     staging = torch.empty(hkv * m, unit, *rows.shape[-2:], dtype=rows.dtype, device=dev)
     up = _pow2(unit, 1)
